@@ -1,0 +1,33 @@
+"""The error classes of pamfx. Bad arguments raise ValueError/TypeError; everything else a PamfxError."""
+
+
+class PamfxError(Exception):
+    """Base class of the errors pamfx raises about models, graphs and data."""
+
+
+class TraceError(PamfxError):
+    """A model cannot be traced by torch.fx."""
+
+
+class AlignmentError(PamfxError):
+    """Two models do not share one topology."""
+
+
+class UnsupportedOpError(PamfxError):
+    """The graph holds an op pamfx has no channel rule for."""
+
+
+class GroupingError(PamfxError):
+    """A grouping breaks the rules of the task-gated network (DESIGN.md section 2)."""
+
+
+class DataError(PamfxError, ValueError):
+    """Task data is missing, empty, mismatched or not finite."""
+
+
+class DatasetMissingError(PamfxError, FileNotFoundError):
+    """A dataset's files are not on disk."""
+
+
+class NotAvailableError(PamfxError, NotImplementedError):
+    """An option that a later release will provide."""
