@@ -1,0 +1,130 @@
+"""The task-gated multitask network (DESIGN.md section 2) as a list of per-group statements.
+
+A statement computes one group's slice of one tensor: `conv2_g1 = self.conv2_g1(torch.cat([pool1_g0, pool1_g1], 1))`.
+`model(x, tasks=S)` runs exactly the statements that some task of S needs, so the cost of S is the sum of the
+MACs of those statements. The same statements are what `pamfx.codegen` writes out as Python source.
+"""
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import GroupingError
+from .ir import Group, group_label
+
+INPUT = "x"   # the variable holding the network input, shared by every group
+
+
+@dataclass(frozen=True)
+class Statement:
+    """`out = <call>(inputs...)` for the units of one group.
+
+    call: "module" runs the registered module `target` on the inputs concatenated along channels;
+          "function" calls the torch function named `target` as target(*inputs, *args, **kwargs);
+          "concat" is torch.cat(inputs, 1).
+    gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
+    """
+    out: str
+    group: Group
+    inputs: tuple[str, ...]
+    call: str
+    target: str = ""
+    args: tuple = ()
+    kwargs: tuple = ()
+    macs: int = 0
+    gate: Group = field(default=frozenset(), compare=False)
+
+
+class GatedNetwork(nn.Module):
+    """One network for all tasks; `forward(x, tasks=S)` computes only the groups that the tasks in S need.
+
+    Built by `passes.build.build_network`; users get it as `pamfx.optimize(...).model`.
+    """
+
+    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module]):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.outputs = dict(outputs)
+        self.statements = _gate(statements, self.outputs)
+        self._functions = {s.target: ops.resolve(s.target) for s in self.statements if s.call == "function"}
+        self.check()
+
+    def forward(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
+        """Returns {task: output} for `tasks` (default: all tasks, in order)."""
+        combination = self.combination(tasks)
+        values = {INPUT: x}
+        for statement in self.statements:
+            if statement.gate & combination:
+                values[statement.out] = self._run(statement, values)
+        return {t: values[self.outputs[t]] for t in self.tasks if t in combination}
+
+    def _run(self, statement: Statement, values: dict) -> torch.Tensor:
+        tensors = [values[name] for name in statement.inputs]
+        if statement.call == "concat":
+            return torch.cat(tensors, 1)
+        if statement.call == "module":
+            joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
+            return self._modules[statement.target](joined)
+        return self._functions[statement.target](*tensors, *statement.args, **dict(statement.kwargs))
+
+    def combination(self, tasks) -> Group:
+        """The set of task names asked for; raises KeyError naming an unknown task, ValueError if empty."""
+        if tasks is None:
+            return frozenset(self.tasks)
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        tasks = list(tasks)
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"unknown task {unknown[0]!r}; this network's tasks are {list(self.tasks)}")
+        if not tasks:
+            raise ValueError("tasks is empty; ask for at least one of " + str(list(self.tasks)))
+        return frozenset(tasks)
+
+    def macs(self, tasks=None) -> int:
+        """Multiply-accumulates of conv and linear layers for one input sample, running `tasks`."""
+        combination = self.combination(tasks)
+        return int(sum(s.macs for s in self.statements if s.gate & combination))
+
+    def params(self, tasks=None) -> int:
+        """Learnable parameters of the statements that running `tasks` uses (BatchNorm statistics not counted)."""
+        combination = self.combination(tasks)
+        used = {s.target for s in self.statements if s.call == "module" and s.gate & combination}
+        return int(sum(p.numel() for name in used for p in self._modules[name].parameters()))
+
+    def group_of(self) -> dict[str, Group]:
+        """The group of every variable: the input belongs to all tasks."""
+        groups = {INPUT: frozenset(self.tasks)}
+        groups.update({s.out: s.group for s in self.statements})
+        return groups
+
+    def check(self) -> None:
+        """Raises GroupingError unless rule 2 and rule 3 of DESIGN.md section 2 hold for every statement."""
+        groups = self.group_of()
+        for statement in self.statements:
+            for name in statement.inputs:
+                if not groups[name] >= statement.group:
+                    raise GroupingError(
+                        f"rule 2 broken: '{statement.out}' (group {group_label(statement.group, self.tasks)}) "
+                        f"reads '{name}' (group {group_label(groups[name], self.tasks)})")
+        for task, name in self.outputs.items():
+            if task not in groups[name]:
+                raise GroupingError(f"rule 3 broken: head of task '{task}' reads '{name}' "
+                                    f"(group {group_label(groups[name], self.tasks)})")
+
+
+def _gate(statements, outputs: dict[str, str]) -> tuple[Statement, ...]:
+    """Sets each statement's gate to the tasks whose outputs depend on it; drops statements no task needs."""
+    producer = {s.out: s for s in statements}
+    needed_by: dict[str, set] = {}
+    for task, name in outputs.items():
+        stack = [name]
+        while stack:
+            name = stack.pop()
+            if name in producer and task not in needed_by.setdefault(name, set()):
+                needed_by[name].add(task)
+                stack.extend(producer[name].inputs)
+    return tuple(replace(s, gate=frozenset(needed_by[s.out])) for s in statements if s.out in needed_by)

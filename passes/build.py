@@ -1,0 +1,215 @@
+"""build_network(aligned, spaces, grouping, weights) -> GatedNetwork: the task-gated network of a grouping.
+
+Every tensor of the aligned graph is cut into one slice per group (its features sorted by group, larger groups
+first). A conv or linear layer gets one dense module per output group G, reading the slices of every input group
+G' that contains G (rule 2); weights to any other input are cut. Per-channel ops run on each slice.
+
+    network = build_network(aligned, spaces, merge_none(aligned, spaces), stack_weights(aligned, spaces))
+    network(x, tasks=["tops"])   # {"tops": ...}, computing only the tops model's units
+"""
+import copy
+
+import torch
+from torch import fx, nn
+
+from pamfx import ops
+from pamfx.errors import GroupingError, UnsupportedOpError
+from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping,
+                       group_names, group_order)
+from pamfx.network import INPUT, GatedNetwork, Statement
+
+
+def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
+                  weights: dict[str, dict[str, torch.Tensor]]) -> GatedNetwork:
+    """Builds the task-gated network; raises GroupingError when a group would have nothing it may read."""
+    grouping.check(aligned.tasks, spaces)
+    builder = _Builder(aligned, spaces, grouping, weights)
+    for node in aligned.graph.nodes:
+        builder.visit(node)
+    return GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules)
+
+
+class _Builder:
+    def __init__(self, aligned, spaces, grouping, weights):
+        self.tasks = aligned.tasks
+        self.spaces = spaces
+        self.grouping = grouping
+        self.weights = weights
+        self.names = group_names(self.tasks)
+        self.layout: dict[fx.Node, dict[Group, list[int]]] = {}   # node -> group -> indices into its features
+        self.values: dict[fx.Node, dict[Group, str]] = {}         # node -> group -> variable name
+        self.statements: list[Statement] = []
+        self.modules: dict[str, nn.Module] = {}
+        self.outputs: dict[str, str] = {}
+
+    # -- the groups of a tensor ------------------------------------------------------------------------------
+    def group_of(self, feature) -> Group | None:
+        space = self.spaces[feature.space]
+        if space.kind == "input":
+            return frozenset(self.tasks)
+        if space.kind == "output":
+            return frozenset([self.tasks[space.units[feature.unit].model]])
+        return self.grouping.groups[feature.space][feature.unit]
+
+    def split(self, node: fx.Node) -> dict[Group, list[int]]:
+        """The node's features by group, larger groups first; dropped units are left out."""
+        by_group: dict[Group, list[int]] = {}
+        for index, feature in enumerate(node.meta[FEATURES]):
+            group = self.group_of(feature)
+            if group is not None:
+                by_group.setdefault(group, []).append(index)
+        return {g: by_group[g] for g in sorted(by_group, key=lambda g: group_order(g, self.tasks))}
+
+    # -- one visit per node kind -----------------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> None:
+        kind = node.meta[OP]
+        if kind == "shape":
+            return
+        if kind == "output":
+            return self.visit_output(node)
+        self.layout[node] = self.split(node)
+        if kind == "input":
+            self.values[node] = {group: INPUT for group in self.layout[node]}
+            return
+        getattr(self, f"visit_{kind}")(node)
+
+    def visit_conv(self, node):
+        self.visit_layer(node)
+
+    def visit_linear(self, node):
+        if len(node.meta[SHAPES][0]) != 2:
+            raise UnsupportedOpError(f"node '{node.name}' applies a Linear to a tensor of shape "
+                                     f"{tuple(node.all_input_nodes[0].meta[SHAPES][0])}; pamfx needs [batch, features]")
+        self.visit_layer(node)
+
+    def visit_layer(self, node):
+        """One module per output group, reading every input group that contains it (rule 2)."""
+        source = node.all_input_nodes[0]
+        stacked = self.weights[node.name]
+        template = node.meta[MODULES][0]
+        for group, rows in self.layout[node].items():
+            readable = [g for g in self.layout[source] if g >= group]
+            if not readable:
+                raise GroupingError(
+                    f"layer '{node.name}': group {sorted(group)} has units but no input it may read: rule 2 lets "
+                    f"it read only groups containing it, and '{source.name}' holds {[sorted(g) for g in self.layout[source]]}")
+            columns = [i for g in readable for i in self.layout[source][g]]
+            module = _resized(template, len(columns), len(rows))
+            with torch.no_grad():
+                module.weight.copy_(stacked["weight"][rows][:, columns])
+                if module.bias is not None:
+                    module.bias.copy_(stacked["bias"][rows])
+            macs = (ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs)(module, node.meta[SHAPES][0])
+            self.emit(node, group, [self.values[source][g] for g in readable], "module", module=module, macs=macs)
+
+    def visit_depthwise(self, node):
+        self.visit_per_feature(node, ("weight", "bias"))
+
+    def visit_batchnorm(self, node):
+        self.visit_per_feature(node, ("weight", "bias", "running_mean", "running_var"))
+
+    def visit_per_feature(self, node, tensor_names):
+        """A module with one parameter entry per channel, cut to each group's channels."""
+        source = node.all_input_nodes[0]
+        stacked = self.weights[node.name]
+        template = node.meta[MODULES][0]
+        for group, features in self.layout[node].items():
+            module = _resized(template, len(features), len(features))
+            with torch.no_grad():
+                for name in tensor_names:
+                    if name in stacked:
+                        getattr(module, name).copy_(stacked[name][features])
+            macs = ops.conv_macs(module, node.meta[SHAPES][0]) if isinstance(module, nn.Conv2d) else 0
+            self.emit(node, group, [self.values[source][group]], "module", module=module, macs=macs)
+
+    def visit_channelwise(self, node):
+        source = node.all_input_nodes[0]
+        if node.op == "call_module":
+            module = copy.deepcopy(node.meta[MODULES][0])
+            for group in self.layout[node]:
+                self.emit(node, group, [self.values[source][group]], "module", module=module)
+            return
+        if node.op == "call_method":
+            target = ops.CHANNELWISE_METHODS[node.target]
+        else:
+            target = ops.CHANNELWISE_FUNCTIONS[node.target]
+        args, kwargs = _constant_args(node)
+        kwargs.pop("inplace", None)   # each group's slice is a fresh tensor
+        for group in self.layout[node]:
+            self.emit(node, group, [self.values[source][group]], "function", target=target, args=args, kwargs=kwargs)
+
+    def visit_flatten(self, node):
+        source = node.all_input_nodes[0]
+        if len(source.meta[SHAPES][0]) == 2:
+            self.values[node] = dict(self.values[source])
+            return
+        for group in self.layout[node]:
+            self.emit(node, group, [self.values[source][group]], "function", target="torch.flatten", args=(1,))
+
+    def visit_mean(self, node):
+        source = node.all_input_nodes[0]
+        rank = len(source.meta[SHAPES][0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if not dims or any(d % rank < 2 for d in dims):
+            raise UnsupportedOpError(f"node '{node.name}' takes a mean over dims {dims}; pamfx supports means "
+                                     "over spatial dims only (not batch or channels)")
+        kwargs = {"dim": tuple(d % rank for d in dims), "keepdim": bool(keepdim)}
+        for group in self.layout[node]:
+            self.emit(node, group, [self.values[source][group]], "function", target="torch.mean", kwargs=kwargs)
+
+    def visit_add(self, node):
+        operands = [arg for arg in node.args if isinstance(arg, fx.Node)]
+        constants = tuple(arg for arg in node.args if not isinstance(arg, fx.Node))
+        for group in self.layout[node]:
+            inputs = [self.values[operand][group] for operand in operands]
+            self.emit(node, group, inputs, "function", target="torch.add", args=constants, kwargs=dict(node.kwargs))
+
+    def visit_cat(self, node):
+        operands = list(node.args[0])
+        for group in self.layout[node]:
+            inputs = [self.values[operand][group] for operand in operands if group in self.values[operand]]
+            if len(inputs) == 1:
+                self.values.setdefault(node, {})[group] = inputs[0]
+            else:
+                self.emit(node, group, inputs, "concat")
+
+    def visit_output(self, node):
+        head = node.args[0]
+        if not isinstance(head, fx.Node) or SPACE not in head.meta:
+            raise UnsupportedOpError(f"the models return {node.args[0]!r}; pamfx needs forward() to return one "
+                                     "tensor, the output of the task's head")
+        for task in self.tasks:
+            self.outputs[task] = self.values[head][frozenset([task])]
+
+    # -- recording -------------------------------------------------------------------------------------------
+    def emit(self, node, group, inputs, call, *, module=None, target="", args=(), kwargs=None, macs=0):
+        out = f"{node.name}_{self.names[group]}"
+        if module is not None:
+            target = out if isinstance(module, _PARAMETRISED) else node.name
+            self.modules[target] = module
+        self.statements.append(Statement(out=out, group=group, inputs=tuple(inputs), call=call, target=target,
+                                         args=tuple(args), kwargs=tuple(sorted((kwargs or {}).items())), macs=macs))
+        self.values.setdefault(node, {})[group] = out
+
+
+_PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
+    """A fresh module like `template` but with the given channel counts."""
+    if isinstance(template, nn.Conv2d):
+        groups = 1 if template.groups == 1 else in_size
+        return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
+                         template.dilation, groups, template.bias is not None, template.padding_mode)
+    if isinstance(template, nn.Linear):
+        return nn.Linear(in_size, out_size, template.bias is not None)
+    return type(template)(out_size, eps=template.eps, momentum=template.momentum)
+
+
+def _constant_args(node: fx.Node) -> tuple[tuple, dict]:
+    args = node.args[1:]
+    if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+        raise UnsupportedOpError(f"node '{node.name}' takes a tensor as a non-first argument")
+    return tuple(args), dict(node.kwargs)

@@ -1,0 +1,144 @@
+"""find_channel_spaces(aligned) -> {name: ChannelSpace}: which tensors share a channel dimension.
+
+Each conv/linear output starts a space; BatchNorm, per-channel ops, spatial means and depthwise convs keep their
+input's space; a residual add joins both operands' spaces into one. Flatten and cat do not start spaces: their
+channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
+
+Writes node.meta["pamfx.space"] on every node that holds exactly one space and node.meta["pamfx.features"]
+(the merged tensor's channels, every model's side by side) on every node with a channel dimension.
+
+    spaces = find_channel_spaces(aligned)
+    spaces["conv1"].units      # (Unit(model=0, channel=0), ..., Unit(model=1, channel=5))
+    fc1.args[0].meta["pamfx.features"][:3]   # Feature("conv2", 0, 0), Feature("conv2", 0, 1), ...
+"""
+import math
+
+from torch import fx
+
+from pamfx.errors import UnsupportedOpError
+from pamfx.ir import FEATURES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
+
+# op kinds whose output is in the same space as their (first) input
+KEEPS_SPACE = ("batchnorm", "channelwise", "mean", "depthwise")
+
+
+def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
+    """Finds every channel space of the aligned graph; raises UnsupportedOpError naming the node whose channel
+    handling pamfx cannot follow (a conv reading flattened features, a cat off the channel dim, ...)."""
+    nodes = list(aligned.graph.nodes)
+    root = _join_spaces(nodes)
+    spaces = _name_spaces(nodes, root)
+    for node in nodes:
+        if node in root:
+            node.meta[SPACE] = spaces[root[node]].name
+    by_name = {space.name: space for space in spaces.values()}
+    for node in nodes:
+        features = _features(node, by_name)
+        if features is not None:
+            node.meta[FEATURES] = features
+    return by_name
+
+
+def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Union-find: maps every node that holds one space to the first node of that space."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(node):
+        while parent[node] is not node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for node in nodes:
+        kind = node.meta[OP]
+        tensor_inputs = [arg for arg in node.all_input_nodes if arg.meta[OP] != "shape"]
+        if kind in ("input", "conv", "linear"):
+            parent[node] = node
+        elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
+            parent[node] = find(tensor_inputs[0])
+        elif kind == "add":
+            operands = tensor_inputs
+            for operand in operands:
+                if operand not in parent:
+                    raise UnsupportedOpError(
+                        f"node '{node.name}' adds '{operand.name}', which holds flattened or concatenated "
+                        "features; pamfx supports residual adds of plain channel tensors")
+            parent[node] = find(operands[0])
+            for operand in operands[1:]:
+                parent[find(operand)] = parent[node]
+    return {node: find(node) for node in parent}
+
+
+def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace]:
+    """Names each space after its first node and lists its units, model by model."""
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for node in nodes:
+        if node in root:
+            members.setdefault(root[node], []).append(node)
+    heads = {node.all_input_nodes[0] for node in nodes if node.meta[OP] == "output"}
+    spaces = {}
+    for first, group in members.items():
+        kind = "input" if first.meta[OP] == "input" else "hidden"
+        if any(node in heads for node in group):
+            kind = "output"
+        if kind == "input" and len(group) > 1 and any(n.meta[OP] == "add" for n in group):
+            raise UnsupportedOpError(f"node '{group[-1].name}' adds the network input to a hidden tensor; "
+                                     "pamfx needs the input to stay shared by all tasks")
+        widths = _widths(group)
+        units = tuple(Unit(None if kind == "input" else m, c) for m, width in enumerate(widths) for c in range(width))
+        name = "input" if kind == "input" else group[0].name
+        spaces[first] = ChannelSpace(name=name, kind=kind, units=units, nodes=tuple(n.name for n in group))
+    return spaces
+
+
+def _widths(group: list[fx.Node]) -> list[int]:
+    first = group[0]
+    widths = [shape[1] for shape in first.meta[SHAPES]]
+    for node in group:
+        got = [shape[1] for shape in node.meta[SHAPES]]
+        if got != widths:
+            raise UnsupportedOpError(f"node '{node.name}' has {got} channels per model where its channel space "
+                                     f"'{first.name}' has {widths}")
+    if first.meta[OP] == "input":
+        return widths[:1]   # one shared input
+    return widths
+
+
+def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, ...] | None:
+    kind = node.meta[OP]
+    if SPACE in node.meta:
+        return tuple(Feature(node.meta[SPACE], i) for i in range(len(spaces[node.meta[SPACE]].units)))
+    if kind in ("shape", "output"):
+        return None
+    inputs = [arg.meta[FEATURES] for arg in node.all_input_nodes if FEATURES in arg.meta]
+    if kind in ("channelwise", "batchnorm"):
+        return inputs[0]   # per-feature ops on flattened or concatenated features
+    if kind == "flatten":
+        return _flattened(node, inputs[0])
+    if kind == "cat":
+        if _cat_dim(node) != 1:
+            raise UnsupportedOpError(f"node '{node.name}' concatenates along dim {_cat_dim(node)}; "
+                                     "pamfx supports torch.cat on channels (dim 1) only")
+        return tuple(feature for features in inputs for feature in features)
+    raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads flattened or concatenated features, "
+                             "which pamfx cannot follow there")
+
+
+def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
+    source = node.all_input_nodes[0]
+    in_shape, out_shape = source.meta[SHAPES][0], node.meta[SHAPES][0]
+    block = math.prod(in_shape[2:])
+    if len(out_shape) != 2 or out_shape[1] != in_shape[1] * block or out_shape[0] != in_shape[0]:
+        raise UnsupportedOpError(f"node '{node.name}' reshapes {tuple(in_shape)} to {tuple(out_shape)}; pamfx "
+                                 "follows only flattening to [batch, channels * H * W]")
+    if block == 1:
+        return features
+    if any(feature.position for feature in features):
+        raise UnsupportedOpError(f"node '{node.name}' flattens features that were already flattened")
+    return tuple(Feature(f.space, f.unit, p) for f in features for p in range(block))
+
+
+def _cat_dim(node: fx.Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(node.meta[SHAPES][0])
+    return dim % rank
