@@ -1,0 +1,15 @@
+"""pamfx: N single-task PyTorch models -> one task-gated multitask network (Pruning-Aware Merging as a compiler).
+
+    result = pamfx.optimize({"tops": tops_model, "shoes": shoes_model}, data, merge="none", prune=None)
+    result.model(x, tasks=["tops"])          # {"tops": logits}, computing only what "tops" needs
+    pamfx.codegen(result.model, "out/merged.py")
+"""
+from .api import Result, optimize
+from .codegen import codegen
+from .errors import (AlignmentError, DataError, DatasetMissingError, GroupingError, NotAvailableError, PamfxError,
+                     TraceError, UnsupportedOpError)
+from .network import GatedNetwork
+
+__all__ = ["optimize", "codegen", "Result", "GatedNetwork", "PamfxError", "TraceError", "AlignmentError",
+           "UnsupportedOpError", "GroupingError", "DataError", "DatasetMissingError", "NotAvailableError"]
+__version__ = "0.1.0"
