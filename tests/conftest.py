@@ -1,0 +1,83 @@
+"""Shared helpers: small random models of every zoo architecture, random groupings, the equivalence check."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from pamfx.ir import Grouping, all_combinations
+from pamfx.passes.align import align
+from pamfx.passes.build import build_network
+from pamfx.passes.channel_spaces import find_channel_spaces
+from pamfx.passes.stack import stack_weights
+from pamfx.passes.trace import trace
+from pamfx.zoo import ZOO
+
+HEADS = {"a": 6, "b": 4, "c": 3}   # tasks with different head widths
+
+
+def randomised(model: nn.Module, seed: int) -> nn.Module:
+    """The model with random weights and random BatchNorm statistics (so BN is not the identity), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+    return model.eval()
+
+
+def make_models(arch: str, tasks=("a", "b"), seed: int = 0) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    return {t: randomised(ZOO[arch](HEADS[t]), seed + i) for i, t in enumerate(tasks)}
+
+
+def random_data(tasks, n=32, seed=0, shape=(1, 28, 28)):
+    generator = torch.Generator().manual_seed(seed)
+    return {t: (torch.randn((n,) + shape, generator=generator), torch.randint(0, HEADS[t], (n,), generator=generator))
+            for t in tasks}
+
+
+def compile_parts(models, example):
+    aligned = align(trace(models, example))
+    return aligned, find_channel_spaces(aligned)
+
+
+def random_grouping(aligned, spaces, seed: int, drop: bool = True) -> Grouping:
+    """Each unit in a random group (or dropped); the first unit of every space serves all tasks so that every
+    group has an input it may read."""
+    rng = random.Random(seed)
+    subsets = [frozenset(c) for c in all_combinations(aligned.tasks)] + ([None] if drop else [])
+    groups = {}
+    for name, space in spaces.items():
+        if space.kind == "hidden":
+            choice = [rng.choice(subsets) for _ in space.units]
+            choice[0] = frozenset(aligned.tasks)
+            groups[name] = tuple(choice)
+    return Grouping(groups)
+
+
+def build_random(models, seed: int, example=None):
+    example = torch.randn(2, 1, 28, 28) if example is None else example
+    aligned, spaces = compile_parts(models, example)
+    grouping = random_grouping(aligned, spaces, seed)
+    return build_network(aligned, spaces, grouping, stack_weights(aligned, spaces)).eval()
+
+
+def assert_equivalent(reference, model, inputs, combinations, atol=1e-5):
+    """reference(x) -> {task: output} (or per-task modules); model(x, tasks=c)[t] must match for every c."""
+    with torch.no_grad():
+        expected = reference(inputs)
+        for combination in combinations:
+            got = model(inputs, tasks=list(combination))
+            assert set(got) == set(combination)
+            for task in combination:
+                torch.testing.assert_close(got[task], expected[task], atol=atol, rtol=0,
+                                           msg=lambda m: f"task {task} in {combination}: {m}")
+
+
+@pytest.fixture(params=sorted(ZOO))
+def arch(request):
+    return request.param

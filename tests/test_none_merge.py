@@ -1,0 +1,98 @@
+"""merge="none" is the N original models side by side: every output equals its original to 1e-5."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pamfx
+from pamfx.ir import all_combinations
+
+from conftest import HEADS, assert_equivalent, make_models, random_data, randomised
+
+
+def originals_of(models):
+    return lambda x: {t: m(x) for t, m in models.items()}
+
+
+@pytest.mark.parametrize("tasks", [("a", "b"), ("a", "b", "c")])
+def test_none_reproduces_every_original(arch, tasks):
+    models = make_models(arch, tasks)
+    result = pamfx.optimize(models, random_data(tasks), merge="none", prune=None, progress=False)
+    x = torch.randn(8, 1, 28, 28)
+    assert_equivalent(originals_of(models), result.model, x, all_combinations(tasks))
+
+
+class Mixed(nn.Module):
+    """Every channel rule at once: concat of two branches, depthwise conv, BatchNorm1d, spatial mean, functional
+    pooling, dropout, a residual add with a 1x1 shortcut, and x.view(x.size(0), -1)."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.left = nn.Conv2d(1, 4, 3, padding=1)
+        self.right = nn.Conv2d(1, 3, 5, padding=2)
+        self.depthwise = nn.Conv2d(7, 7, 3, padding=1, groups=7)
+        self.bn = nn.BatchNorm2d(7)
+        self.expand = nn.Conv2d(7, 8, 3, padding=1)
+        self.shortcut = nn.Conv2d(7, 8, 1)
+        self.drop = nn.Dropout(0.3)
+        self.fc1 = nn.Linear(8 * 7 * 7, 16)
+        self.bn1d = nn.BatchNorm1d(16)
+        self.side = nn.Linear(8, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.cat([F.relu(self.left(x)), torch.sigmoid(self.right(x))], 1)
+        x = F.max_pool2d(self.bn(self.depthwise(x)).relu(), 2)
+        x = self.expand(x) + self.shortcut(x)
+        x = F.avg_pool2d(x, 2)
+        pooled = x.mean((2, 3))
+        flat = self.drop(x.view(x.size(0), -1))
+        hidden = torch.relu(self.bn1d(self.fc1(flat))) + self.side(pooled)
+        return self.head(hidden)
+
+
+def test_none_reproduces_every_channel_rule():
+    torch.manual_seed(3)
+    tasks = ("a", "b", "c")
+    models = {t: randomised(Mixed(HEADS[t]), i) for i, t in enumerate(tasks)}
+    result = pamfx.optimize(models, random_data(tasks), merge="none", prune=None, progress=False)
+    assert_equivalent(originals_of(models), result.model, torch.randn(8, 1, 28, 28), all_combinations(tasks))
+
+
+def test_models_of_different_widths_merge():
+    """Channel widths may differ between the models; only the topology must agree."""
+    torch.manual_seed(0)
+    from pamfx.zoo import vgg_bn
+    models = {"a": randomised(vgg_bn(6, widths=(8, 16, 32)), 0), "b": randomised(vgg_bn(4, widths=(4, 8, 16)), 1)}
+    result = pamfx.optimize(models, random_data(("a", "b")), merge="none", prune=None, progress=False)
+    assert_equivalent(originals_of(models), result.model, torch.randn(4, 1, 28, 28), all_combinations(("a", "b")))
+
+
+def test_optimize_leaves_the_callers_models_alone():
+    models = make_models("vgg_bn", ("a", "b"))
+    for model in models.values():
+        model.train()
+    before = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in models.items()}
+    pamfx.optimize(models, random_data(("a", "b")), merge="none", prune=None, progress=False)
+    for t, model in models.items():
+        assert model.training
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[t][key]), f"{t}.{key} changed"
+
+
+def test_report_counts_every_combination():
+    tasks = ("a", "b", "c")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=40)
+    result = pamfx.optimize(models, data, merge="none", prune=None, progress=False)
+    assert [set(r.combination) for r in result.report.rows] == [set(c) for c in all_combinations(tasks)]
+    for row in result.report.rows:
+        assert row.macs == row.separate_macs == result.model.macs(row.combination)
+        assert row.params == sum(sum(p.numel() for p in models[t].parameters()) for t in row.combination)
+        for t in row.combination:
+            with torch.no_grad():
+                expected = (models[t](data[t][0]).argmax(1) == data[t][1]).float().mean().item()
+            assert row.accuracy[t] == pytest.approx(expected)
+            assert result.report.original_accuracy[t] == pytest.approx(expected)
+    table = result.report.to_markdown()
+    assert table.count("\n| {") == len(all_combinations(tasks)) and "{a, b, c}" in table
