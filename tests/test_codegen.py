@@ -1,0 +1,113 @@
+"""The generated file: equal to the in-memory network, standalone (runs where pamfx cannot be imported),
+deterministic, exportable for a fixed combination, and never overwriting a file unasked."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pamfx
+from pamfx.ir import all_combinations
+
+from conftest import assert_equivalent, build_random, make_models
+
+TASKS = ("a", "b", "c")
+
+
+def load_generated(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generated_module_equals_the_network(arch, seed, tmp_path):
+    network = build_random(make_models(arch, TASKS, seed), seed)
+    generated = load_generated(pamfx.codegen(network, tmp_path / "merged.py"), f"gen_{arch}_{seed}").load()
+    assert_equivalent(lambda x: network(x), generated, torch.randn(5, 1, 28, 28), all_combinations(TASKS))
+    assert generated.tasks == list(TASKS)
+
+
+def test_generated_file_runs_without_pamfx(tmp_path):
+    """python -I (no site, no PYTHONPATH, no cwd) with pamfx made unimportable: only torch is needed."""
+    network = build_random(make_models("resnet_small", TASKS), 0)
+    pamfx.codegen(network, tmp_path / "merged.py")
+    x = torch.randn(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    script = f"""
+import sys, importlib.util
+sys.modules["pamfx"] = None          # any import of pamfx now fails
+import torch
+spec = importlib.util.spec_from_file_location("merged", {str(tmp_path / 'merged.py')!r})
+merged = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(merged)
+model = merged.load()
+x = torch.load({str(tmp_path / 'x.pt')!r})
+with torch.no_grad():
+    torch.save({{"b": model(x, tasks=["b"])["b"], "all": model(x)}}, {str(tmp_path / 'out.pt')!r})
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    outputs = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        expected = network(x)
+    torch.testing.assert_close(outputs["b"], expected["b"], atol=1e-5, rtol=0)
+    for t in TASKS:
+        torch.testing.assert_close(outputs["all"][t], expected[t], atol=1e-5, rtol=0)
+
+
+def test_generated_source_does_not_import_pamfx(tmp_path):
+    network = build_random(make_models("lenet5", TASKS), 0)
+    source = pamfx.codegen(network, tmp_path / "merged.py").read_text()
+    imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert imports == ["import os", "from typing import Dict, List, Optional", "import torch", "from torch import nn"]
+
+
+def test_codegen_is_deterministic(tmp_path):
+    first = pamfx.codegen(build_random(make_models("vgg_bn", TASKS), 4), tmp_path / "one" / "merged.py")
+    second = pamfx.codegen(build_random(make_models("vgg_bn", TASKS), 4), tmp_path / "two" / "merged.py")
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_fixed_combination_exports(tmp_path):
+    network = build_random(make_models("resnet_small", TASKS), 2)
+    generated = load_generated(pamfx.codegen(network, tmp_path / "merged.py"), "gen_export")
+    x = torch.randn(4, 1, 28, 28)
+    exported = torch.export.export(generated.Combination(generated.load(), ["c", "a"]), (x,))
+    got_c, got_a = exported.module()(x)
+    with torch.no_grad():
+        expected = network(x, tasks=["a", "c"])
+    torch.testing.assert_close(got_c, expected["c"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_a, expected["a"], atol=1e-5, rtol=0)
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert sum("conv2d" in op for op in ops) > 0
+
+
+def test_codegen_never_overwrites_unasked(tmp_path):
+    network = build_random(make_models("lenet5", TASKS), 0)
+    path = pamfx.codegen(network, tmp_path / "merged.py")
+    before = path.read_text()
+    with pytest.raises(FileExistsError, match="merged.py exists; pass overwrite=True"):
+        pamfx.codegen(build_random(make_models("lenet5", TASKS), 1), path)
+    assert path.read_text() == before
+    (tmp_path / "other.pt").write_text("weights of someone else")
+    with pytest.raises(FileExistsError, match="other.pt exists"):
+        pamfx.codegen(network, tmp_path / "other.py")
+    pamfx.codegen(build_random(make_models("lenet5", TASKS), 1), path, overwrite=True)
+    assert path.read_text() != before
+
+
+def test_codegen_wants_a_python_file(tmp_path):
+    with pytest.raises(ValueError, match="must end in .py"):
+        pamfx.codegen(build_random(make_models("lenet5", TASKS), 0), tmp_path / "merged.txt")
+
+
+def test_generated_module_rejects_unknown_tasks(tmp_path):
+    network = build_random(make_models("lenet5", TASKS), 0)
+    generated = load_generated(pamfx.codegen(network, tmp_path / "merged.py"), "gen_unknown").load()
+    with pytest.raises(KeyError, match="'nope'"):
+        generated(torch.randn(1, 1, 28, 28), tasks=["nope"])
+    with pytest.raises(ValueError, match="tasks is empty"):
+        generated(torch.randn(1, 1, 28, 28), tasks=[])
