@@ -1,0 +1,75 @@
+"""calibration_activations(...) -> every model's units' activations on each task's calibration inputs.
+
+For each hidden channel space the activation is read at the space's last tensor (after its nonlinearity and
+pooling); a conv channel is reduced to one number per sample, its spatial maximum. Batches stream through each
+model and are reduced at once: no feature map outlives its batch.
+
+    calibration = calibration_activations(aligned, spaces, {"tops": (x, y)}, samples=128)
+    calibration.activations["tops"]["conv2"].shape  # [128, units of conv2 of all models], in the space's unit order
+    calibration.labels["tops"].shape                # [128]
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from pamfx.ir import AlignedGraph, ChannelSpace
+
+
+@dataclass(frozen=True)
+class Calibration:
+    activations: dict   # task -> space name -> [samples, units]
+    labels: dict        # task -> [samples]
+
+
+def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, samples: int = 128,
+                            batch_size: int = 64, seed: int = 0) -> Calibration:
+    """Every hidden space's activations on a seeded random subset of `samples` inputs of each task."""
+    positions = {node.name: i for i, node in enumerate(aligned.graph.nodes)}
+    readout = {name: positions[space.nodes[-1]] for name, space in spaces.items() if space.kind == "hidden"}
+    activations, labels = {}, {}
+    for task, (inputs, task_labels) in data.items():
+        chosen = calibration_indices(len(inputs), samples, seed)
+        per_model = [_run(module, inputs[chosen], readout, batch_size) for module in aligned.modules]
+        activations[task] = {name: torch.cat([acts[name] for acts in per_model], 1) for name in readout}
+        labels[task] = task_labels[chosen]
+    return Calibration(activations=activations, labels=labels)
+
+
+def calibration_indices(size: int, samples: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of `samples` indices out of `size` (all of them if there are fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:samples].sort().values
+
+
+def _run(module: fx.GraphModule, inputs: torch.Tensor, readout: dict[str, int], batch_size: int) -> dict:
+    at_position = {position: name for name, position in readout.items()}
+    nodes = list(module.graph.nodes)
+    wanted = {nodes[position]: name for position, name in at_position.items()}
+    collected = {name: [] for name in readout}
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            for name, value in _Readout(module, wanted).run(inputs[start:start + batch_size]).items():
+                collected[name].append(value)
+    return {name: torch.cat(chunks) for name, chunks in collected.items()}
+
+
+class _Readout(fx.Interpreter):
+    """Runs the module and keeps, at each wanted node, its output reduced to [batch, channels]."""
+
+    def __init__(self, module, wanted: dict[fx.Node, str]):
+        super().__init__(module)
+        self.wanted = wanted
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run(self, *args):
+        super().run(*args)
+        return self.values
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node in self.wanted:
+            self.values[self.wanted[node]] = result.amax(dim=tuple(range(2, result.dim()))) if result.dim() > 2 \
+                else result
+        return result
