@@ -1,4 +1,5 @@
 """optimize(): the pipeline from N single-task models to one task-gated multitask network, read top to bottom."""
+import time
 from dataclasses import dataclass
 
 from torch import nn
@@ -10,12 +11,20 @@ from .network import GatedNetwork
 from .passes.align import align
 from .passes.build import build_network
 from .passes.channel_spaces import find_channel_spaces
+from .passes.finetune import FinetuneConfig
+from .passes.finetune import finetune as finetune_network
 from .passes.merge_none import merge_none
+from .passes.merge_pam import PamConfig, group_table, merge_pam
 from .passes.stack import stack_weights
 from .passes.trace import trace
-from .report import Report, make_report
+from .report import Report, accuracy_of, make_report
 
-MERGES = {"none": merge_none}   # "pam" and "mtz" arrive with the merge passes
+# merge name -> function(aligned, spaces, data, options) returning a Grouping; "mtz" arrives with its pass
+MERGES = {
+    "none": lambda aligned, spaces, data, options: merge_none(aligned, spaces),
+    "pam": lambda aligned, spaces, data, options: merge_pam(aligned, spaces, data, options["pam"],
+                                                           options["seed"], options["progress"]),
+}
 
 
 @dataclass
@@ -28,18 +37,20 @@ class Result:
 
 
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
-             tolerance: float = 0.01, seed: int = 0, progress: bool = True) -> Result:
+             tolerance: float = 0.01, seed: int = 0, progress: bool = True, pam: PamConfig = PamConfig(),
+             finetune: FinetuneConfig = FinetuneConfig()) -> Result:
     """Merges N single-task models of one architecture into one task-gated network (DESIGN.md section 6).
 
     models: {task: nn.Module}, same topology (head widths may differ). data / eval_data: {task: (inputs, labels)}
     or DataLoaders; eval_data defaults to data. merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None;
-    tolerance: largest allowed drop of a task's top-1 accuracy. Raises ValueError/TypeError for bad arguments,
+    tolerance: largest allowed drop of a task's top-1 accuracy. pam: PAM's thresholds and calibration size;
+    finetune: the budget of the multitask fine-tuning that follows a merge (none is lossless: no fine-tuning). Raises ValueError/TypeError for bad arguments,
     TraceError, AlignmentError or UnsupportedOpError for models pamfx cannot merge, DataError for bad data.
     """
     tasks = check_models(models)
     check_options(merge, prune, tolerance, seed)
     if merge not in MERGES:
-        raise NotAvailableError(f"merge={merge!r} is not available yet; use merge='none'")
+        raise NotAvailableError(f"merge={merge!r} is not available yet; use merge='none' or 'pam'")
     if prune is not None:
         raise NotAvailableError(f"prune={prune!r} is not available yet; use prune=None")
     data = check_data(data, tasks, "data")
@@ -55,11 +66,23 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     spaces = find_channel_spaces(aligned)                            # which tensors share a channel dimension
     say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
-    grouping = MERGES[merge](aligned, spaces)                        # the group of every unit
+    started = time.perf_counter()
+    options = {"pam": pam, "seed": seed, "progress": progress}
+    grouping = MERGES[merge](aligned, spaces, data, options)          # the group of every unit
+    notes = [f"merge={merge}: grouped in {time.perf_counter() - started:.1f} s"] + group_table(spaces, grouping, tasks)
     network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))
+    if merge != "none":                                              # none is exact: nothing to recover
+        notes.append("accuracy before fine-tuning: " + _accuracies(network, eval_data))
+        network = finetune_network(network, data, finetune, seed, progress)  # all tasks, summed loss, rule 2 kept
+        notes.append("accuracy after fine-tuning: " + _accuracies(network, eval_data))
     say("[pamfx] measuring every combination")
-    report = make_report(network, aligned, eval_data)                # MACs, params, accuracy per combination
+    report = make_report(network, aligned, eval_data, notes)         # MACs, params, accuracy per combination
     return Result(model=network.eval(), report=report, grouping=grouping, spaces=spaces)
+
+
+def _accuracies(network, data) -> str:
+    network.eval()
+    return ", ".join(f"{t} {accuracy_of(lambda x, t=t: network(x, tasks=[t])[t], *data[t]):.4f}" for t in data)
 
 
 def _output_node(aligned):

@@ -1,0 +1,116 @@
+"""merge_pam(aligned, spaces, data) -> Grouping: every unit in the group of the tasks it is relevant to.
+
+For each hidden channel space and each task t, the greedy irrelevant set (passes/mutual_info.py) on t's calibration
+activations names the units irrelevant to t; a unit's group is the set of tasks it is relevant to, and a unit
+relevant to none is dropped (DESIGN.md section 3). pamfx keeps the exact subset of tasks where the reference folds
+every group of two or more tasks into one shared group.
+
+    grouping = merge_pam(aligned, spaces, data, PamConfig(alpha_linear=0.2))
+    grouping.groups["fc1"][:3]   # (frozenset({'tops', 'shoes'}), frozenset({'tops'}), None)
+"""
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from pamfx.errors import GroupingError
+from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_label
+from pamfx.passes.activations import calibration_activations
+from pamfx.passes.mutual_info import SIGMA2, irrelevant_units
+
+
+@dataclass(frozen=True)
+class PamConfig:
+    """PAM's knobs, with the reference implementation's defaults.
+
+    alpha_conv / alpha_linear: the largest mutual information (nats) a set of units may share with a task's labels
+    and still count as irrelevant to it, for spaces made by conv and by linear layers. samples: calibration inputs
+    per task. sigma2: the noise variance of the entropy estimator.
+    """
+    alpha_conv: float = 0.01
+    alpha_linear: float = 0.05
+    samples: int = 128
+    sigma2: float = SIGMA2
+
+    def __post_init__(self):
+        for name in ("alpha_conv", "alpha_linear", "sigma2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"PamConfig.{name}={value!r} must be a number >= 0")
+        if not isinstance(self.samples, int) or self.samples < 2:
+            raise ValueError(f"PamConfig.samples={self.samples!r} must be an int >= 2")
+
+
+def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, config: PamConfig = PamConfig(),
+              seed: int = 0, progress: bool = True) -> Grouping:
+    """Groups units by relevance; raises GroupingError if a task keeps no unit in a space its head needs."""
+    calibration = calibration_activations(aligned, spaces, data, config.samples, seed=seed)
+    hidden = [name for name, space in spaces.items() if space.kind == "hidden"]
+    groups = {}
+    for name in tqdm(hidden, desc="pam: relevance", disable=not progress):
+        alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
+        irrelevant = {t: set(irrelevant_units(calibration.activations[t][name], calibration.labels[t], alpha,
+                                              config.sigma2))
+                      for t in aligned.tasks}
+        groups[name] = tuple(frozenset(t for t in aligned.tasks if unit not in irrelevant[t]) or None
+                             for unit in range(len(spaces[name].units)))
+    groups = drop_unreadable(aligned, spaces, groups)
+    _check_heads(aligned, spaces, groups)
+    return Grouping(groups)
+
+
+def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> dict:
+    """Drops units whose group has no input it may read under rule 2 (they could only output a constant),
+    repeating until no layer changes: a drop below can leave a unit above with nothing to read."""
+    groups = dict(groups)
+    changed = True
+    while changed:
+        changed = False
+        for node in aligned.nodes_of_kind("conv", "linear"):
+            name = node.meta[SPACE]
+            if spaces[name].kind != "hidden":
+                continue
+            readable = _input_groups(node.all_input_nodes[0], spaces, groups, aligned.tasks)
+            kept = tuple(g if g is not None and any(r >= g for r in readable) else None for g in groups[name])
+            if kept != groups[name]:
+                groups[name], changed = kept, True
+    return groups
+
+
+def group_table(spaces: dict[str, ChannelSpace], grouping: Grouping, tasks: tuple[str, ...]) -> list[str]:
+    """One line per hidden space: how many units each group holds, e.g. 'conv2: {a}: 5, {a, b}: 11, dropped: 12'."""
+    lines = []
+    for name, groups in grouping.groups.items():
+        counts: dict = {}
+        for group in groups:
+            counts[group] = counts.get(group, 0) + 1
+        ordered = sorted((g for g in counts if g is not None), key=lambda g: (len(g), [tasks.index(t) for t in g]))
+        cells = [f"{group_label(g, tasks)}: {counts[g]}" for g in ordered] + [f"dropped: {counts.get(None, 0)}"]
+        lines.append(f"{name} ({len(groups)} units): " + ", ".join(cells))
+    return lines
+
+
+def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
+    kinds = {node.name: node.meta[OP] for node in aligned.graph.nodes}
+    return any(kinds[name] in ("conv", "depthwise") for name in space.nodes)
+
+
+def _input_groups(source, spaces, groups, tasks) -> set:
+    everyone = frozenset(tasks)
+    found = set()
+    for feature in source.meta[FEATURES]:
+        kind = spaces[feature.space].kind
+        found.add(everyone if kind == "input" else groups[feature.space][feature.unit])
+    found.discard(None)
+    return found
+
+
+def _check_heads(aligned, spaces, groups) -> None:
+    for node in aligned.nodes_of_kind("conv", "linear"):
+        if spaces[node.meta[SPACE]].kind != "output":
+            continue
+        readable = _input_groups(node.all_input_nodes[0], spaces, groups, aligned.tasks)
+        for task in aligned.tasks:
+            if not any(task in g for g in readable):
+                raise GroupingError(
+                    f"PAM kept no unit relevant to task '{task}' below its head '{node.name}'; lower "
+                    "PamConfig.alpha_conv / alpha_linear so that fewer units count as irrelevant")

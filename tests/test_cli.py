@@ -1,0 +1,106 @@
+"""The command line `pamfx demo`, run on a tiny fake Fashion-MNIST: it reports every combination, writes a module
+that equals the network, refuses to overwrite unasked, and turns a missing prerequisite into exit code 2."""
+import gzip
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pamfx.__main__ import main
+
+TASKS = ("classes_0_4", "classes_5_9")
+COMBINATIONS = {"{classes_0_4}", "{classes_5_9}", "{classes_0_4, classes_5_9}"}
+
+
+def write_idx(path, array):
+    """Write `array` as a gzipped IDX file of unsigned bytes."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_dataset(tmp_path_factory):
+    """A Fashion-MNIST directory with 300 train and 200 test random images, every label equally often."""
+    root = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 200)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.permutation(np.arange(n) % 10))
+    return root
+
+
+@pytest.fixture
+def demo_args(fake_dataset, tmp_path, monkeypatch):
+    """Arguments of a fast demo on the fake dataset, with cache and output in tmp_path."""
+    monkeypatch.setenv("PAMFX_FASHION_MNIST", str(fake_dataset))
+    return ["demo", "--epochs", "1", "--calibration-size", "100", "--quiet",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out" / "merged.py")]
+
+
+def table_combinations(stdout: str) -> set[str]:
+    """The first cell of every row of the markdown report."""
+    return {match.group(1) for match in re.finditer(r"^\| (\{[^}]*\}) \|", stdout, re.MULTILINE)}
+
+
+def test_demo_reports_every_combination_and_writes_a_matching_module(demo_args, tmp_path, capsys):
+    assert main(demo_args) == 0
+    out = capsys.readouterr().out
+    assert table_combinations(out) == COMBINATIONS
+    for task in TASKS:
+        assert f"{task}: LeNet-5 test accuracy" in out and f"acc {task} (orig" in out
+    assert re.search(r"^check: .* matches .* for all 3 combinations", out, re.MULTILINE)
+    assert "[pamfx]" not in out   # --quiet silences optimize's progress
+    assert (tmp_path / "out" / "merged.py").is_file() and (tmp_path / "out" / "merged.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"lenet5-{t}-seed0-ep1.pt" for t in TASKS]
+
+
+def test_second_run_refuses_to_overwrite_unless_asked(demo_args, tmp_path, capsys):
+    assert main(demo_args) == 0
+    generated = tmp_path / "out" / "merged.py"
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    capsys.readouterr()
+
+    assert main(demo_args) == 2
+    captured = capsys.readouterr()
+    assert str(generated) in captured.err and "--overwrite" in captured.err
+    assert captured.out == ""   # refused before any work
+
+    assert main(demo_args + ["--overwrite"]) == 0
+    assert table_combinations(capsys.readouterr().out) == COMBINATIONS
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached   # models came from the cache, not retrained
+
+
+def test_missing_dataset_exits_2_naming_the_package(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PAMFX_FASHION_MNIST", str(tmp_path / "nowhere"))
+    assert main(["demo", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "merged.py")]) == 2
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and str(tmp_path / "nowhere") in err
+    assert not (tmp_path / "merged.py").exists()
+
+
+@pytest.mark.parametrize("option", [["--merge", "pam"], ["--prune", "taylor"]])
+def test_unavailable_option_exits_2_with_its_message(demo_args, option, capsys):
+    assert main(demo_args + option) == 2
+    assert f"{option[1]!r} is not available yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--out", "merged.txt"], ["--epochs", "0"], ["--merge", "bogus"]])
+def test_bad_option_is_a_usage_error(demo_args, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(demo_args + option)
+    assert exit_info.value.code == 2
+    assert f"argument {option[0]}" in capsys.readouterr().err
+
+
+def test_python_m_pamfx_exits_2_without_traceback(tmp_path):
+    """The module entry point passes main()'s exit code to the shell."""
+    env = {"PAMFX_FASHION_MNIST": str(tmp_path / "nowhere"), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-m", "pamfx", "demo", "--out", str(tmp_path / "merged.py")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2
+    assert "dataset-fashion-mnist" in run.stderr and "Traceback" not in run.stderr
