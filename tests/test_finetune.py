@@ -1,0 +1,51 @@
+"""Multitask fine-tuning: seeded, copies rather than edits, keeps every group's tensor shape (cut weights stay
+absent), and lowers the summed loss whether tasks share their inputs or not."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pamfx.passes.finetune import FinetuneConfig, finetune
+
+from conftest import build_random, make_models, random_data
+
+TASKS = ("a", "b", "c")
+
+
+def summed_loss(network, data):
+    with torch.no_grad():
+        return sum(float(F.cross_entropy(network(x, tasks=[t])[t], y)) for t, (x, y) in data.items())
+
+
+@pytest.fixture
+def network():
+    return build_random(make_models("lenet5", TASKS), seed=1)
+
+
+def test_finetune_is_seeded_and_leaves_its_input_alone(network):
+    data = random_data(TASKS, n=64)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    first = finetune(network, data, FinetuneConfig(steps=5), seed=3, progress=False)
+    second = finetune(network, data, FinetuneConfig(steps=5), seed=3, progress=False)
+    other = finetune(network, data, FinetuneConfig(steps=5), seed=4, progress=False)
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, before[key])
+        assert torch.equal(first.state_dict()[key], second.state_dict()[key])
+        assert first.state_dict()[key].shape == value.shape     # a cut weight is never added back
+    assert any(not torch.equal(first.state_dict()[k], other.state_dict()[k]) for k in before)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_finetune_lowers_the_summed_loss(network, shared):
+    data = random_data(TASKS, n=128, seed=5)
+    if shared:
+        inputs = data["a"][0]
+        data = {t: (inputs, y) for t, (_, y) in data.items()}
+    tuned = finetune(network, data, FinetuneConfig(steps=60, lr=3e-3, batch_size=32), progress=False)
+    assert summed_loss(tuned, data) < 0.8 * summed_loss(network, data)
+
+
+def test_finetune_budget_in_epochs_counts_steps():
+    assert FinetuneConfig(epochs=2, batch_size=100).total_steps(1000) == 20
+    assert FinetuneConfig(steps=7).total_steps(1000) == 7
+    with pytest.raises(ValueError, match="epochs=0"):
+        FinetuneConfig(epochs=0)

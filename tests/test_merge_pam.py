@@ -1,0 +1,102 @@
+"""merge="pam" on a problem whose relevance structure is known by construction: every hidden unit copies one
+task's label signal, several tasks' signals, or (near-constant) noise, so its true group is known."""
+import pytest
+import torch
+from torch import nn
+
+import pamfx
+from pamfx.ir import all_combinations
+
+TASKS = ("a", "b", "c")
+# hidden unit -> the tasks whose label signal it sums (empty: noise)
+WIRING = [("a",), ("b",), ("c",), ("a", "b"), ("b", "c"), ("a", "b", "c"), (), ("a",), ()]
+
+
+class Wired(nn.Module):
+    """x = [y_a, y_b, y_c, noise]; hidden unit i sums the label inputs of WIRING[i] (noise units read noise)."""
+
+    def __init__(self, classes=2):
+        super().__init__()
+        self.hidden = nn.Linear(4, len(WIRING))
+        self.head = nn.Linear(len(WIRING), classes)
+        with torch.no_grad():
+            self.hidden.weight.zero_()
+            self.hidden.bias.zero_()
+            for unit, tasks in enumerate(WIRING):
+                for task in tasks:
+                    self.hidden.weight[unit, TASKS.index(task)] = 1.0
+                if not tasks:
+                    self.hidden.weight[unit, 3] = 1.0
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(x)))
+
+
+def wired_data(n=512, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n, 3), generator=generator)
+    noise = 0.01 * torch.rand(n, 1, generator=generator)      # tiny: carries no class structure at sigma2 = 0.1
+    inputs = torch.cat([labels.float(), noise], 1)
+    return {t: (inputs, labels[:, i]) for i, t in enumerate(TASKS)}
+
+
+@pytest.fixture(scope="module")
+def merged():
+    torch.manual_seed(0)
+    models = {t: Wired() for t in TASKS}
+    return pamfx.optimize(models, wired_data(), eval_data=wired_data(seed=1), merge="pam", prune=None,
+                          progress=False, finetune=pamfx.FinetuneConfig(steps=300, lr=0.02))
+
+
+def test_pam_puts_every_unit_in_its_true_group(merged):
+    expected = tuple(frozenset(tasks) or None for _ in TASKS for tasks in WIRING)
+    assert merged.grouping.groups["hidden"] == expected
+
+
+def test_pam_network_keeps_rule_2_and_consistent_gating(merged):
+    network = merged.model
+    network.check()
+    x = wired_data(seed=2)["a"][0][:16]
+    with torch.no_grad():
+        alone = {t: network(x, tasks=[t])[t] for t in TASKS}
+        for combination in all_combinations(TASKS):
+            outputs = network(x, tasks=list(combination))
+            for t in combination:
+                assert torch.equal(outputs[t], alone[t])
+
+
+def test_pam_costs_follow_the_groups(merged):
+    """Dropped noise units cost nothing; a single task computes only the groups containing it."""
+    network = merged.model
+    kept = {t: sum(1 for _ in TASKS for tasks in WIRING if t in tasks) for t in TASKS}
+    every = sum(1 for _ in TASKS for tasks in WIRING if tasks)
+    for t in TASKS:
+        # hidden layer: 4 inputs per kept unit; head: 2 outputs per hidden unit it reads
+        assert network.macs([t]) == 4 * kept[t] + 2 * kept[t]
+    assert network.macs(TASKS) == 4 * every + 2 * sum(kept.values())
+
+
+def test_pam_report_lists_the_groups(merged):
+    notes = "\n".join(merged.report.notes)
+    assert "hidden (27 units): {a}: 6, {b}: 3, {c}: 3, {a, b}: 3, {b, c}: 3, {a, b, c}: 3, dropped: 6" in notes
+    assert "accuracy after fine-tuning" in notes
+
+
+def test_pam_recovers_accuracy(merged):
+    for t in TASKS:
+        assert merged.report.row([t]).accuracy[t] >= 0.99   # the label is in the input: a perfect task
+
+
+def test_pam_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="PamConfig.alpha_conv=-1"):
+        pamfx.PamConfig(alpha_conv=-1)
+    with pytest.raises(ValueError, match="PamConfig.samples=1"):
+        pamfx.PamConfig(samples=1)
+
+
+def test_pam_says_when_a_task_keeps_nothing():
+    torch.manual_seed(0)
+    models = {t: Wired() for t in TASKS}
+    with pytest.raises(pamfx.GroupingError, match="kept no unit relevant to task 'a' below its head 'head'"):
+        pamfx.optimize(models, wired_data(), merge="pam", prune=None, progress=False,
+                       pam=pamfx.PamConfig(alpha_linear=10.0))
