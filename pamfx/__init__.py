@@ -6,12 +6,13 @@
 """
 from .api import Result, optimize
 from .passes.finetune import FinetuneConfig
+from .passes.merge_mtz import MtzConfig
 from .passes.merge_pam import PamConfig
 from .codegen import codegen
 from .errors import (AlignmentError, DataError, DatasetMissingError, GroupingError, NotAvailableError, PamfxError,
                      TraceError, UnsupportedOpError)
 from .network import GatedNetwork
 
-__all__ = ["optimize", "codegen", "Result", "PamConfig", "FinetuneConfig", "GatedNetwork", "PamfxError", "TraceError", "AlignmentError",
+__all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "GatedNetwork", "PamfxError", "TraceError", "AlignmentError",
            "UnsupportedOpError", "GroupingError", "DataError", "DatasetMissingError", "NotAvailableError"]
 __version__ = "0.1.0"

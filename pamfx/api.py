@@ -14,16 +14,19 @@ from .passes.channel_spaces import find_channel_spaces
 from .passes.finetune import FinetuneConfig
 from .passes.finetune import finetune as finetune_network
 from .passes.merge_none import merge_none
+from .passes.merge_mtz import MtzConfig, merge_mtz
 from .passes.merge_pam import PamConfig, group_table, merge_pam
 from .passes.stack import stack_weights
 from .passes.trace import trace
 from .report import Report, accuracy_of, make_report
 
-# merge name -> function(aligned, spaces, data, options) returning a Grouping; "mtz" arrives with its pass
+# merge name -> function(aligned, spaces, data, options) returning (Grouping, stacked weights)
 MERGES = {
-    "none": lambda aligned, spaces, data, options: merge_none(aligned, spaces),
-    "pam": lambda aligned, spaces, data, options: merge_pam(aligned, spaces, data, options["pam"],
-                                                           options["seed"], options["progress"]),
+    "none": lambda aligned, spaces, data, options: (merge_none(aligned, spaces), stack_weights(aligned, spaces)),
+    "pam": lambda aligned, spaces, data, options: (merge_pam(aligned, spaces, data, options["pam"], options["seed"],
+                                                             options["progress"]), stack_weights(aligned, spaces)),
+    "mtz": lambda aligned, spaces, data, options: merge_mtz(aligned, spaces, data, options["mtz"],
+                                                            options["finetune"], options["seed"], options["progress"]),
 }
 
 
@@ -38,19 +41,19 @@ class Result:
 
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
              tolerance: float = 0.01, seed: int = 0, progress: bool = True, pam: PamConfig = PamConfig(),
-             finetune: FinetuneConfig = FinetuneConfig()) -> Result:
+             mtz: MtzConfig = MtzConfig(), finetune: FinetuneConfig = FinetuneConfig()) -> Result:
     """Merges N single-task models of one architecture into one task-gated network (DESIGN.md section 6).
 
     models: {task: nn.Module}, same topology (head widths may differ). data / eval_data: {task: (inputs, labels)}
     or DataLoaders; eval_data defaults to data. merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None;
-    tolerance: largest allowed drop of a task's top-1 accuracy. pam: PAM's thresholds and calibration size;
+    tolerance: largest allowed drop of a task's top-1 accuracy. pam / mtz: each merge's settings;
     finetune: the budget of the multitask fine-tuning that follows a merge (none is lossless: no fine-tuning). Raises ValueError/TypeError for bad arguments,
     TraceError, AlignmentError or UnsupportedOpError for models pamfx cannot merge, DataError for bad data.
     """
     tasks = check_models(models)
     check_options(merge, prune, tolerance, seed)
     if merge not in MERGES:
-        raise NotAvailableError(f"merge={merge!r} is not available yet; use merge='none' or 'pam'")
+        raise NotAvailableError(f"merge={merge!r} is not available yet")
     if prune is not None:
         raise NotAvailableError(f"prune={prune!r} is not available yet; use prune=None")
     data = check_data(data, tasks, "data")
@@ -67,10 +70,10 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
     started = time.perf_counter()
-    options = {"pam": pam, "seed": seed, "progress": progress}
-    grouping = MERGES[merge](aligned, spaces, data, options)          # the group of every unit
+    options = {"pam": pam, "mtz": mtz, "finetune": finetune, "seed": seed, "progress": progress}
+    grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ its weights)
     notes = [f"merge={merge}: grouped in {time.perf_counter() - started:.1f} s"] + group_table(spaces, grouping, tasks)
-    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))
+    network = build_network(aligned, spaces, grouping, weights)
     if merge != "none":                                              # none is exact: nothing to recover
         notes.append("accuracy before fine-tuning: " + _accuracies(network, eval_data))
         network = finetune_network(network, data, finetune, seed, progress)  # all tasks, summed loss, rule 2 kept

@@ -42,9 +42,14 @@ class GatedNetwork(nn.Module):
     Built by `passes.build.build_network`; users get it as `pamfx.optimize(...).model`.
     """
 
-    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module]):
+    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module],
+                 tensors: dict | None = None, origins: dict | None = None):
         super().__init__()
         self.tasks = tuple(tasks)
+        # where each aligned-graph tensor lives: node name -> group -> (variable, indices into the node's features)
+        self.tensors = dict(tensors or {})
+        # where each module's weights sit in the stacked weights: module name -> (node, rows, columns or None)
+        self.origins = dict(origins or {})
         for name, module in modules.items():
             self.add_module(name, module)
         self.outputs = dict(outputs)
@@ -55,11 +60,17 @@ class GatedNetwork(nn.Module):
     def forward(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
         """Returns {task: output} for `tasks` (default: all tasks, in order)."""
         combination = self.combination(tasks)
+        values = self.values(x, combination)
+        return {t: values[self.outputs[t]] for t in self.tasks if t in combination}
+
+    def values(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
+        """Every variable that running `tasks` computes, by name (see `tensors` for what each one holds)."""
+        combination = self.combination(tasks)
         values = {INPUT: x}
         for statement in self.statements:
             if statement.gate & combination:
                 values[statement.out] = self._run(statement, values)
-        return {t: values[self.outputs[t]] for t in self.tasks if t in combination}
+        return values
 
     def _run(self, statement: Statement, values: dict) -> torch.Tensor:
         tensors = [values[name] for name in statement.inputs]

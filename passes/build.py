@@ -26,7 +26,9 @@ def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groupi
     builder = _Builder(aligned, spaces, grouping, weights)
     for node in aligned.graph.nodes:
         builder.visit(node)
-    return GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules)
+    tensors = {node.name: {g: (builder.values[node][g], tuple(builder.layout[node][g])) for g in builder.values[node]}
+               for node in builder.values}
+    return GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules, tensors, builder.origins)
 
 
 class _Builder:
@@ -41,6 +43,7 @@ class _Builder:
         self.statements: list[Statement] = []
         self.modules: dict[str, nn.Module] = {}
         self.outputs: dict[str, str] = {}
+        self.origins: dict[str, tuple] = {}   # module name -> (node, stacked rows, stacked columns or None)
 
     # -- the groups of a tensor ------------------------------------------------------------------------------
     def group_of(self, feature) -> Group | None:
@@ -101,6 +104,7 @@ class _Builder:
                     module.bias.copy_(stacked["bias"][rows])
             macs = (ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs)(module, node.meta[SHAPES][0])
             self.emit(node, group, [self.values[source][g] for g in readable], "module", module=module, macs=macs)
+            self.origins[self.values[node][group]] = (node.name, tuple(rows), tuple(columns))
 
     def visit_depthwise(self, node):
         self.visit_per_feature(node, ("weight", "bias"))
@@ -121,6 +125,7 @@ class _Builder:
                         getattr(module, name).copy_(stacked[name][features])
             macs = ops.conv_macs(module, node.meta[SHAPES][0]) if isinstance(module, nn.Conv2d) else 0
             self.emit(node, group, [self.values[source][group]], "module", module=module, macs=macs)
+            self.origins[self.values[node][group]] = (node.name, tuple(features), None)
 
     def visit_channelwise(self, node):
         source = node.all_input_nodes[0]

@@ -68,3 +68,21 @@ def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
             taken[owner] += 1
         stacked[tensor_name] = torch.stack(pieces)
     return stacked
+
+
+def read_back(network, stacked: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of `stacked` with every module of the built `network` written back where its weights came from,
+    so that a merge can keep editing stacked weights after fine-tuning."""
+    stacked = {node: {name: tensor.clone() for name, tensor in tensors.items()} for node, tensors in stacked.items()}
+    with torch.no_grad():
+        for module_name, (node, rows, columns) in network.origins.items():
+            module = getattr(network, module_name)
+            rows = torch.tensor(rows, dtype=torch.long)
+            if columns is None:   # per-feature parameters (BatchNorm, depthwise)
+                for name, tensor in stacked[node].items():
+                    tensor[rows] = getattr(module, name).detach()
+                continue
+            stacked[node]["weight"][rows.unsqueeze(1), torch.tensor(columns, dtype=torch.long)] = module.weight.detach()
+            if module.bias is not None:
+                stacked[node]["bias"][rows] = module.bias.detach()
+    return stacked

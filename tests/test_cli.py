@@ -83,7 +83,7 @@ def test_missing_dataset_exits_2_naming_the_package(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "merged.py").exists()
 
 
-@pytest.mark.parametrize("option", [["--merge", "mtz"], ["--prune", "taylor"]])
+@pytest.mark.parametrize("option", [["--prune", "taylor"], ["--prune", "vib"]])
 def test_unavailable_option_exits_2_with_its_message(demo_args, option, capsys):
     assert main(demo_args + option) == 2
     assert f"{option[1]!r} is not available yet" in capsys.readouterr().err

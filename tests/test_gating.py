@@ -117,3 +117,20 @@ def test_dropped_units_are_gone():
     network = build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))
     assert network.fc1_g1.out_features + network.fc1_g2.out_features == len(spaces["fc1"].units) // 2
     assert network.fc2_g1.in_features == network.fc1_g1.out_features
+
+
+def test_weights_read_back_rebuild_the_same_network():
+    """read_back inverts build_network: the stacked weights it returns build an identical network."""
+    from pamfx.passes.stack import read_back
+    models = make_models("vgg_bn", TASKS)
+    aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
+    grouping = random_grouping(aligned, spaces, seed=7)
+    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces)).eval()
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn_like(parameter))          # weights the stacked tensors do not hold yet
+    rebuilt = build_network(aligned, spaces, grouping, read_back(network, stack_weights(aligned, spaces))).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        for t in TASKS:
+            assert torch.equal(rebuilt(x, tasks=[t])[t], network(x, tasks=[t])[t])

@@ -1,0 +1,193 @@
+"""merge_mtz(aligned, spaces, data) -> (Grouping, stacked weights): the Multi-Task Zipping baseline (NeurIPS 2018).
+
+Layer by layer from the input, units of different models are zipped in pairs, cheapest first: the cost of zipping
+unit a of one model with unit b of another is 1/2 d^T (H_a^-1 + H_b^-1)^-1 d for d = a - b, H being the layer's
+input Hessian E[x x^T] on each model's data (summed over kernel positions for a conv), and the zipped unit's
+weights move a toward b by H_a^-1 (H_a^-1 + H_b^-1)^-1 d. Each unit is zipped at most once, up to `degree` of the
+smaller layer; the consumers of the unit zipped away read the survivor instead. A short joint fine-tuning follows
+each layer. More models are zipped in sequence into the already shared units, with H_a^-1 the sum of the
+inverses of the models already merged (ALGORITHMS.md).
+
+pamfx's MTZ follows rule 2: a zipped unit belongs to every task it serves and reads only units shared by all of
+them, so it is computed once for any combination.
+
+    grouping, weights = merge_mtz(aligned, spaces, data, MtzConfig(degree=0.9))
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pamfx.errors import UnsupportedOpError
+from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping
+from pamfx.passes.activations import calibration_indices
+from pamfx.passes.build import build_network
+from pamfx.passes.finetune import FinetuneConfig, finetune
+from pamfx.passes.merge_none import merge_none
+from pamfx.passes.stack import read_back, stack_weights
+
+
+@dataclass(frozen=True)
+class MtzConfig:
+    """degree: the share of the smaller layer's units zipped; samples: inputs per task for the layer Hessians;
+    steps: fine-tuning steps after layer i are base_steps + steps_per_layer * i (the published schedule)."""
+    degree: float = 0.9
+    samples: int = 128
+    base_steps: int = 10
+    steps_per_layer: int = 7
+
+    def __post_init__(self):
+        if not 0 <= self.degree <= 1:
+            raise ValueError(f"MtzConfig.degree={self.degree!r} must be in [0, 1]")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"MtzConfig.samples={self.samples!r} must be an int >= 1")
+
+
+def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, config: MtzConfig = MtzConfig(),
+              tuning: FinetuneConfig = FinetuneConfig(), seed: int = 0, progress: bool = True):
+    """Returns the grouping (zipped units in the group of the tasks zipped into them) and the edited stacked
+    weights; raises UnsupportedOpError for a channel space made by several layers (a residual add)."""
+    layers = [n for n in aligned.nodes_of_kind("conv", "linear") if spaces[n.meta[SPACE]].kind == "hidden"]
+    _check_one_producer_per_space(layers)
+    groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
+    weights = stack_weights(aligned, spaces)
+    calibration = {t: x[calibration_indices(len(x), config.samples, seed)] for t, (x, _) in data.items()}
+    for index, node in enumerate(tqdm(layers, desc="mtz: zip layers", disable=not progress)):
+        network = build_network(aligned, spaces, _frozen(groups), weights)
+        inputs = _layer_inputs(network, node, calibration)
+        for model in range(1, len(aligned.tasks)):
+            _zip_model(aligned, spaces, node, model, groups, weights, inputs, config.degree)
+        network = build_network(aligned, spaces, _frozen(groups), weights)
+        steps = FinetuneConfig(steps=config.base_steps + config.steps_per_layer * index,
+                               batch_size=tuning.batch_size, lr=tuning.lr)
+        network = finetune(network, data, steps, seed=seed + index, progress=False)
+        weights = read_back(network, weights)
+    return _frozen(groups), weights
+
+
+def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree) -> None:
+    """Zips the units of `model` into the units shared by models 0..model-1 (or model 0's own, for model 1)."""
+    tasks = aligned.tasks
+    name = node.meta[SPACE]
+    base_group, incoming_group = frozenset(tasks[:model]), frozenset([tasks[model]])
+    target = base_group | incoming_group
+    base = [u for u, g in enumerate(groups[name]) if g == base_group]
+    incoming = [u for u, g in enumerate(groups[name]) if g == incoming_group]
+    source = node.all_input_nodes[0]
+    readable = [f for f, feature in enumerate(source.meta[FEATURES])
+                if _group_of(feature, spaces, groups, tasks) >= target]
+    count = int(degree * min(len(base), len(incoming)))
+    if not base or not incoming or not readable or count == 0:
+        return
+    hessians = {t: _hessian(inputs[t][:, readable]) for t in target}
+    base_inverse = sum(torch.linalg.pinv(hessians[t], hermitian=True) for t in base_group)
+    incoming_inverse = torch.linalg.pinv(hessians[tasks[model]], hermitian=True)
+    joint = torch.linalg.pinv(base_inverse + incoming_inverse, hermitian=True)
+    move = base_inverse @ joint                                   # how far a base unit moves toward its partner
+    stacked = weights[node.name]
+    a = _rows(stacked["weight"], base, readable)                  # [base, readable, kernel positions]
+    b = _rows(stacked["weight"], incoming, readable)
+    pairs = _cheapest_pairs(a, b, joint, count)
+    share = len(base_group) / (len(base_group) + 1)              # the scalar rule for biases and per-channel entries
+    for i, j in pairs:
+        unit, partner = base[i], incoming[j]
+        merged = a[i] - move @ (a[i] - b[j])
+        row = stacked["weight"][unit]
+        row.zero_()
+        row[readable] = merged.reshape(row[readable].shape).to(row.dtype)
+        if "bias" in stacked:
+            stacked["bias"][unit] -= share * (stacked["bias"][unit] - stacked["bias"][partner])
+        groups[name][unit], groups[name][partner] = target, None
+        _redirect_consumers(aligned, weights, name, unit, partner, share)
+
+
+def _cheapest_pairs(a: torch.Tensor, b: torch.Tensor, joint: torch.Tensor, count: int) -> list[tuple[int, int]]:
+    """Greedy pairs by increasing cost 1/2 sum_k (a_ik - b_jk)^T joint (a_ik - b_jk), each unit used once."""
+    a_joint = torch.einsum("prk,rs->psk", a, joint)
+    aa = torch.einsum("psk,psk->p", a_joint, a)
+    bb = torch.einsum("qrk,rs,qsk->q", b, joint, b)
+    cost = 0.5 * (aa[:, None] + bb[None, :] - 2 * torch.einsum("psk,qsk->pq", a_joint, b))
+    used_a, used_b, pairs = set(), set(), []
+    for flat in torch.argsort(cost.flatten()).tolist():
+        i, j = divmod(flat, cost.shape[1])
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            pairs.append((i, j))
+            if len(pairs) == count:
+                break
+    return pairs
+
+
+def _redirect_consumers(aligned, weights, space, unit, partner, share) -> None:
+    """Every layer that read `partner` reads `unit` instead; per-channel entries (BN, depthwise) are blended."""
+    for node in aligned.graph.nodes:
+        kind = node.meta[OP]
+        if kind in ("conv", "linear"):
+            features = node.all_input_nodes[0].meta[FEATURES]
+            pairs = _matching_columns(features, space, unit, partner)
+            weight = weights[node.name]["weight"]
+            for kept, gone in pairs:
+                weight[:, kept] += weight[:, gone]
+                weight[:, gone] = 0
+        elif kind in ("batchnorm", "depthwise") and node.name in weights:
+            for kept, gone in _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, unit, partner):
+                for tensor in weights[node.name].values():
+                    tensor[kept] -= share * (tensor[kept] - tensor[gone])
+
+
+def _matching_columns(features, space, unit, partner) -> list[tuple[int, int]]:
+    position_of = {(f.unit, f.position): i for i, f in enumerate(features) if f.space == space}
+    return [(position_of[(unit, p)], position_of[(partner, p)])
+            for (u, p) in position_of if u == unit and (partner, p) in position_of]
+
+
+def _layer_inputs(network, node, calibration: dict) -> dict[str, torch.Tensor]:
+    """Each task's inputs to `node` as the current network computes them, in the node's input feature order
+    (features the task does not compute are zero)."""
+    source = node.all_input_nodes[0]
+    inputs = {}
+    network.eval()
+    with torch.no_grad():
+        for task, x in calibration.items():
+            values = network.values(x, tasks=[task])
+            pieces = [(indices, values[variable]) for variable, indices in network.tensors[source.name].values()
+                      if variable in values]
+            full = torch.zeros((len(x), len(source.meta[FEATURES])) + tuple(pieces[0][1].shape[2:]))
+            for indices, value in pieces:
+                full[:, list(indices)] = value
+            inputs[task] = full
+    return inputs
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    """E[x x^T] over samples and spatial positions: [channels, channels], in float64."""
+    rows = x.double().movedim(1, -1).reshape(-1, x.shape[1])
+    return rows.t() @ rows / len(rows)
+
+
+def _rows(weight: torch.Tensor, units: list[int], columns: list[int]) -> torch.Tensor:
+    """weight[units][:, columns] as [units, columns, kernel positions] in float64."""
+    picked = weight[units][:, columns].double()
+    return picked.reshape(len(units), len(columns), -1)
+
+
+def _group_of(feature, spaces, groups, tasks):
+    kind = spaces[feature.space].kind
+    if kind == "input":
+        return frozenset(tasks)
+    return groups[feature.space][feature.unit] or frozenset()
+
+
+def _check_one_producer_per_space(layers) -> None:
+    producers: dict[str, list[str]] = {}
+    for node in layers:
+        producers.setdefault(node.meta[SPACE], []).append(node.name)
+    for space, nodes in producers.items():
+        if len(nodes) > 1:
+            raise UnsupportedOpError(f"merge='mtz' zips one layer at a time; channel space '{space}' is made by "
+                                     f"{nodes} (a residual add). Use merge='pam' or 'none' for this model")
+
+
+def _frozen(groups: dict) -> Grouping:
+    return Grouping({name: tuple(g) for name, g in groups.items()})

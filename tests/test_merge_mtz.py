@@ -1,0 +1,84 @@
+"""merge="mtz": the zipping rule on cases with known answers, rule 2 after zipping, and its limits."""
+import copy
+import itertools
+
+import pytest
+import torch
+
+import pamfx
+from pamfx.ir import all_combinations
+from pamfx.passes.build import build_network
+from pamfx.passes.finetune import FinetuneConfig
+from pamfx.passes.merge_mtz import MtzConfig, _cheapest_pairs, merge_mtz
+
+from conftest import compile_parts, make_models, random_data
+
+NO_TUNING = MtzConfig(degree=1.0, base_steps=0, steps_per_layer=0)
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "vgg_bn"])
+def test_zipping_identical_models_changes_nothing(arch):
+    """Twins zip unit for unit at zero cost, and the zipped network computes both originals exactly."""
+    original = make_models(arch, ("a",))["a"]
+    models = {"a": original, "b": copy.deepcopy(original), "c": copy.deepcopy(original)}
+    data = random_data(("a", "b", "c"), n=64)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    grouping, weights = merge_mtz(aligned, spaces, data, NO_TUNING, progress=False)
+    for name, groups in grouping.groups.items():
+        width = len(spaces[name].units) // 3
+        assert groups == (frozenset("abc"),) * width + (None,) * (2 * width), name
+    network = build_network(aligned, spaces, grouping, weights).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = original(x)
+        for t in "abc":
+            torch.testing.assert_close(network(x, tasks=[t])[t], expected, atol=1e-5, rtol=0)
+    head = [m for m in original.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert network.macs(["a", "b", "c"]) == network.macs(["a"]) + 2 * head.in_features * head.out_features
+
+
+def test_pairs_are_the_cheapest_by_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 3, 2, generator=generator, dtype=torch.float64)
+    b = torch.randn(5, 3, 2, generator=generator, dtype=torch.float64)
+    m = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    joint = m @ m.t()
+    cost = lambda i, j: 0.5 * sum(float((a[i, :, k] - b[j, :, k]) @ joint @ (a[i, :, k] - b[j, :, k])) for k in range(2))
+    pairs = _cheapest_pairs(a, b, joint, count=3)
+    remaining_a, remaining_b = set(range(4)), set(range(5))
+    for i, j in pairs:   # each pair is the cheapest among units not used yet
+        best = min(cost(p, q) for p in remaining_a for q in remaining_b)
+        assert cost(i, j) == pytest.approx(best)
+        remaining_a.discard(i)
+        remaining_b.discard(j)
+    assert len({i for i, _ in pairs}) == len({j for _, j in pairs}) == 3
+
+
+def test_mtz_keeps_rule_2_and_consistent_gating():
+    tasks = ("a", "b", "c")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=64)
+    result = pamfx.optimize(models, data, merge="mtz", prune=None, progress=False,
+                            mtz=MtzConfig(degree=0.5, base_steps=1, steps_per_layer=1),
+                            finetune=FinetuneConfig(steps=2, batch_size=16))
+    network = result.model
+    network.check()
+    groups = set(itertools.chain.from_iterable(result.grouping.groups.values())) - {None}
+    assert frozenset(tasks) in groups and frozenset("a") in groups
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        alone = {t: network(x, tasks=[t])[t] for t in tasks}
+        for combination in all_combinations(tasks):
+            for t, output in network(x, tasks=list(combination)).items():
+                assert torch.equal(output, alone[t])
+
+
+def test_mtz_refuses_residual_spaces_by_name():
+    models = make_models("resnet_small", ("a", "b"))
+    with pytest.raises(pamfx.UnsupportedOpError, match="merge='mtz' zips one layer at a time; channel space"):
+        pamfx.optimize(models, random_data(("a", "b")), merge="mtz", prune=None, progress=False)
+
+
+def test_mtz_config_rejects_bad_degree():
+    with pytest.raises(ValueError, match="MtzConfig.degree=1.5"):
+        MtzConfig(degree=1.5)
