@@ -40,7 +40,7 @@ def test_finetune_lowers_the_summed_loss(network, shared):
     if shared:
         inputs = data["a"][0]
         data = {t: (inputs, y) for t, (_, y) in data.items()}
-    tuned = finetune(network, data, FinetuneConfig(steps=60, lr=3e-3, batch_size=32), progress=False)
+    tuned = finetune(network, data, FinetuneConfig(steps=60, lr=3e-3), progress=False)
     assert summed_loss(tuned, data) < 0.8 * summed_loss(network, data)
 
 
