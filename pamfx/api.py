@@ -37,6 +37,7 @@ class Result:
     report: Report
     grouping: Grouping
     spaces: dict[str, ChannelSpace]
+    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "report"
 
 
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
@@ -72,15 +73,20 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     started = time.perf_counter()
     options = {"pam": pam, "mtz": mtz, "finetune": finetune, "seed": seed, "progress": progress}
     grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ its weights)
-    notes = [f"merge={merge}: grouped in {time.perf_counter() - started:.1f} s"] + group_table(spaces, grouping, tasks)
+    seconds = {"merge": time.perf_counter() - started}
+    notes = [f"merge={merge}: grouped in {seconds['merge']:.1f} s"] + group_table(spaces, grouping, tasks)
     network = build_network(aligned, spaces, grouping, weights)
     if merge != "none":                                              # none is exact: nothing to recover
+        started = time.perf_counter()
         notes.append("accuracy before fine-tuning: " + _accuracies(network, eval_data))
         network = finetune_network(network, data, finetune, seed, progress)  # all tasks, summed loss, rule 2 kept
         notes.append("accuracy after fine-tuning: " + _accuracies(network, eval_data))
+        seconds["finetune"] = time.perf_counter() - started
     say("[pamfx] measuring every combination")
+    started = time.perf_counter()
     report = make_report(network, aligned, eval_data, notes)         # MACs, params, accuracy per combination
-    return Result(model=network.eval(), report=report, grouping=grouping, spaces=spaces)
+    seconds["report"] = time.perf_counter() - started
+    return Result(model=network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds)
 
 
 def _accuracies(network, data) -> str:

@@ -38,7 +38,7 @@ def fake_dataset(tmp_path_factory):
 def demo_args(fake_dataset, tmp_path, monkeypatch):
     """Arguments of a fast demo on the fake dataset, with cache and output in tmp_path."""
     monkeypatch.setenv("PAMFX_FASHION_MNIST", str(fake_dataset))
-    return ["demo", "--epochs", "1", "--calibration-size", "100", "--quiet",
+    return ["demo", "--epochs", "1", "--train-images", "100", "--merge", "none", "--quiet",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out" / "merged.py")]
 
 
