@@ -75,6 +75,7 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ its weights)
     seconds = {"merge": time.perf_counter() - started}
     notes = [f"merge={merge}: grouped in {seconds['merge']:.1f} s"] + group_table(spaces, grouping, tasks)
+    notes += list(grouping.notes)
     network = build_network(aligned, spaces, grouping, weights)
     if merge != "none":                                              # none is exact: nothing to recover
         started = time.perf_counter()

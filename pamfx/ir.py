@@ -70,6 +70,7 @@ class Grouping:
     its own task.
     """
     groups: dict  # space name -> tuple[Group | None, ...], one entry per unit
+    notes: tuple = ()   # what the merge wants the report to say (fallbacks it took)
 
     def check(self, tasks: tuple[str, ...], spaces: dict[str, ChannelSpace]) -> None:
         """Raises GroupingError unless every hidden space has one valid group (or None) per unit."""

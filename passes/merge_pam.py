@@ -42,20 +42,30 @@ class PamConfig:
 
 def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, config: PamConfig = PamConfig(),
               seed: int = 0, progress: bool = True) -> Grouping:
-    """Groups units by relevance; raises GroupingError if a task keeps no unit in a space its head needs."""
+    """Groups units by relevance; raises GroupingError if a task keeps no unit in a space its head needs.
+
+    Where no unit of a space is relevant to a task, the task keeps its own model's units there (said in the
+    grouping's notes) instead of losing every path to its head."""
     calibration = calibration_activations(aligned, spaces, data, config.samples, seed=seed)
     hidden = [name for name, space in spaces.items() if space.kind == "hidden"]
-    groups = {}
+    groups, notes = {}, []
     for name in tqdm(hidden, desc="pam: relevance", disable=not progress):
         alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
-        irrelevant = {t: set(irrelevant_units(calibration.activations[t][name], calibration.labels[t], alpha,
-                                              config.sigma2))
-                      for t in aligned.tasks}
+        irrelevant = {}
+        for model, t in enumerate(aligned.tasks):
+            irrelevant[t] = set(irrelevant_units(calibration.activations[t][name], calibration.labels[t], alpha,
+                                                 config.sigma2))
+            if len(irrelevant[t]) == len(spaces[name].units):
+                # NOTE: the whole space carries less than alpha about t (alpha too high for these models, or models
+                # that learnt nothing): t keeps its own model's units rather than losing its path to the head.
+                irrelevant[t] -= set(spaces[name].units_of_model(model))
+                notes.append(f"{name}: no unit carries more than alpha={alpha} nats about '{t}'; "
+                             f"'{t}' keeps its own model's units there")
         groups[name] = tuple(frozenset(t for t in aligned.tasks if unit not in irrelevant[t]) or None
                              for unit in range(len(spaces[name].units)))
     groups = drop_unreadable(aligned, spaces, groups)
     _check_heads(aligned, spaces, groups)
-    return Grouping(groups)
+    return Grouping(groups, tuple(notes))
 
 
 def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> dict:

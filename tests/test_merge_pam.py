@@ -94,9 +94,11 @@ def test_pam_config_rejects_bad_values():
         pamfx.PamConfig(samples=1)
 
 
-def test_pam_says_when_a_task_keeps_nothing():
+def test_pam_keeps_a_tasks_own_units_where_nothing_is_relevant_to_it():
+    """With a threshold above every unit's information, each task falls back to its own model's units."""
     torch.manual_seed(0)
     models = {t: Wired() for t in TASKS}
-    with pytest.raises(pamfx.GroupingError, match="kept no unit relevant to task 'a' below its head 'head'"):
-        pamfx.optimize(models, wired_data(), merge="pam", prune=None, progress=False,
-                       pam=pamfx.PamConfig(alpha_linear=10.0))
+    result = pamfx.optimize(models, wired_data(), merge="pam", prune=None, progress=False,
+                            pam=pamfx.PamConfig(alpha_linear=10.0), finetune=pamfx.FinetuneConfig(steps=1))
+    assert result.grouping.groups["hidden"] == tuple(frozenset(t) for t in TASKS for _ in WIRING)
+    assert "hidden: no unit carries more than alpha=10.0 nats about 'b'" in "\n".join(result.report.notes)
