@@ -94,18 +94,31 @@ def _split_loader(loader, argument) -> dict:
 
 def _check_pair(pair, task, argument):
     inputs, labels = pair
-    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{argument}['{task}'] must hold tensors, got {type(inputs).__name__}, "
-                        f"{type(labels).__name__}")
-    if len(inputs) == 0:
-        raise DataError(f"{argument}['{task}'] is empty")
-    if len(inputs) != len(labels):
-        raise DataError(f"{argument}['{task}']: {len(inputs)} inputs but {len(labels)} labels")
+    check_pair(inputs, labels, f"{argument}['{task}']")
     if not inputs.is_floating_point():
         raise DataError(f"{argument}['{task}']: inputs must be floating point, got {inputs.dtype}")
-    if not torch.isfinite(inputs).all():
-        raise DataError(f"{argument}['{task}']: inputs contain NaN or infinite values")
-    if labels.is_floating_point() or labels.dim() != 1:
-        raise DataError(f"{argument}['{task}']: labels must be a 1-D integer tensor of class indices, "
-                        f"got {labels.dtype} of shape {tuple(labels.shape)}")
     return inputs.float(), labels.long()
+
+
+def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    """Check that (inputs, labels) can be trained or evaluated on.
+
+    Takes input and label tensors and `what`, a name for the data used in messages (a task, a desc).
+    Raises TypeError when they are not tensors, DataError when the data is empty, the lengths differ,
+    the labels are not integer class indices >= 0, or the inputs hold NaN or infinity.
+    """
+    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{what}: inputs and labels must be tensors, got "
+                        f"{type(inputs).__name__} and {type(labels).__name__}")
+    if len(inputs) == 0:
+        raise DataError(f"{what}: no samples; pass at least one (inputs, label) pair")
+    if len(inputs) != len(labels):
+        raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per input")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dim() != 1:
+        raise DataError(f"{what}: labels must be a 1-D integer tensor of class indices, got "
+                        f"{labels.dtype} of shape {tuple(labels.shape)}")
+    if int(labels.min()) < 0:
+        raise DataError(f"{what}: labels must be >= 0, got {int(labels.min())}")
+    if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
+        bad = int((~torch.isfinite(inputs)).reshape(len(inputs), -1).any(1).nonzero()[0])
+        raise DataError(f"{what}: inputs hold NaN or infinity (first at sample {bad}); clean the data")

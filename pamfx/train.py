@@ -20,34 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pamfx.errors import DataError, PamfxError
+from pamfx.checks import check_pair
+from pamfx.errors import PamfxError
 
 # Bump when training changes in a way that should invalidate cached models.
 _CACHE_FORMAT = 1
-
-
-def check_data(inputs: Tensor, labels: Tensor, what: str) -> None:
-    """Check that (inputs, labels) can be trained or evaluated on.
-
-    Takes input and label tensors and `what`, a name for the data used in messages (a task, a desc).
-    Raises TypeError when they are not tensors, DataError when the data is empty, the lengths differ,
-    the labels are not integer class indices >= 0, or the inputs hold NaN or infinity.
-    """
-    if not isinstance(inputs, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError(f"{what}: inputs and labels must be tensors, got "
-                        f"{type(inputs).__name__} and {type(labels).__name__}")
-    if len(inputs) == 0:
-        raise DataError(f"{what}: no samples; pass at least one (inputs, label) pair")
-    if len(inputs) != len(labels):
-        raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per input")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dim() != 1:
-        raise DataError(f"{what}: labels must be a 1-D integer tensor of class indices, got "
-                        f"{labels.dtype} of shape {tuple(labels.shape)}")
-    if int(labels.min()) < 0:
-        raise DataError(f"{what}: labels must be >= 0, got {int(labels.min())}")
-    if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
-        bad = int((~torch.isfinite(inputs)).reshape(len(inputs), -1).any(1).nonzero()[0])
-        raise DataError(f"{what}: inputs hold NaN or infinity (first at sample {bad}); clean the data")
 
 
 def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, batch_size: int = 128,
@@ -58,9 +35,9 @@ def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, 
     number of epochs, batch size, learning rate, the seed of shuffling and dropout, whether to show a
     tqdm bar (its postfix is the running loss), and `desc`, the bar's label and the data's name in errors.
     Returns the same model, in eval mode. Its result depends only on the model's initial weights and `seed`.
-    Raises ValueError for bad settings, DataError for bad data (see check_data).
+    Raises ValueError for bad settings, DataError for bad data (see pamfx.checks.check_pair).
     """
-    check_data(inputs, labels, desc)
+    check_pair(inputs, labels, desc)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{desc}: {name} must be a positive int, got {value!r}")
@@ -97,10 +74,10 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
     """Top-1 accuracy of `model` on (inputs, labels), in [0, 1].
 
     Runs in eval mode without gradients and puts the model back in the mode it was in.
-    Raises DataError for bad data (see check_data), TypeError when the model does not return a tensor
+    Raises DataError for bad data (see pamfx.checks.check_pair), TypeError when the model does not return a tensor
     of logits [B, C].
     """
-    check_data(inputs, labels, "accuracy")
+    check_pair(inputs, labels, "accuracy")
     was_training = model.training
     model.eval()
     try:
@@ -139,7 +116,7 @@ def train_or_load(name: str, make_model: Callable[[], nn.Module], inputs: Tensor
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise ValueError(f"train_or_load name must be non-empty letters, digits, '_', '.', '-', got {name!r}")
-    check_data(inputs, labels, name)
+    check_pair(inputs, labels, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make_model()

@@ -121,7 +121,7 @@ def test_data_missing_a_task_is_named():
 
 def test_empty_data_is_an_error():
     data = random_data(TASKS) | {"b": (torch.empty(0, 1, 28, 28), torch.empty(0).long())}
-    with pytest.raises(pamfx.DataError, match=r"data\['b'\] is empty"):
+    with pytest.raises(pamfx.DataError, match=r"data\['b'\]: no samples"):
         optimize(data=data)
 
 
@@ -134,7 +134,7 @@ def test_mismatched_data_is_an_error():
 def test_nan_inputs_are_an_error():
     x = torch.randn(10, 1, 28, 28)
     x[3, 0, 4, 4] = math.nan
-    with pytest.raises(pamfx.DataError, match=r"eval_data\['b'\]: inputs contain NaN"):
+    with pytest.raises(pamfx.DataError, match=r"eval_data\['b'\]: inputs hold NaN"):
         optimize(eval_data=random_data(TASKS) | {"b": (x, torch.zeros(10).long())})
 
 
