@@ -4,7 +4,6 @@ Per-node facts of the aligned graph live in `node.meta` under the keys defined h
 """
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
 from .errors import GroupingError
@@ -107,7 +106,3 @@ def all_combinations(tasks: tuple[str, ...]) -> list[tuple[str, ...]]:
     for mask in range(1, 2 ** len(tasks)):
         combos.append(tuple(t for i, t in enumerate(tasks) if mask >> i & 1))
     return sorted(combos, key=lambda c: (len(c), [tasks.index(t) for t in c]))
-
-
-def is_finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor).all()) if tensor.is_floating_point() else True
