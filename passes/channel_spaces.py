@@ -26,6 +26,9 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     """Finds every channel space of the aligned graph; raises UnsupportedOpError naming the node whose channel
     handling pamfx cannot follow (a conv reading flattened features, a cat off the channel dim, ...)."""
     nodes = list(aligned.graph.nodes)
+    inputs = [node.name for node in nodes if node.meta[OP] == "input"]
+    if len(inputs) != 1:
+        raise UnsupportedOpError(f"the models take {len(inputs)} inputs {inputs}; pamfx merges models of one input")
     root = _join_spaces(nodes)
     spaces = _name_spaces(nodes, root)
     for node in nodes:

@@ -173,3 +173,34 @@ def test_models_must_be_modules():
         optimize(models={"a": lenet5(6), "b": "lenet"})
     with pytest.raises(TypeError, match="non-empty dict"):
         optimize(models={})
+
+
+def test_models_with_two_inputs_are_refused_by_name():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 3)
+
+        def forward(self, x, y=None):
+            return self.fc(torch.flatten(x, 1)) + self.fc(torch.flatten(y, 1))
+
+    from pamfx.passes.align import align
+    from pamfx.passes.channel_spaces import find_channel_spaces
+    import torch.fx
+    traced = {t: torch.fx.symbolic_trace(TwoInputs()) for t in TASKS}
+    with pytest.raises(pamfx.UnsupportedOpError, match=r"the models take 2 inputs \['x', 'y'\]"):
+        find_channel_spaces(align(traced))
+
+
+def test_a_model_returning_a_tuple_is_refused():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 3)
+
+        def forward(self, x):
+            out = self.fc(torch.flatten(x, 1))
+            return out, out
+
+    with pytest.raises(pamfx.UnsupportedOpError, match="forward\\(\\) to return one tensor"):
+        optimize({"a": Pair(), "b": Pair()}, {t: (torch.randn(4, 1, 28, 28), torch.zeros(4).long()) for t in TASKS})
