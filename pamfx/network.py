@@ -46,14 +46,16 @@ class GatedNetwork(nn.Module):
                  tensors: dict | None = None, origins: dict | None = None):
         super().__init__()
         self.tasks = tuple(tasks)
+        self.outputs = dict(outputs)
+        self.statements = _gate(statements, self.outputs)
+        used = {s.target for s in self.statements if s.call == "module"}
+        for name, module in modules.items():
+            if name in used:   # a module no task needs is not kept (nor written by codegen)
+                self.add_module(name, module)
         # where each aligned-graph tensor lives: node name -> group -> (variable, indices into the node's features)
         self.tensors = dict(tensors or {})
         # where each module's weights sit in the stacked weights: module name -> (node, rows, columns or None)
-        self.origins = dict(origins or {})
-        for name, module in modules.items():
-            self.add_module(name, module)
-        self.outputs = dict(outputs)
-        self.statements = _gate(statements, self.outputs)
+        self.origins = {name: origin for name, origin in (origins or {}).items() if name in used}
         self._functions = {s.target: ops.resolve(s.target) for s in self.statements if s.call == "function"}
         self.check()
 

@@ -134,3 +134,18 @@ def test_weights_read_back_rebuild_the_same_network():
     with torch.no_grad():
         for t in TASKS:
             assert torch.equal(rebuilt(x, tasks=[t])[t], network(x, tasks=[t])[t])
+
+
+def test_units_no_task_needs_are_not_built():
+    """fc1's {a, b} units feed only fc2 groups inside {a, b}; with none there, nothing computes or stores them."""
+    models = make_models("lenet5", TASKS)
+    aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
+    everyone = frozenset(TASKS)
+    groups = {name: (everyone,) * len(space.units) for name, space in spaces.items() if space.kind == "hidden"}
+    groups["fc1"] = (frozenset("ab"),) * 10 + (everyone,) * (len(spaces["fc1"].units) - 10)
+    groups["fc2"] = (frozenset("c"),) * 5 + (everyone,) * (len(spaces["fc2"].units) - 5)
+    network = build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))
+    names = dict(network.named_children())
+    assert "fc1_g0" in names and "fc1_g1" not in names      # g1 = {a, b}
+    assert all(not s.out.startswith("fc1_g1") for s in network.statements)
+    assert network.macs(["a"]) == network.macs(["a", "b"]) - network.fc3_g5.weight.numel()
