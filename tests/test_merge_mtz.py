@@ -82,3 +82,23 @@ def test_mtz_refuses_residual_spaces_by_name():
 def test_mtz_config_rejects_bad_degree():
     with pytest.raises(ValueError, match="MtzConfig.degree=1.5"):
         MtzConfig(degree=1.5)
+
+
+def test_with_equal_hessians_a_zipped_unit_is_the_mean_of_its_pair():
+    """Both models read the same input, so H_a = H_b at the first layer and the compensated weight
+    a - H_a^-1 (H_a^-1 + H_b^-1)^-1 (a - b) is (a + b) / 2. Model b's units are model a's, permuted and nudged,
+    so each unit's partner is known."""
+    models = make_models("lenet5", ("a", "b"))
+    twin = models["b"]
+    permutation = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        twin.conv1.weight.copy_(models["a"].conv1.weight[permutation] + 0.01 * torch.randn(6, 1, 5, 5))
+        twin.conv1.bias.copy_(models["a"].conv1.bias[permutation])
+    data = random_data(("a", "b"), n=64)
+    data["b"] = (data["a"][0], data["b"][1])          # one input set: the same layer Hessian for both
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    grouping, weights = merge_mtz(aligned, spaces, data, NO_TUNING, progress=False)
+    assert grouping.groups["conv1"] == (frozenset("ab"),) * 6 + (None,) * 6
+    for j, i in enumerate(permutation.tolist()):   # b's unit j is a's unit i
+        expected = (models["a"].conv1.weight[i] + twin.conv1.weight[j]) / 2
+        torch.testing.assert_close(weights["conv1"]["weight"][i], expected.detach(), atol=1e-5, rtol=1e-4)
