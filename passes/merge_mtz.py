@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pamfx.errors import UnsupportedOpError
+from pamfx.errors import GroupingError
 from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping
 from pamfx.passes.activations import calibration_indices
 from pamfx.passes.build import build_network
@@ -46,59 +46,85 @@ class MtzConfig:
 def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, config: MtzConfig = MtzConfig(),
               tuning: FinetuneConfig = FinetuneConfig(), seed: int = 0, progress: bool = True):
     """Returns the grouping (zipped units in the group of the tasks zipped into them) and the edited stacked
-    weights; raises UnsupportedOpError for a channel space made by several layers (a residual add)."""
+    weights."""
     layers = [n for n in aligned.nodes_of_kind("conv", "linear") if spaces[n.meta[SPACE]].kind == "hidden"]
-    _check_one_producer_per_space(layers)
     groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
     weights = stack_weights(aligned, spaces)
     calibration = {t: x[calibration_indices(len(x), config.samples, seed)] for t, (x, _) in data.items()}
+    zipped: dict[tuple[str, int], list[tuple[int, int]]] = {}   # (space, model) -> its (survivor, partner) pairs
+    network = build_network(aligned, spaces, _frozen(groups), weights)
     for index, node in enumerate(tqdm(layers, desc="mtz: zip layers", disable=not progress)):
-        network = build_network(aligned, spaces, _frozen(groups), weights)
         inputs = _layer_inputs(network, node, calibration)
         for model in range(1, len(aligned.tasks)):
-            _zip_model(aligned, spaces, node, model, groups, weights, inputs, config.degree)
-        network = build_network(aligned, spaces, _frozen(groups), weights)
+            _zip_model(aligned, spaces, node, model, groups, weights, inputs, config.degree, zipped)
+        try:
+            zipped_network = build_network(aligned, spaces, _frozen(groups), weights)
+        except GroupingError:
+            # NOTE: a residual space zipped at its first layer has units that its later layers (not zipped yet) can
+            # read nothing for under rule 2; the network is whole again once those layers are zipped.
+            continue
         steps = FinetuneConfig(steps=config.base_steps + config.steps_per_layer * index,
                                batch_size=tuning.batch_size, lr=tuning.lr)
-        network = finetune(network, data, steps, seed=seed + index, progress=False)
+        network = finetune(zipped_network, data, steps, seed=seed + index, progress=False)
         weights = read_back(network, weights)
     return _frozen(groups), weights
 
 
-def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree) -> None:
-    """Zips the units of `model` into the units shared by models 0..model-1 (or model 0's own, for model 1)."""
+def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zipped: dict) -> None:
+    """Zips the units of `model` into the units shared by models 0..model-1 (or model 0's own, for model 1).
+
+    A space made by several layers (a residual add) is paired at its first layer; each later layer of the space
+    merges the same pairs' rows with its own Hessian (`zipped` remembers the pairs)."""
     tasks = aligned.tasks
     name = node.meta[SPACE]
     base_group, incoming_group = frozenset(tasks[:model]), frozenset([tasks[model]])
     target = base_group | incoming_group
-    base = [u for u, g in enumerate(groups[name]) if g == base_group]
-    incoming = [u for u, g in enumerate(groups[name]) if g == incoming_group]
     source = node.all_input_nodes[0]
     readable = [f for f, feature in enumerate(source.meta[FEATURES])
                 if _group_of(feature, spaces, groups, tasks) >= target]
-    count = int(degree * min(len(base), len(incoming)))
-    if not base or not incoming or not readable or count == 0:
-        return
-    hessians = {t: _hessian(inputs[t][:, readable]) for t in target}
+    if (name, model) in zipped:
+        units = zipped[(name, model)]
+    else:
+        base = [u for u, g in enumerate(groups[name]) if g == base_group]
+        incoming = [u for u, g in enumerate(groups[name]) if g == incoming_group]
+        units = []
+        count = int(degree * min(len(base), len(incoming)))
+        if readable and count:
+            joint, _ = _compensation(inputs, readable, base_group, tasks[model])
+            a = _rows(weights[node.name]["weight"], base, readable)   # [base, readable, kernel positions]
+            b = _rows(weights[node.name]["weight"], incoming, readable)
+            units = [(base[i], incoming[j]) for i, j in _cheapest_pairs(a, b, joint, count)]
+        zipped[(name, model)] = units
+        share = len(base_group) / (len(base_group) + 1)
+        for unit, partner in units:
+            groups[name][unit], groups[name][partner] = target, None
+            _redirect_consumers(aligned, weights, name, unit, partner, share)
+    if units and readable:
+        _merge_rows(weights[node.name], units, readable, *_compensation(inputs, readable, base_group, tasks[model]),
+                    share=len(base_group) / (len(base_group) + 1))
+
+
+def _compensation(inputs, readable, base_group, incoming_task):
+    """(H_a^-1 + H_b^-1)^-1 and H_a^-1 (H_a^-1 + H_b^-1)^-1 over the readable inputs, H_a^-1 summed over the
+    tasks already merged."""
+    hessians = {t: _hessian(inputs[t][:, readable]) for t in (*base_group, incoming_task)}
     base_inverse = sum(torch.linalg.pinv(hessians[t], hermitian=True) for t in base_group)
-    incoming_inverse = torch.linalg.pinv(hessians[tasks[model]], hermitian=True)
+    incoming_inverse = torch.linalg.pinv(hessians[incoming_task], hermitian=True)
     joint = torch.linalg.pinv(base_inverse + incoming_inverse, hermitian=True)
-    move = base_inverse @ joint                                   # how far a base unit moves toward its partner
-    stacked = weights[node.name]
-    a = _rows(stacked["weight"], base, readable)                  # [base, readable, kernel positions]
-    b = _rows(stacked["weight"], incoming, readable)
-    pairs = _cheapest_pairs(a, b, joint, count)
-    share = len(base_group) / (len(base_group) + 1)              # the scalar rule for biases and per-channel entries
-    for i, j in pairs:
-        unit, partner = base[i], incoming[j]
-        merged = a[i] - move @ (a[i] - b[j])
-        row = stacked["weight"][unit]
+    return joint, base_inverse @ joint
+
+
+def _merge_rows(stacked, units, readable, joint, move, share) -> None:
+    """Each survivor's row moves toward its partner's by `move`; it keeps only the readable inputs (rule 2)."""
+    weight = stacked["weight"]
+    for unit, partner in units:
+        a, b = _rows(weight, [unit], readable)[0], _rows(weight, [partner], readable)[0]
+        merged = a - move @ (a - b)
+        row = weight[unit]
         row.zero_()
         row[readable] = merged.reshape(row[readable].shape).to(row.dtype)
         if "bias" in stacked:
             stacked["bias"][unit] -= share * (stacked["bias"][unit] - stacked["bias"][partner])
-        groups[name][unit], groups[name][partner] = target, None
-        _redirect_consumers(aligned, weights, name, unit, partner, share)
 
 
 def _cheapest_pairs(a: torch.Tensor, b: torch.Tensor, joint: torch.Tensor, count: int) -> list[tuple[int, int]]:
@@ -143,14 +169,14 @@ def _matching_columns(features, space, unit, partner) -> list[tuple[int, int]]:
 
 
 def _layer_inputs(network, node, calibration: dict) -> dict[str, torch.Tensor]:
-    """Each task's inputs to `node` as the current network computes them, in the node's input feature order
-    (features the task does not compute are zero)."""
+    """Each task's inputs to `node` as the network computes them on the task's data, in the node's input feature
+    order (every group runs, so a unit about to be zipped shows what its own model computes there)."""
     source = node.all_input_nodes[0]
     inputs = {}
     network.eval()
     with torch.no_grad():
         for task, x in calibration.items():
-            values = network.values(x, tasks=[task])
+            values = network.values(x)
             pieces = [(indices, values[variable]) for variable, indices in network.tensors[source.name].values()
                       if variable in values]
             full = torch.zeros((len(x), len(source.meta[FEATURES])) + tuple(pieces[0][1].shape[2:]))
@@ -177,16 +203,6 @@ def _group_of(feature, spaces, groups, tasks):
     if kind == "input":
         return frozenset(tasks)
     return groups[feature.space][feature.unit] or frozenset()
-
-
-def _check_one_producer_per_space(layers) -> None:
-    producers: dict[str, list[str]] = {}
-    for node in layers:
-        producers.setdefault(node.meta[SPACE], []).append(node.name)
-    for space, nodes in producers.items():
-        if len(nodes) > 1:
-            raise UnsupportedOpError(f"merge='mtz' zips one layer at a time; channel space '{space}' is made by "
-                                     f"{nodes} (a residual add). Use merge='pam' or 'none' for this model")
 
 
 def _frozen(groups: dict) -> Grouping:
