@@ -47,14 +47,13 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
 
     models: {task: nn.Module}, same topology (head widths may differ). data / eval_data: {task: (inputs, labels)}
     or DataLoaders; eval_data defaults to data. merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None;
-    tolerance: largest allowed drop of a task's top-1 accuracy. pam / mtz: each merge's settings;
-    finetune: the budget of the multitask fine-tuning that follows a merge (none is lossless: no fine-tuning). Raises ValueError/TypeError for bad arguments,
-    TraceError, AlignmentError or UnsupportedOpError for models pamfx cannot merge, DataError for bad data.
+    tolerance: largest allowed drop of a task's top-1 accuracy. pam / mtz: each merge's settings; finetune: the
+    budget of the multitask fine-tuning that follows a merge (none is lossless: no fine-tuning).
+    Raises ValueError/TypeError for bad arguments, TraceError, AlignmentError or UnsupportedOpError for models
+    pamfx cannot merge, DataError for bad data, NotAvailableError for a pruner (prune=None until the prune pass).
     """
     tasks = check_models(models)
     check_options(merge, prune, tolerance, seed)
-    if merge not in MERGES:
-        raise NotAvailableError(f"merge={merge!r} is not available yet")
     if prune is not None:
         raise NotAvailableError(f"prune={prune!r} is not available yet; use prune=None")
     data = check_data(data, tasks, "data")
