@@ -85,6 +85,17 @@ class Grouping:
                                         f"subset of the tasks {list(tasks)}")
 
 
+def group_of_feature(feature: Feature, spaces: dict, groups: dict, tasks: tuple[str, ...]) -> Group | None:
+    """The group of a feature's unit: the input serves all tasks, a head unit its own task, a hidden unit the
+    group `groups` gives it (None: dropped)."""
+    space = spaces[feature.space]
+    if space.kind == "input":
+        return frozenset(tasks)
+    if space.kind == "output":
+        return frozenset([tasks[space.units[feature.unit].model]])
+    return groups[feature.space][feature.unit]
+
+
 def group_order(group: Group, tasks: tuple[str, ...]) -> tuple:
     """Sort key of groups: larger groups first, then by task order; the order of groups in every tensor."""
     return (-len(group), sorted(tasks.index(t) for t in group))

@@ -15,7 +15,7 @@ from torch import fx, nn
 from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
 from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping,
-                       group_names, group_order)
+                       group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
 
 
@@ -46,19 +46,11 @@ class _Builder:
         self.origins: dict[str, tuple] = {}   # module name -> (node, stacked rows, stacked columns or None)
 
     # -- the groups of a tensor ------------------------------------------------------------------------------
-    def group_of(self, feature) -> Group | None:
-        space = self.spaces[feature.space]
-        if space.kind == "input":
-            return frozenset(self.tasks)
-        if space.kind == "output":
-            return frozenset([self.tasks[space.units[feature.unit].model]])
-        return self.grouping.groups[feature.space][feature.unit]
-
     def split(self, node: fx.Node) -> dict[Group, list[int]]:
         """The node's features by group, larger groups first; dropped units are left out."""
         by_group: dict[Group, list[int]] = {}
         for index, feature in enumerate(node.meta[FEATURES]):
-            group = self.group_of(feature)
+            group = group_of_feature(feature, self.spaces, self.grouping.groups, self.tasks)
             if group is not None:
                 by_group.setdefault(group, []).append(index)
         return {g: by_group[g] for g in sorted(by_group, key=lambda g: group_order(g, self.tasks))}

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
-from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping
+from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.passes.activations import calibration_indices
 from pamfx.passes.build import build_network
 from pamfx.passes.finetune import FinetuneConfig, finetune
@@ -81,7 +81,7 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
     target = base_group | incoming_group
     source = node.all_input_nodes[0]
     readable = [f for f, feature in enumerate(source.meta[FEATURES])
-                if _group_of(feature, spaces, groups, tasks) >= target]
+                if (group_of_feature(feature, spaces, groups, tasks) or frozenset()) >= target]
     if (name, model) in zipped:
         units = zipped[(name, model)]
     else:
@@ -196,13 +196,6 @@ def _rows(weight: torch.Tensor, units: list[int], columns: list[int]) -> torch.T
     """weight[units][:, columns] as [units, columns, kernel positions] in float64."""
     picked = weight[units][:, columns].double()
     return picked.reshape(len(units), len(columns), -1)
-
-
-def _group_of(feature, spaces, groups, tasks):
-    kind = spaces[feature.space].kind
-    if kind == "input":
-        return frozenset(tasks)
-    return groups[feature.space][feature.unit] or frozenset()
 
 
 def _frozen(groups: dict) -> Grouping:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
-from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_label
+from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_label, group_of_feature
 from pamfx.passes.activations import calibration_activations
 from pamfx.passes.mutual_info import SIGMA2, irrelevant_units
 
@@ -105,11 +105,8 @@ def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
 
 
 def _input_groups(source, spaces, groups, tasks) -> set:
-    everyone = frozenset(tasks)
-    found = set()
-    for feature in source.meta[FEATURES]:
-        kind = spaces[feature.space].kind
-        found.add(everyone if kind == "input" else groups[feature.space][feature.unit])
+    """The groups of the units a layer reading `source` may draw on (dropped units aside)."""
+    found = {group_of_feature(feature, spaces, groups, tasks) for feature in source.meta[FEATURES]}
     found.discard(None)
     return found
 
