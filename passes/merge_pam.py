@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from pamfx.errors import GroupingError
 from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_label, group_of_feature
 from pamfx.passes.activations import calibration_activations
-from pamfx.passes.mutual_info import SIGMA2, irrelevant_units
+from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,10 @@ def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     grouping's notes) instead of losing every path to its head."""
     calibration = calibration_activations(aligned, spaces, data, config.samples, seed=seed)
     hidden = [name for name, space in spaces.items() if space.kind == "hidden"]
-    groups, notes = {}, []
+    groups = {}
+    notes = [f"pam: alpha conv {config.alpha_conv} / linear {config.alpha_linear} nats, against label entropies "
+             + ", ".join(f"H({t}) {label_entropy(calibration.labels[t]):.2f}" for t in aligned.tasks)
+             + f" nats on {config.samples} calibration samples per task"]
     for name in tqdm(hidden, desc="pam: relevance", disable=not progress):
         alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
         irrelevant = {}

@@ -1,5 +1,7 @@
 """merge="pam" on a problem whose relevance structure is known by construction: every hidden unit copies one
 task's label signal, several tasks' signals, or (near-constant) noise, so its true group is known."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -80,6 +82,8 @@ def test_pam_report_lists_the_groups(merged):
     notes = "\n".join(merged.report.notes)
     assert "hidden (27 units): {a}: 6, {b}: 3, {c}: 3, {a, b}: 3, {b, c}: 3, {a, b, c}: 3, dropped: 6" in notes
     assert "accuracy after fine-tuning" in notes
+    assert re.search(r"pam: alpha conv 0.01 / linear 0.05 nats, against label entropies H\(a\) 0\.6\d, "
+                     r"H\(b\) 0\.6\d, H\(c\) 0\.6\d nats on 128", notes)   # binary labels: about ln 2
 
 
 def test_pam_recovers_accuracy(merged):
