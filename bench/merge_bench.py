@@ -1,6 +1,7 @@
-"""Merge bench (issue 3): none vs pam vs mtz on the PAM paper's Fashion-MNIST split with LeNet-5, side by side.
+"""Merge bench (issue 3): none vs pam vs mtz on Fashion-MNIST task splits with LeNet-5, side by side.
 
     .venv/bin/python bench/merge_bench.py                      # writes bench/results/merge_lenet5_paper_split.md
+    .venv/bin/python bench/merge_bench.py --scenario three     # writes bench/results/merge_lenet5_three_tasks.md
 
 Trains (or loads from .cache/bench) one LeNet-5 per task on the 60,000 training images, then runs every method of
 METHODS on the same models with the same fine-tuning budget and measures, on the 10,000 test images, each task's
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 import pamfx
-from pamfx.data import load_fashion_mnist, paper_split, task_data
+from pamfx.data import class_group_task, load_fashion_mnist, paper_split, task_data
 from pamfx.ir import all_combinations
 from pamfx.train import accuracy, train_or_load
 from pamfx.zoo import lenet5
@@ -30,15 +31,29 @@ METHODS = [
     ("pam a=1.0/1.3", "pam", pamfx.PamConfig(alpha_conv=1.0, alpha_linear=1.3)),
 ]
 
+# scenario -> (title, task splits): the paper's two tasks, and three overlapping ones where groups of two tasks
+# out of three can appear (upper-body garments vs other, footwear vs other, classes 0-4 vs other)
+SCENARIOS = {
+    "paper": ("the paper's Fashion-MNIST split", paper_split),
+    "three": ("three overlapping Fashion-MNIST tasks", lambda: {
+        "tops": class_group_task([0, 2, 4, 6]), "footwear": class_group_task([5, 7, 9]),
+        "classes_0_4": class_group_task(range(5))}),
+}
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=float, default=2.0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/merge_lenet5_paper_split.md"))
+    parser.add_argument("--scenario", choices=SCENARIOS, default="paper")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/merge_lenet5_paper_split.md or ..._three_tasks.md")
     args = parser.parse_args(argv)
+    title, make_split = SCENARIOS[args.scenario]
+    out = args.out or Path("bench/results/" + {"paper": "merge_lenet5_paper_split.md",
+                                              "three": "merge_lenet5_three_tasks.md"}[args.scenario])
     torch.manual_seed(0)
-    split = paper_split()
+    split = make_split()
     train = task_data(*load_fashion_mnist("train"), split)
     test = task_data(*load_fashion_mnist("test"), split)
     models = {t: train_or_load(f"lenet5-{t}", functools.partial(lenet5, fn.num_classes), *train[t],
@@ -52,14 +67,14 @@ def main(argv=None) -> None:
                                         pam=pam or pamfx.PamConfig(),
                                         finetune=pamfx.FinetuneConfig(epochs=args.finetune_epochs))
         print(f"{label}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, original, tuple(models), args, " ".join(sys.argv)))
-    print(args.out.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, original, tuple(models), args, title, " ".join(sys.argv)))
+    print(out.read_text())
 
 
-def render(results: dict, original: dict, tasks: tuple, args, command: str) -> str:
+def render(results: dict, original: dict, tasks: tuple, args, title: str, command: str) -> str:
     combos = all_combinations(tasks)
-    lines = [f"# Merge bench: LeNet-5 on the paper's Fashion-MNIST split ({', '.join(tasks)})", "",
+    lines = [f"# Merge bench: LeNet-5 on {title} ({', '.join(tasks)})", "",
              f"Command: `.venv/bin/python {command}` (train epochs {args.train_epochs}, fine-tuning epochs "
              f"{args.finetune_epochs}, seed 0, no pruning). Accuracy on the 10,000 test images; original: "
              + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + ".", "",
