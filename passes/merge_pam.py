@@ -23,13 +23,15 @@ class PamConfig:
     """PAM's knobs, with the reference implementation's defaults.
 
     alpha_conv / alpha_linear: the largest mutual information (nats) a set of units may share with a task's labels
-    and still count as irrelevant to it, for spaces made by conv and by linear layers. samples: calibration inputs
-    per task. sigma2: the noise variance of the entropy estimator.
+    and still count as irrelevant to it, for spaces made by conv and by linear layers. relative: read the alphas
+    as fractions of each task's label entropy H(Y_t) instead (tasks with fewer or unbalanced classes carry fewer
+    nats). samples: calibration inputs per task. sigma2: the noise variance of the entropy estimator.
     """
     alpha_conv: float = 0.01
     alpha_linear: float = 0.05
     samples: int = 128
     sigma2: float = SIGMA2
+    relative: bool = False
 
     def __post_init__(self):
         for name in ("alpha_conv", "alpha_linear", "sigma2"):
@@ -49,20 +51,23 @@ def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     calibration = calibration_activations(aligned, spaces, data, config.samples, seed=seed)
     hidden = [name for name, space in spaces.items() if space.kind == "hidden"]
     groups = {}
-    notes = [f"pam: alpha conv {config.alpha_conv} / linear {config.alpha_linear} nats, against label entropies "
-             + ", ".join(f"H({t}) {label_entropy(calibration.labels[t]):.2f}" for t in aligned.tasks)
+    entropy = {t: label_entropy(calibration.labels[t]) for t in aligned.tasks}
+    unit = "x H(Y_t)" if config.relative else "nats"
+    notes = [f"pam: alpha conv {config.alpha_conv} / linear {config.alpha_linear} {unit}; label entropies "
+             + ", ".join(f"H({t}) {entropy[t]:.2f}" for t in aligned.tasks)
              + f" nats on {config.samples} calibration samples per task"]
     for name in tqdm(hidden, desc="pam: relevance", disable=not progress):
-        alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
         irrelevant = {}
         for model, t in enumerate(aligned.tasks):
+            alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
+            alpha = alpha * entropy[t] if config.relative else alpha
             irrelevant[t] = set(irrelevant_units(calibration.activations[t][name], calibration.labels[t], alpha,
                                                  config.sigma2))
             if len(irrelevant[t]) == len(spaces[name].units):
                 # NOTE: the whole space carries less than alpha about t (alpha too high for these models, or models
                 # that learnt nothing): t keeps its own model's units rather than losing its path to the head.
                 irrelevant[t] -= set(spaces[name].units_of_model(model))
-                notes.append(f"{name}: no unit carries more than alpha={alpha} nats about '{t}'; "
+                notes.append(f"{name}: no unit carries more than alpha={alpha:.3g} nats about '{t}'; "
                              f"'{t}' keeps its own model's units there")
         groups[name] = tuple(frozenset(t for t in aligned.tasks if unit not in irrelevant[t]) or None
                              for unit in range(len(spaces[name].units)))

@@ -82,7 +82,7 @@ def test_pam_report_lists_the_groups(merged):
     notes = "\n".join(merged.report.notes)
     assert "hidden (27 units): {a}: 6, {b}: 3, {c}: 3, {a, b}: 3, {b, c}: 3, {a, b, c}: 3, dropped: 6" in notes
     assert "accuracy after fine-tuning" in notes
-    assert re.search(r"pam: alpha conv 0.01 / linear 0.05 nats, against label entropies H\(a\) 0\.6\d, "
+    assert re.search(r"pam: alpha conv 0.01 / linear 0.05 nats; label entropies H\(a\) 0\.6\d, "
                      r"H\(b\) 0\.6\d, H\(c\) 0\.6\d nats on 128", notes)   # binary labels: about ln 2
 
 
@@ -105,4 +105,34 @@ def test_pam_keeps_a_tasks_own_units_where_nothing_is_relevant_to_it():
     result = pamfx.optimize(models, wired_data(), merge="pam", prune=None, progress=False,
                             pam=pamfx.PamConfig(alpha_linear=10.0), finetune=pamfx.FinetuneConfig(steps=1))
     assert result.grouping.groups["hidden"] == tuple(frozenset(t) for t in TASKS for _ in WIRING)
-    assert "hidden: no unit carries more than alpha=10.0 nats about 'b'" in "\n".join(result.report.notes)
+    assert "hidden: no unit carries more than alpha=10 nats about 'b'" in "\n".join(result.report.notes)
+
+
+def test_relative_thresholds_scale_with_each_tasks_label_entropy(monkeypatch):
+    """With relative=True each task's greedy search gets alpha * H(Y_t), so a 4-class task gets twice the nats of a
+    binary one; with relative=False every task gets alpha itself."""
+    import pamfx.passes.merge_pam as merge_pam
+    from pamfx.passes.mutual_info import irrelevant_units, label_entropy
+    seen = []
+
+    def recording(activations, labels, alpha, sigma2):
+        seen.append((label_entropy(labels), alpha))
+        return irrelevant_units(activations, labels, alpha, sigma2)
+
+    monkeypatch.setattr(merge_pam, "irrelevant_units", recording)
+    models = {t: Wired() for t in TASKS}
+    models["c"] = Wired(classes=4)
+    data = wired_data()
+    x, y = data["c"]
+    data["c"] = (x, y * 2 + torch.randint(0, 2, y.shape, generator=torch.Generator().manual_seed(0)))   # 4 classes
+    for relative in (True, False):
+        seen.clear()
+        result = pamfx.optimize(models, data, merge="pam", prune=None, progress=False,
+                                pam=pamfx.PamConfig(alpha_linear=0.5, relative=relative),
+                                finetune=pamfx.FinetuneConfig(steps=1))
+        assert len(seen) == len(TASKS)
+        for entropy, alpha in seen:
+            assert alpha == pytest.approx(0.5 * entropy if relative else 0.5)
+        assert max(e for e, _ in seen) > 1.3 > 0.7 > min(e for e, _ in seen)   # ln 4 vs ln 2
+        unit = "x H(Y_t)" if relative else "nats"
+        assert f"alpha conv 0.01 / linear 0.5 {unit}" in "\n".join(result.report.notes)
