@@ -21,7 +21,8 @@ from pamfx.ir import all_combinations
 from pamfx.train import accuracy, train_or_load
 from pamfx.zoo import lenet5
 
-# (label, merge, PamConfig or None): the reference thresholds first, then larger ones (the knob, measured)
+# (label, merge, PamConfig or None): the reference thresholds first, then larger ones, in nats and relative to
+# each task's label entropy (the knob, measured)
 METHODS = [
     ("none", "none", None),
     ("mtz", "mtz", None),
@@ -29,6 +30,8 @@ METHODS = [
     ("pam a=0.3/0.6", "pam", pamfx.PamConfig(alpha_conv=0.3, alpha_linear=0.6)),
     ("pam a=0.6/1.0", "pam", pamfx.PamConfig(alpha_conv=0.6, alpha_linear=1.0)),
     ("pam a=1.0/1.3", "pam", pamfx.PamConfig(alpha_conv=1.0, alpha_linear=1.3)),
+    ("pam rel 0.5/0.75 H(Y)", "pam", pamfx.PamConfig(alpha_conv=0.5, alpha_linear=0.75, relative=True)),
+    ("pam rel 0.7/0.9 H(Y)", "pam", pamfx.PamConfig(alpha_conv=0.7, alpha_linear=0.9, relative=True)),
 ]
 
 # scenario -> (title, task splits): the paper's two tasks, and three overlapping ones where groups of two tasks
