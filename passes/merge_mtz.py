@@ -98,7 +98,7 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
         share = len(base_group) / (len(base_group) + 1)
         for unit, partner in units:
             groups[name][unit], groups[name][partner] = target, None
-            _redirect_consumers(aligned, weights, name, unit, partner, share)
+        _redirect_consumers(aligned, weights, name, units, share)
     if units and readable:
         _merge_rows(weights[node.name], units, readable, *_compensation(inputs, readable, base_group, tasks[model]),
                     share=len(base_group) / (len(base_group) + 1))
@@ -145,27 +145,35 @@ def _cheapest_pairs(a: torch.Tensor, b: torch.Tensor, joint: torch.Tensor, count
     return pairs
 
 
-def _redirect_consumers(aligned, weights, space, unit, partner, share) -> None:
-    """Every layer that read `partner` reads `unit` instead; per-channel entries (BN, depthwise) are blended."""
+def _redirect_consumers(aligned, weights, space, units, share) -> None:
+    """Every layer that read a partner reads its survivor instead; per-channel entries (BN, depthwise) are blended.
+    `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
+        if kind not in ("conv", "linear", "batchnorm", "depthwise") or node.name not in weights:
+            continue
+        columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
+        if not columns:
+            continue
+        kept, gone = (torch.tensor(c, dtype=torch.long) for c in zip(*columns))
         if kind in ("conv", "linear"):
-            features = node.all_input_nodes[0].meta[FEATURES]
-            pairs = _matching_columns(features, space, unit, partner)
             weight = weights[node.name]["weight"]
-            for kept, gone in pairs:
-                weight[:, kept] += weight[:, gone]
-                weight[:, gone] = 0
-        elif kind in ("batchnorm", "depthwise") and node.name in weights:
-            for kept, gone in _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, unit, partner):
-                for tensor in weights[node.name].values():
-                    tensor[kept] -= share * (tensor[kept] - tensor[gone])
+            weight[:, kept] += weight[:, gone]
+            weight[:, gone] = 0
+        else:
+            for tensor in weights[node.name].values():
+                tensor[kept] -= share * (tensor[kept] - tensor[gone])
 
 
-def _matching_columns(features, space, unit, partner) -> list[tuple[int, int]]:
-    position_of = {(f.unit, f.position): i for i, f in enumerate(features) if f.space == space}
-    return [(position_of[(unit, p)], position_of[(partner, p)])
-            for (u, p) in position_of if u == unit and (partner, p) in position_of]
+def _matching_columns(features, space, units) -> list[tuple[int, int]]:
+    """(survivor column, partner column) for every feature of a partner in `space`, position by position."""
+    columns_of: dict[int, dict[int, int]] = {}   # unit -> position -> column
+    for column, feature in enumerate(features):
+        if feature.space == space:
+            columns_of.setdefault(feature.unit, {})[feature.position] = column
+    return [(columns_of[unit][position], column)
+            for unit, partner in units if partner in columns_of
+            for position, column in columns_of[partner].items()]
 
 
 def _layer_inputs(network, node, calibration: dict) -> dict[str, torch.Tensor]:
