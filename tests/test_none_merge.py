@@ -96,3 +96,38 @@ def test_report_counts_every_combination():
             assert result.report.original_accuracy[t] == pytest.approx(expected)
     table = result.report.to_markdown()
     assert table.count("\n| {") == len(all_combinations(tasks)) and "{a, b, c}" in table
+
+
+def test_dataloaders_give_the_same_result_as_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+    tasks = ("a", "b")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=48)
+    as_tensors = pamfx.optimize(models, data, merge="none", prune=None, progress=False)
+    per_task = {t: DataLoader(TensorDataset(x, y), batch_size=10) for t, (x, y) in data.items()}
+    as_loaders = pamfx.optimize(models, per_task, merge="none", prune=None, progress=False)
+    shared_x = data["a"][0]
+    joint = DataLoader(TensorDataset(shared_x, data["a"][1], data["b"][1]), batch_size=16)
+    labelled = [(x, {"a": ya, "b": yb}) for x, ya, yb in joint]
+    as_one_loader = pamfx.optimize(models, DataLoader(labelled, batch_size=None), merge="none", prune=None,
+                                   progress=False)
+    assert as_loaders.report.rows == as_tensors.report.rows
+    expected_a = as_tensors.report.row(["a"]).accuracy["a"]
+    assert as_one_loader.report.row(["a"]).accuracy["a"] == expected_a   # task a's data is the same in all three
+
+
+def test_task_names_need_not_be_identifiers(tmp_path):
+    import importlib.util
+    names = ("tops & tees", "1st", "x")
+    models = {n: m for n, m in zip(names, make_models("lenet5", ("a", "b", "c")).values())}
+    data = {n: d for n, d in zip(names, random_data(("a", "b", "c")).values())}
+    result = pamfx.optimize(models, data, merge="none", prune=None, progress=False)
+    path = pamfx.codegen(result.model, tmp_path / "merged.py")
+    spec = importlib.util.spec_from_file_location("weird_names", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generated = module.load()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        for name in names:
+            torch.testing.assert_close(generated(x, tasks=[name])[name], models[name](x), atol=1e-5, rtol=0)
