@@ -47,7 +47,7 @@ class GatedNetwork(nn.Module):
         super().__init__()
         self.tasks = tuple(tasks)
         self.outputs = dict(outputs)
-        self.statements = _gate(statements, self.outputs)
+        self.statements = _schedule(_gate(statements, self.outputs))
         used = {s.target for s in self.statements if s.call == "module"}
         for name, module in modules.items():
             if name in used:   # a module no task needs is not kept (nor written by codegen)
@@ -141,3 +141,22 @@ def _gate(statements, outputs: dict[str, str]) -> tuple[Statement, ...]:
                 needed_by[name].add(task)
                 stack.extend(producer[name].inputs)
     return tuple(replace(s, gate=frozenset(needed_by[s.out])) for s in statements if s.out in needed_by)
+
+
+def _schedule(statements) -> tuple[Statement, ...]:
+    """Reorders statements so that those with the same gate follow one another (one `if` block each in the
+    generated code), keeping every statement after the ones it reads and otherwise the original order."""
+    producer = {s.out: i for i, s in enumerate(statements)}
+    needs = [{producer[name] for name in s.inputs if name in producer} for s in statements]
+    done: set[int] = set()
+    order: list[int] = []
+    remaining = list(range(len(statements)))
+    while remaining:
+        ready = [i for i in remaining if needs[i] <= done]
+        same_gate = [i for i in ready if order and statements[i].gate == statements[order[-1]].gate]
+        chosen = (same_gate or ready)[0]
+        remaining.remove(chosen)
+        done.add(chosen)
+        order.append(chosen)
+    return tuple(statements[i] for i in order)
+
