@@ -8,11 +8,13 @@ from .api import Result, optimize
 from .passes.finetune import FinetuneConfig
 from .passes.merge_mtz import MtzConfig
 from .passes.merge_pam import PamConfig
+from .passes.prune import PruneConfig
 from .codegen import codegen
 from .errors import (AlignmentError, DataError, DatasetMissingError, GroupingError, NotAvailableError, PamfxError,
-                     TraceError, UnsupportedOpError)
+                     PamfxWarning, TraceError, UnsupportedOpError)
 from .network import GatedNetwork
 
-__all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "GatedNetwork", "PamfxError", "TraceError", "AlignmentError",
-           "UnsupportedOpError", "GroupingError", "DataError", "DatasetMissingError", "NotAvailableError"]
+__all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "PruneConfig", "GatedNetwork",
+           "PamfxError", "PamfxWarning", "TraceError", "AlignmentError", "UnsupportedOpError", "GroupingError",
+           "DataError", "DatasetMissingError", "NotAvailableError"]
 __version__ = "0.1.0"

@@ -1,24 +1,27 @@
 """optimize(): the pipeline from N single-task models to one task-gated multitask network, read top to bottom."""
 import time
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .checks import check_data, check_labels, check_models, check_options
-from .errors import NotAvailableError
-from .ir import OP, SHAPES, ChannelSpace, Grouping
+from .errors import DataError, PamfxWarning
+from .ir import OP, SHAPES, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
 from .passes.build import build_network
 from .passes.channel_spaces import find_channel_spaces
-from .passes.finetune import FinetuneConfig
-from .passes.finetune import finetune as finetune_network
-from .passes.merge_none import merge_none
+from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from .passes.merge_mtz import MtzConfig, merge_mtz
+from .passes.merge_none import merge_none
 from .passes.merge_pam import PamConfig, group_table, merge_pam
+from .passes.prune import PruneConfig, prune as prune_network
 from .passes.stack import stack_weights
 from .passes.trace import trace
-from .report import Report, accuracy_of, make_report
+from .report import Report, make_report
+from .train import accuracy, evaluate
 
 # merge name -> function(aligned, spaces, data, options) returning (Grouping, stacked weights)
 MERGES = {
@@ -32,40 +35,52 @@ MERGES = {
 
 @dataclass
 class Result:
-    """What optimize() returns: the network, its per-combination report and how units were grouped."""
+    """What optimize() returns: the network, its per-combination report and how units were grouped.
+
+    warnings: what the user must know about the result (a task below its guard floor, a combination that costs
+    more than running the original models); each was also issued with warnings.warn."""
     model: GatedNetwork
     report: Report
     grouping: Grouping
     spaces: dict[str, ChannelSpace]
-    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "report"
+    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "prune", "report"
+    warnings: tuple[str, ...] = ()
 
 
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
              tolerance: float = 0.01, seed: int = 0, progress: bool = True, pam: PamConfig = PamConfig(),
-             mtz: MtzConfig = MtzConfig(), finetune: FinetuneConfig = FinetuneConfig()) -> Result:
-    """Merges N single-task models of one architecture into one task-gated network (DESIGN.md section 6).
+             mtz: MtzConfig = MtzConfig(), finetune: FinetuneConfig = FinetuneConfig(),
+             pruning: PruneConfig = PruneConfig()) -> Result:
+    """Merges N single-task models of one architecture into one task-gated network and prunes it (DESIGN.md 6).
 
-    models: {task: nn.Module}, same topology (head widths may differ). data / eval_data: {task: (inputs, labels)}
-    or DataLoaders; eval_data defaults to data. merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None;
-    tolerance: largest allowed drop of a task's top-1 accuracy. pam / mtz: each merge's settings; finetune: the
-    budget of the multitask fine-tuning that follows a merge (none is lossless: no fine-tuning).
+    models: {task: nn.Module}, same topology (widths and head sizes may differ; one model is pruned alone).
+    data / eval_data: {task: (inputs, labels)} or DataLoaders. eval_data is the guard: every decision (pruning
+    steps, stops) keeps each task's accuracy on it >= its original model's minus `tolerance`; without it a seeded
+    share `pruning.guard_fraction` of `data` is held out as the guard and never trained on (the report says how
+    many samples). merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None.
+    pam / mtz / finetune / pruning: each stage's settings (`finetune` is the budget after a merge; none is
+    lossless and is not fine-tuned).
     Raises ValueError/TypeError for bad arguments, TraceError, AlignmentError or UnsupportedOpError for models
-    pamfx cannot merge, DataError for bad data, NotAvailableError for a pruner (prune=None until the prune pass).
+    pamfx cannot merge, DataError for bad data, GroupingError when a merge leaves a task no path to its head.
     """
     tasks = check_models(models)
     check_options(merge, prune, tolerance, seed)
-    if prune is not None:
-        raise NotAvailableError(f"prune={prune!r} is not available yet; use prune=None")
     data = check_data(data, tasks, "data")
-    eval_data = data if eval_data is None else check_data(eval_data, tasks, "eval_data")
+    guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data")
     say = print if progress else (lambda *_: None)
 
     say(f"[pamfx] tracing and aligning {len(tasks)} models")
     example = next(iter(data.values()))[0][:2]
     aligned = align(trace(models, example))                          # one graph, every model's modules per node
+    if guard is None:
+        data, guard = hold_out(data, pruning.guard_fraction, seed)   # the guard is never trained on
+        notes = [f"guard: {len(next(iter(guard.values()))[0])} samples per task held out of data "
+                 f"({pruning.guard_fraction:.0%}, seed {seed}), never trained on"]
+    else:
+        notes = [f"guard: eval_data, {len(next(iter(guard.values()))[0])} samples per task"]
     heads = {t: shape[1] for t, shape in zip(tasks, _output_node(aligned).all_input_nodes[0].meta[SHAPES])}
     check_labels(data, heads, "data")
-    check_labels(eval_data, heads, "eval_data")
+    check_labels(guard, heads, "eval_data" if eval_data is not None else "data")
     spaces = find_channel_spaces(aligned)                            # which tensors share a channel dimension
     say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
@@ -73,27 +88,67 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     options = {"pam": pam, "mtz": mtz, "finetune": finetune, "seed": seed, "progress": progress}
     grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ its weights)
     seconds = {"merge": time.perf_counter() - started}
-    notes = [f"merge={merge}: grouped in {seconds['merge']:.1f} s"] + group_table(spaces, grouping, tasks)
+    notes += [f"merge={merge}: grouped in {seconds['merge']:.1f} s"] + group_table(spaces, grouping, tasks)
     notes += list(grouping.notes)
-    network = build_network(aligned, spaces, grouping, weights)
-    if merge != "none":                                              # none is exact: nothing to recover
-        started = time.perf_counter()
-        notes.append("accuracy before fine-tuning: " + _accuracies(network, eval_data))
-        network = finetune_network(network, data, finetune, seed, progress)  # all tasks, summed loss, rule 2 kept
+    started = time.perf_counter()
+    if merge == "none":                                              # none is exact: nothing to recover
+        tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
+    else:                                                            # all tasks, summed loss, rule 2 kept
+        notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
+            aligned, spaces, grouping, weights)[0], guard)))
+        tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, finetune, seed, progress)
         seconds["finetune"] = time.perf_counter() - started
+    original = {t: accuracy(module, *guard[t]) for t, module in zip(tasks, aligned.modules)}   # once
+    floors = {t: original[t] - tolerance for t in tasks}
+    merged_macs = {c: tuned.network.macs(c) for c in all_combinations(tasks)}
+    merged_accuracy = evaluate(tuned.network, guard)
+    notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(merged_accuracy))
+    problems = [f"the merge alone breaks the guard of task '{t}': {merged_accuracy[t]:.4f} on the guard data, "
+                f"below its floor {floors[t]:.4f} (original {original[t]:.4f} - tolerance {tolerance}); raise the "
+                "fine-tuning budget or lower the PAM thresholds" for t in tasks if merged_accuracy[t] < floors[t]]
+    if prune is not None:
+        started = time.perf_counter()
+        pruned = prune_network(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+        tuned, grouping = pruned.tuned, pruned.grouping
+        seconds["prune"] = time.perf_counter() - started
+        notes += pruned.notes(tasks) + group_table(spaces, grouping, tasks)
+        problems += [f"task '{t}' ends at {a:.4f} on the guard data, below its floor {floors[t]:.4f}"
+                     for t, a in pruned.below_floor.items()]
     say("[pamfx] measuring every combination")
     started = time.perf_counter()
-    report = make_report(network, aligned, eval_data, notes)         # MACs, params, accuracy per combination
-    if merge != "none":                                              # the rows already hold the tuned accuracy
-        tuned = ", ".join(f"{t} {report.row([t]).accuracy[t]:.4f}" for t in tasks)
-        report = replace(report, notes=report.notes + (f"accuracy after fine-tuning: {tuned}",))
+    report = make_report(tuned.network, aligned, guard, original, notes,   # MACs, params, accuracy
+                         merged_macs if prune is not None else None)
     seconds["report"] = time.perf_counter() - started
-    return Result(model=network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds)
+    problems += [f"combination {group_label(frozenset(row.combination), tasks)} costs {row.macs:,} MACs, more than "
+                 f"the original models' {row.separate_macs:,}" for row in report.rows if row.macs > row.separate_macs]
+    for problem in problems:
+        warnings.warn(problem, PamfxWarning, stacklevel=2)
+    report = report.with_notes([f"WARNING: {p}" for p in problems])
+    return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
+                  warnings=tuple(problems))
 
 
-def _accuracies(network, data) -> str:
-    network.eval()
-    return ", ".join(f"{t} {accuracy_of(lambda x, t=t: network(x, tasks=[t])[t], *data[t]):.4f}" for t in data)
+def hold_out(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+    """Splits {task: (inputs, labels)} into (the rest, a seeded share `fraction` of each task's samples). Tasks
+    with the same number of samples lose the same indices, so tasks sharing inputs never train on a guard image.
+    Raises DataError when a task has too few samples to hold any out."""
+    rest, held, split_inputs = {}, {}, {}
+    for task, (inputs, labels) in data.items():
+        count = max(1, round(fraction * len(inputs)))
+        if count >= len(inputs):
+            raise DataError(f"data['{task}']: {len(inputs)} samples are too few to hold out {fraction:.0%} as the "
+                            "guard; pass eval_data or more data")
+        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+        kept, guard = order[count:].sort().values, order[:count].sort().values
+        if id(inputs) not in split_inputs:   # tasks sharing one input tensor keep sharing it (one forward pass)
+            split_inputs[id(inputs)] = (inputs[kept], inputs[guard])
+        kept_inputs, guard_inputs = split_inputs[id(inputs)]
+        rest[task], held[task] = (kept_inputs, labels[kept]), (guard_inputs, labels[guard])
+    return rest, held
+
+
+def _listed(accuracies: dict) -> str:
+    return ", ".join(f"{t} {a:.4f}" for t, a in accuracies.items())
 
 
 def _output_node(aligned):

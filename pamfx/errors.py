@@ -31,3 +31,7 @@ class DatasetMissingError(PamfxError, FileNotFoundError):
 
 class NotAvailableError(PamfxError, NotImplementedError):
     """An option that a later release will provide."""
+
+
+class PamfxWarning(UserWarning):
+    """A result the user must know about: a task below its accuracy floor, a combination dearer than the originals."""

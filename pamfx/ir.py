@@ -85,6 +85,32 @@ class Grouping:
                                         f"subset of the tasks {list(tasks)}")
 
 
+@dataclass(frozen=True)
+class Slice:
+    """One group's part of an aligned-graph tensor in the built network: the variable holding it and the
+    indices of its channels among the node's features (node.meta["pamfx.features"])."""
+    variable: str
+    features: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a built module's weights sit in the stacked weights of aligned node `node`: `rows` are its units
+    (indices into the node's space), `columns` its input features (None for per-feature modules: BatchNorm,
+    depthwise conv, whose entries are the rows)."""
+    node: str
+    rows: tuple[int, ...]
+    columns: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What `build_network` returns beside the network, for the passes that edit and rebuild it (MTZ, prune):
+    where every aligned-graph tensor lives per group, and where every module's weights came from."""
+    tensors: dict   # node name -> {group: Slice}
+    origins: dict   # module name -> Origin, for every module built (the network keeps only those a task needs)
+
+
 def group_of_feature(feature: Feature, spaces: dict, groups: dict, tasks: tuple[str, ...]) -> Group | None:
     """The group of a feature's unit: the input serves all tasks, a head unit its own task, a hidden unit the
     group `groups` gives it (None: dropped)."""

@@ -12,6 +12,7 @@ from torch import nn
 from . import ops
 from .errors import GroupingError
 from .ir import Group, group_label
+from .passes.rules import may_read
 
 INPUT = "x"   # the variable holding the network input, shared by every group
 
@@ -42,8 +43,7 @@ class GatedNetwork(nn.Module):
     Built by `passes.build.build_network`; users get it as `pamfx.optimize(...).model`.
     """
 
-    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module],
-                 tensors: dict | None = None, origins: dict | None = None):
+    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module]):
         super().__init__()
         self.tasks = tuple(tasks)
         self.outputs = dict(outputs)
@@ -52,10 +52,6 @@ class GatedNetwork(nn.Module):
         for name, module in modules.items():
             if name in used:   # a module no task needs is not kept (nor written by codegen)
                 self.add_module(name, module)
-        # where each aligned-graph tensor lives: node name -> group -> (variable, indices into the node's features)
-        self.tensors = dict(tensors or {})
-        # where each module's weights sit in the stacked weights: module name -> (node, rows, columns or None)
-        self.origins = {name: origin for name, origin in (origins or {}).items() if name in used}
         self._functions = {s.target: ops.resolve(s.target) for s in self.statements if s.call == "function"}
         self.check()
 
@@ -65,13 +61,17 @@ class GatedNetwork(nn.Module):
         values = self.values(x, combination)
         return {t: values[self.outputs[t]] for t in self.tasks if t in combination}
 
-    def values(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
-        """Every variable that running `tasks` computes, by name (see `tensors` for what each one holds)."""
+    def values(self, x: torch.Tensor, tasks=None, hook=None) -> dict[str, torch.Tensor]:
+        """Every variable that running `tasks` computes, by name (the builder's Layout says what each holds).
+
+        hook(name, value) -> value, if given, sees each variable as it is computed and may replace it (the
+        pruning criteria put a gate on units there)."""
         combination = self.combination(tasks)
         values = {INPUT: x}
         for statement in self.statements:
             if statement.gate & combination:
-                values[statement.out] = self._run(statement, values)
+                value = self._run(statement, values)
+                values[statement.out] = value if hook is None else hook(statement.out, value)
         return values
 
     def _run(self, statement: Statement, values: dict) -> torch.Tensor:
@@ -119,7 +119,7 @@ class GatedNetwork(nn.Module):
         groups = self.group_of()
         for statement in self.statements:
             for name in statement.inputs:
-                if not groups[name] >= statement.group:
+                if not may_read(statement.group, groups[name]):
                     raise GroupingError(
                         f"rule 2 broken: '{statement.out}' (group {group_label(statement.group, self.tasks)}) "
                         f"reads '{name}' (group {group_label(groups[name], self.tasks)})")

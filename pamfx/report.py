@@ -1,10 +1,9 @@
 """The per-combination report: MACs, parameters and each task's accuracy, against the original models."""
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, replace
 
 from . import ops
 from .ir import MODULES, OP, SHAPES, AlignedGraph, all_combinations
+from .train import evaluate
 
 
 @dataclass(frozen=True)
@@ -13,54 +12,54 @@ class Row:
     macs: int
     params: int
     separate_macs: int           # running the original models of the combination one after another
-    accuracy: dict               # task -> top-1 accuracy in [0, 1]
+    accuracy: dict               # task -> top-1 accuracy in [0, 1] on the guard data
+    merged_macs: int | None = None   # after merging, before pruning (None: not pruned)
 
 
 @dataclass(frozen=True)
 class Report:
     tasks: tuple[str, ...]
     rows: tuple[Row, ...]
-    original_accuracy: dict      # task -> top-1 accuracy of the original model
+    original_accuracy: dict      # task -> top-1 accuracy of the original model on the guard data
     notes: tuple[str, ...] = ()  # extra tables later passes add (e.g. a merge's group counts)
 
     def row(self, tasks) -> Row:
-        wanted = set(tasks)
-        return next(r for r in self.rows if set(r.combination) == wanted)
+        """The row of one combination; raises KeyError naming the combination if the report has no such row."""
+        wanted = {tasks} if isinstance(tasks, str) else set(tasks)
+        for row in self.rows:
+            if set(row.combination) == wanted:
+                return row
+        raise KeyError(f"no combination {sorted(wanted)} in this report; its tasks are {list(self.tasks)}")
+
+    def with_notes(self, notes) -> "Report":
+        return replace(self, notes=self.notes + tuple(notes))
 
     def to_markdown(self) -> str:
         """A markdown table, one row per combination of tasks."""
-        head = ["combination", "MACs", "separate MACs", "saving", "params"]
+        pruned = any(row.merged_macs is not None for row in self.rows)
+        head = ["combination"] + (["merged MACs"] if pruned else []) + ["MACs", "separate MACs", "saving", "params"]
         head += [f"acc {t} (orig {self.original_accuracy[t]:.4f})" for t in self.tasks]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
-            cells = ["{" + ", ".join(row.combination) + "}", f"{row.macs:,}", f"{row.separate_macs:,}",
-                     f"{row.separate_macs / row.macs:.2f}x", f"{row.params:,}"]
+            cells = ["{" + ", ".join(row.combination) + "}"] + ([f"{row.merged_macs:,}"] if pruned else [])
+            cells += [f"{row.macs:,}", f"{row.separate_macs:,}", f"{row.separate_macs / row.macs:.2f}x",
+                      f"{row.params:,}"]
             cells += [f"{row.accuracy[t]:.4f}" if t in row.accuracy else "" for t in self.tasks]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines + [""] + list(self.notes))
 
 
-def make_report(network, aligned: AlignedGraph, eval_data: dict, notes=()) -> Report:
-    """Measures every combination of the network against the original (traced) models on eval_data."""
-    network.eval()
-    originals = dict(zip(aligned.tasks, aligned.modules))
-    accuracy = {t: accuracy_of(lambda x, t=t: network(x, tasks=[t])[t], *eval_data[t]) for t in aligned.tasks}
-    original_accuracy = {t: accuracy_of(originals[t], *eval_data[t]) for t in aligned.tasks}
+def make_report(network, aligned: AlignedGraph, guard: dict, original_accuracy: dict, notes=(),
+                merged_macs: dict | None = None) -> Report:
+    """Measures every combination of the network on the guard data, against the original models' accuracy there
+    (computed once by the caller); `merged_macs` ({combination: MACs}) are the costs before pruning."""
+    accuracy = evaluate(network, guard)
     separate = original_macs(aligned)
     rows = tuple(Row(combination=c, macs=network.macs(c), params=network.params(c),
-                     separate_macs=sum(separate[t] for t in c), accuracy={t: accuracy[t] for t in c})
+                     separate_macs=sum(separate[t] for t in c), accuracy={t: accuracy[t] for t in c},
+                     merged_macs=None if merged_macs is None else merged_macs[c])
                  for c in all_combinations(aligned.tasks))
-    return Report(tasks=aligned.tasks, rows=rows, original_accuracy=original_accuracy, notes=tuple(notes))
-
-
-def accuracy_of(predict, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `predict` (a callable returning logits; put modules in eval mode first)."""
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            logits = predict(inputs[start:start + batch_size])
-            correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
-    return correct / len(inputs)
+    return Report(tasks=aligned.tasks, rows=rows, original_accuracy=dict(original_accuracy), notes=tuple(notes))
 
 
 def original_macs(aligned: AlignedGraph) -> dict[str, int]:

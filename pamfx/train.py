@@ -71,7 +71,7 @@ def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `model` on (inputs, labels), in [0, 1].
+    """Top-1 accuracy of a single-task `model` on (inputs, labels), in [0, 1].
 
     Runs in eval mode without gradients and puts the model back in the mode it was in.
     Raises DataError for bad data (see pamfx.checks.check_pair), TypeError when the model does not return a tensor
@@ -81,15 +81,32 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
     was_training = model.training
     model.eval()
     try:
-        correct = 0
-        for start in range(0, len(inputs), batch_size):
-            logits = model(inputs[start:start + batch_size])
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                raise TypeError(f"accuracy needs a model returning logits [B, C], got "
-                                f"{type(logits).__name__}; pick one task's output first")
-            correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
+        return _top1(model, inputs, labels, batch_size)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(network: nn.Module, data: dict, batch_size: int = 1024) -> dict[str, float]:
+    """{task: top-1 accuracy} of a multitask `network` (called as network(x, tasks=[task]) -> {task: logits})
+    on data {task: (inputs, labels)}, each task run alone; in eval mode, then back to the mode it was in."""
+    was_training = network.training
+    network.eval()
+    try:
+        return {task: _top1(lambda x, task=task: network(x, tasks=[task])[task], inputs, labels, batch_size)
+                for task, (inputs, labels) in data.items()}
+    finally:
+        network.train(was_training)
+
+
+def _top1(predict, inputs: Tensor, labels: Tensor, batch_size: int) -> float:
+    correct = 0
+    for start in range(0, len(inputs), batch_size):
+        logits = predict(inputs[start:start + batch_size])
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise TypeError(f"accuracy needs a model returning logits [B, C], got "
+                            f"{type(logits).__name__}; pick one task's output first")
+        correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
     return correct / len(inputs)
 
 

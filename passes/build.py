@@ -4,7 +4,7 @@ Every tensor of the aligned graph is cut into one slice per group (its features 
 first). A conv or linear layer gets one dense module per output group G, reading the slices of every input group
 G' that contains G (rule 2); weights to any other input are cut. Per-channel ops run on each slice.
 
-    network = build_network(aligned, spaces, merge_none(aligned, spaces), stack_weights(aligned, spaces))
+    network, layout = build_network(aligned, spaces, merge_none(aligned, spaces), stack_weights(aligned, spaces))
     network(x, tasks=["tops"])   # {"tops": ...}, computing only the tops model's units
 """
 import copy
@@ -14,21 +14,24 @@ from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
-from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping,
-                       group_names, group_of_feature, group_order)
+from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
+                       Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
+from pamfx.passes.rules import readable
 
 
 def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
-                  weights: dict[str, dict[str, torch.Tensor]]) -> GatedNetwork:
-    """Builds the task-gated network; raises GroupingError when a group would have nothing it may read."""
+                  weights: dict[str, dict[str, torch.Tensor]]) -> tuple[GatedNetwork, Layout]:
+    """Builds the task-gated network and its layout (where each tensor and each module's weights came from,
+    for passes that rebuild it); raises GroupingError when a group would have nothing it may read."""
     grouping.check(aligned.tasks, spaces)
     builder = _Builder(aligned, spaces, grouping, weights)
     for node in aligned.graph.nodes:
         builder.visit(node)
-    tensors = {node.name: {g: (builder.values[node][g], tuple(builder.layout[node][g])) for g in builder.values[node]}
+    network = GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules)
+    tensors = {node.name: {g: Slice(builder.values[node][g], tuple(builder.layout[node][g])) for g in builder.values[node]}
                for node in builder.values}
-    return GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules, tensors, builder.origins)
+    return network, Layout(tensors, builder.origins)
 
 
 class _Builder:
@@ -43,7 +46,7 @@ class _Builder:
         self.statements: list[Statement] = []
         self.modules: dict[str, nn.Module] = {}
         self.outputs: dict[str, str] = {}
-        self.origins: dict[str, tuple] = {}   # module name -> (node, stacked rows, stacked columns or None)
+        self.origins: dict[str, Origin] = {}
 
     # -- the groups of a tensor ------------------------------------------------------------------------------
     def split(self, node: fx.Node) -> dict[Group, list[int]]:
@@ -83,20 +86,20 @@ class _Builder:
         stacked = self.weights[node.name]
         template = node.meta[MODULES][0]
         for group, rows in self.layout[node].items():
-            readable = [g for g in self.layout[source] if g >= group]
-            if not readable:
+            inputs = readable(group, self.layout[source])
+            if not inputs:
                 raise GroupingError(
                     f"layer '{node.name}': group {sorted(group)} has units but no input it may read: rule 2 lets "
                     f"it read only groups containing it, and '{source.name}' holds {[sorted(g) for g in self.layout[source]]}")
-            columns = [i for g in readable for i in self.layout[source][g]]
+            columns = [i for g in inputs for i in self.layout[source][g]]
             module = _resized(template, len(columns), len(rows))
             with torch.no_grad():
                 module.weight.copy_(stacked["weight"][rows][:, columns])
                 if module.bias is not None:
                     module.bias.copy_(stacked["bias"][rows])
             macs = (ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs)(module, node.meta[SHAPES][0])
-            self.emit(node, group, [self.values[source][g] for g in readable], "module", module=module, macs=macs)
-            self.origins[self.values[node][group]] = (node.name, tuple(rows), tuple(columns))
+            self.emit(node, group, [self.values[source][g] for g in inputs], "module", module=module, macs=macs)
+            self.origins[self.values[node][group]] = Origin(node.name, tuple(rows), tuple(columns))
 
     def visit_depthwise(self, node):
         self.visit_per_feature(node, ("weight", "bias"))
@@ -117,7 +120,7 @@ class _Builder:
                         getattr(module, name).copy_(stacked[name][features])
             macs = ops.conv_macs(module, node.meta[SHAPES][0]) if isinstance(module, nn.Conv2d) else 0
             self.emit(node, group, [self.values[source][group]], "module", module=module, macs=macs)
-            self.origins[self.values[node][group]] = (node.name, tuple(features), None)
+            self.origins[self.values[node][group]] = Origin(node.name, tuple(features), None)
 
     def visit_channelwise(self, node):
         source = node.all_input_nodes[0]

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
+from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, Layout
 from pamfx.network import GatedNetwork
+from pamfx.passes.build import build_network
+from pamfx.passes.stack import read_back
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,20 @@ class FinetuneConfig:
         return max(1, round(self.epochs * largest / self.batch_size))
 
 
-def finetune(network: GatedNetwork, data: dict, config: FinetuneConfig = FinetuneConfig(), seed: int = 0,
-             progress: bool = True, desc: str = "fine-tune") -> GatedNetwork:
-    """Trains a copy of `network`: each step draws one batch per task and minimises the summed cross-entropy.
+def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneConfig(), seed: int = 0,
+             progress: bool = True, desc: str = "fine-tune", extra_loss=None, frozen=()) -> nn.Module:
+    """Trains a copy of `network` (called as network(x, tasks=...) -> {task: logits}): each step draws one batch
+    per task and minimises the summed cross-entropy, plus `extra_loss(network)` if given (the VIB pruner's KL
+    term). Parameters with requires_grad=False stay as they are; the submodules named in `frozen` stay exactly as
+    they are (weights and BatchNorm statistics).
 
     Tasks whose inputs are the same tensor share each batch's samples and one forward pass.
     """
     network = copy.deepcopy(network).train()
+    for name in frozen:
+        network.get_submodule(name).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=config.lr)
     largest = max(len(inputs) for inputs, _ in data.values())
     steps = config.total_steps(largest)
     shared = _shared_inputs(data)
@@ -60,6 +69,8 @@ def finetune(network: GatedNetwork, data: dict, config: FinetuneConfig = Finetun
             for task, (inputs, labels) in data.items():
                 index = torch.randint(len(inputs), (config.batch_size,), generator=generator)
                 loss = loss + F.cross_entropy(network(inputs[index], tasks=[task])[task], labels[index])
+        if extra_loss is not None:
+            loss = loss + extra_loss(network)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -73,3 +84,27 @@ def _shared_inputs(data: dict):
     if all(x is first or (x.shape == first.shape and x.data_ptr() == first.data_ptr()) for x in inputs):
         return first
     return None
+
+
+@dataclass
+class Tuned:
+    """A network rebuilt from a grouping and fine-tuned, its layout, and its weights read back in stacked form."""
+    network: GatedNetwork
+    layout: Layout
+    weights: dict
+
+
+def rebuild_and_finetune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, weights: dict,
+                         data: dict, config: FinetuneConfig, seed: int = 0, progress: bool = False,
+                         desc: str = "fine-tune", changed=None) -> Tuned:
+    """The loop step that MTZ and the prune pass share: build the network of `grouping` from stacked `weights`,
+    fine-tune it on all tasks, and read its weights back (zero where the network holds nothing).
+    `changed`, if given, is the set of tasks an edit touched: only modules whose group lies inside it train, so
+    every other task's output stays exactly as it was.
+    Raises GroupingError when the grouping leaves a group nothing to read."""
+    network, layout = build_network(aligned, spaces, grouping, weights)
+    frozen = () if changed is None else sorted({s.target for s in network.statements if s.call == "module"
+                                                and not s.group <= changed and s.target in layout.origins})
+    if config.steps != 0:
+        network = finetune(network, data, config, seed=seed, progress=progress, desc=desc, frozen=frozen)
+    return Tuned(network.eval(), layout, read_back(network, layout, weights))

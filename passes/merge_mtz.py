@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from pamfx.errors import GroupingError
 from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.passes.activations import calibration_indices
-from pamfx.passes.build import build_network
-from pamfx.passes.finetune import FinetuneConfig, finetune
+from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.merge_none import merge_none
-from pamfx.passes.stack import read_back, stack_weights
+from pamfx.passes.rules import may_read
+from pamfx.passes.stack import stack_weights
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,20 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     weights = stack_weights(aligned, spaces)
     calibration = {t: x[calibration_indices(len(x), config.samples, seed)] for t, (x, _) in data.items()}
     zipped: dict[tuple[str, int], list[tuple[int, int]]] = {}   # (space, model) -> its (survivor, partner) pairs
-    network = build_network(aligned, spaces, _frozen(groups), weights)
+    tuned = rebuild_and_finetune(aligned, spaces, _frozen(groups), weights, data, FinetuneConfig(steps=0))
     for index, node in enumerate(tqdm(layers, desc="mtz: zip layers", disable=not progress)):
-        inputs = _layer_inputs(network, node, calibration)
+        inputs = _layer_inputs(tuned, node, calibration)
         for model in range(1, len(aligned.tasks)):
             _zip_model(aligned, spaces, node, model, groups, weights, inputs, config.degree, zipped)
+        steps = FinetuneConfig(steps=config.base_steps + config.steps_per_layer * index,
+                               batch_size=tuning.batch_size, lr=tuning.lr)
         try:
-            zipped_network = build_network(aligned, spaces, _frozen(groups), weights)
+            tuned = rebuild_and_finetune(aligned, spaces, _frozen(groups), weights, data, steps, seed=seed + index)
         except GroupingError:
             # NOTE: a residual space zipped at its first layer has units that its later layers (not zipped yet) can
             # read nothing for under rule 2; the network is whole again once those layers are zipped.
             continue
-        steps = FinetuneConfig(steps=config.base_steps + config.steps_per_layer * index,
-                               batch_size=tuning.batch_size, lr=tuning.lr)
-        network = finetune(zipped_network, data, steps, seed=seed + index, progress=False)
-        weights = read_back(network, weights)
+        weights = _with_partner_rows(tuned.weights, weights, layers[index + 1:], groups)
     return _frozen(groups), weights
 
 
@@ -81,7 +80,7 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
     target = base_group | incoming_group
     source = node.all_input_nodes[0]
     readable = [f for f, feature in enumerate(source.meta[FEATURES])
-                if (group_of_feature(feature, spaces, groups, tasks) or frozenset()) >= target]
+                if may_read(target, group_of_feature(feature, spaces, groups, tasks) or frozenset())]
     if (name, model) in zipped:
         units = zipped[(name, model)]
     else:
@@ -102,6 +101,16 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
     if units and readable:
         _merge_rows(weights[node.name], units, readable, *_compensation(inputs, readable, base_group, tasks[model]),
                     share=len(base_group) / (len(base_group) + 1))
+
+
+def _with_partner_rows(tuned: dict, before: dict, later_layers, groups: dict) -> dict:
+    """`tuned` with the rows of zipped-away partners in the layers not zipped yet taken from `before`: the network
+    no longer holds them (read_back zeroes them), but a later layer of a residual space merges each pair's rows."""
+    for node in later_layers:
+        partners = [u for u, group in enumerate(groups[node.meta[SPACE]]) if group is None]
+        for name, tensor in tuned[node.name].items():
+            tensor[partners] = before[node.name][name][partners]
+    return tuned
 
 
 def _compensation(inputs, readable, base_group, incoming_task):
@@ -176,17 +185,16 @@ def _matching_columns(features, space, units) -> list[tuple[int, int]]:
             for position, column in columns_of[partner].items()]
 
 
-def _layer_inputs(network, node, calibration: dict) -> dict[str, torch.Tensor]:
-    """Each task's inputs to `node` as the network computes them on the task's data, in the node's input feature
-    order (every group runs, so a unit about to be zipped shows what its own model computes there)."""
+def _layer_inputs(tuned, node, calibration: dict) -> dict[str, torch.Tensor]:
+    """Each task's inputs to `node` as the tuned network computes them on the task's data, in the node's input
+    feature order (every group runs, so a unit about to be zipped shows what its own model computes there)."""
     source = node.all_input_nodes[0]
     inputs = {}
-    network.eval()
     with torch.no_grad():
         for task, x in calibration.items():
-            values = network.values(x)
-            pieces = [(indices, values[variable]) for variable, indices in network.tensors[source.name].values()
-                      if variable in values]
+            values = tuned.network.values(x)
+            pieces = [(piece.features, values[piece.variable]) for piece in tuned.layout.tensors[source.name].values()
+                      if piece.variable in values]
             full = torch.zeros((len(x), len(source.meta[FEATURES])) + tuple(pieces[0][1].shape[2:]))
             for indices, value in pieces:
                 full[:, list(indices)] = value

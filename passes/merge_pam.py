@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
-from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_label, group_of_feature
+from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
 from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy
+from pamfx.passes.rules import check_paths, drop_unreadable
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,12 @@ def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
         groups[name] = tuple(frozenset(t for t in aligned.tasks if unit not in irrelevant[t]) or None
                              for unit in range(len(spaces[name].units)))
     groups = drop_unreadable(aligned, spaces, groups)
-    _check_heads(aligned, spaces, groups)
+    try:
+        check_paths(aligned, spaces, groups)
+    except GroupingError as error:
+        raise GroupingError(f"{error}; lower PamConfig.alpha_conv / alpha_linear so that fewer units count as "
+                            "irrelevant") from error
     return Grouping(groups, tuple(notes))
-
-
-def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> dict:
-    """Drops units whose group has no input it may read under rule 2 (they could only output a constant),
-    repeating until no layer changes: a drop below can leave a unit above with nothing to read."""
-    groups = dict(groups)
-    changed = True
-    while changed:
-        changed = False
-        for node in aligned.nodes_of_kind("conv", "linear"):
-            name = node.meta[SPACE]
-            if spaces[name].kind != "hidden":
-                continue
-            readable = _input_groups(node.all_input_nodes[0], spaces, groups, aligned.tasks)
-            kept = tuple(g if g is not None and any(r >= g for r in readable) else None for g in groups[name])
-            if kept != groups[name]:
-                groups[name], changed = kept, True
-    return groups
 
 
 def group_table(spaces: dict[str, ChannelSpace], grouping: Grouping, tasks: tuple[str, ...]) -> list[str]:
@@ -110,22 +97,3 @@ def group_table(spaces: dict[str, ChannelSpace], grouping: Grouping, tasks: tupl
 def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
     kinds = {node.name: node.meta[OP] for node in aligned.graph.nodes}
     return any(kinds[name] in ("conv", "depthwise") for name in space.nodes)
-
-
-def _input_groups(source, spaces, groups, tasks) -> set:
-    """The groups of the units a layer reading `source` may draw on (dropped units aside)."""
-    found = {group_of_feature(feature, spaces, groups, tasks) for feature in source.meta[FEATURES]}
-    found.discard(None)
-    return found
-
-
-def _check_heads(aligned, spaces, groups) -> None:
-    for node in aligned.nodes_of_kind("conv", "linear"):
-        if spaces[node.meta[SPACE]].kind != "output":
-            continue
-        readable = _input_groups(node.all_input_nodes[0], spaces, groups, aligned.tasks)
-        for task in aligned.tasks:
-            if not any(task in g for g in readable):
-                raise GroupingError(
-                    f"PAM kept no unit relevant to task '{task}' below its head '{node.name}'; lower "
-                    "PamConfig.alpha_conv / alpha_linear so that fewer units count as irrelevant")

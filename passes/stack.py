@@ -11,7 +11,7 @@ units of different models is zero. A merge may edit these tensors (MTZ moves wei
 import torch
 
 from pamfx.errors import UnsupportedOpError
-from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace
+from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Layout
 
 BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -70,19 +70,38 @@ def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
     return stacked
 
 
-def read_back(network, stacked: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """A copy of `stacked` with every module of the built `network` written back where its weights came from,
-    so that a merge can keep editing stacked weights after fine-tuning."""
-    stacked = {node: {name: tensor.clone() for name, tensor in tensors.items()} for node, tensors in stacked.items()}
+def read_back(network, layout: Layout, stacked: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Stacked weights holding exactly what the built `network` holds: each module written back where `layout`
+    says its weights came from, and zero at every position no module was built for (weights cut by rule 2, units
+    dropped or pruned), so that nothing stale can come back in a later build. A module built but not kept (no
+    task needs it) keeps its weights from `stacked`, which also gives the shapes.
+
+    A merge or the prune pass keeps editing stacked weights after fine-tuning through this."""
+    fresh = {node: {name: torch.zeros_like(tensor) for name, tensor in tensors.items()} for node, tensors in stacked.items()}
+    kept = dict(network.named_children())
     with torch.no_grad():
-        for module_name, (node, rows, columns) in network.origins.items():
-            module = getattr(network, module_name)
-            rows = torch.tensor(rows, dtype=torch.long)
-            if columns is None:   # per-feature parameters (BatchNorm, depthwise)
-                for name, tensor in stacked[node].items():
+        for module_name, origin in layout.origins.items():
+            module = kept.get(module_name) or _Held(stacked[origin.node], origin)
+            rows = torch.tensor(origin.rows, dtype=torch.long)
+            if origin.columns is None:   # per-feature parameters (BatchNorm, depthwise)
+                for name, tensor in fresh[origin.node].items():
                     tensor[rows] = getattr(module, name).detach()
                 continue
-            stacked[node]["weight"][rows.unsqueeze(1), torch.tensor(columns, dtype=torch.long)] = module.weight.detach()
+            columns = torch.tensor(origin.columns, dtype=torch.long)
+            fresh[origin.node]["weight"][rows.unsqueeze(1), columns] = module.weight.detach()
             if module.bias is not None:
-                stacked[node]["bias"][rows] = module.bias.detach()
-    return stacked
+                fresh[origin.node]["bias"][rows] = module.bias.detach()
+    return fresh
+
+
+class _Held:
+    """A module's tensors as `stacked` holds them at `origin` (for a built module the network did not keep)."""
+
+    def __init__(self, tensors: dict, origin):
+        rows = torch.tensor(origin.rows, dtype=torch.long)
+        for name, tensor in tensors.items():
+            picked = tensor[rows] if origin.columns is None or name != "weight" else \
+                tensor[rows][:, torch.tensor(origin.columns, dtype=torch.long)]
+            setattr(self, name, picked)
+        if "bias" not in tensors:
+            self.bias = None

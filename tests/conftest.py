@@ -63,7 +63,7 @@ def build_random(models, seed: int, example=None):
     example = torch.randn(2, 1, 28, 28) if example is None else example
     aligned, spaces = compile_parts(models, example)
     grouping = random_grouping(aligned, spaces, seed)
-    return build_network(aligned, spaces, grouping, stack_weights(aligned, spaces)).eval()
+    return build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
 
 
 def assert_equivalent(reference, model, inputs, combinations, atol=1e-5):

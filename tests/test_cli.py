@@ -38,7 +38,7 @@ def fake_dataset(tmp_path_factory):
 def demo_args(fake_dataset, tmp_path, monkeypatch):
     """Arguments of a fast demo on the fake dataset, with cache and output in tmp_path."""
     monkeypatch.setenv("PAMFX_FASHION_MNIST", str(fake_dataset))
-    return ["demo", "--epochs", "1", "--train-images", "100", "--merge", "none", "--quiet",
+    return ["demo", "--epochs", "1", "--train-images", "100", "--merge", "none", "--prune", "none", "--quiet",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out" / "merged.py")]
 
 
@@ -81,12 +81,6 @@ def test_missing_dataset_exits_2_naming_the_package(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "dataset-fashion-mnist" in err and str(tmp_path / "nowhere") in err
     assert not (tmp_path / "merged.py").exists()
-
-
-@pytest.mark.parametrize("option", [["--prune", "taylor"], ["--prune", "vib"]])
-def test_unavailable_option_exits_2_with_its_message(demo_args, option, capsys):
-    assert main(demo_args + option) == 2
-    assert f"{option[1]!r} is not available yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [["--out", "merged.txt"], ["--epochs", "0"], ["--merge", "bogus"]])

@@ -163,11 +163,6 @@ def test_unknown_merge_and_prune_are_errors():
         optimize(prune="random")
 
 
-def test_options_of_later_releases_say_so():
-    with pytest.raises(pamfx.NotAvailableError, match="prune='taylor' is not available yet"):
-        optimize(prune="taylor")
-
-
 def test_models_must_be_modules():
     with pytest.raises(TypeError, match="model 'b' is a str"):
         optimize(models={"a": lenet5(6), "b": "lenet"})

@@ -64,7 +64,7 @@ def test_cut_weights_are_absent_not_zero():
     models = make_models("lenet5", TASKS)
     aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
     grouping = random_grouping(aligned, spaces, seed=5)
-    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))
+    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0]
     checked = 0
     for statement in network.statements:
         if statement.call == "module" and statement.target.startswith("fc2"):
@@ -98,14 +98,14 @@ def test_a_group_with_nothing_to_read_is_an_error():
               for name, space in spaces.items() if space.kind == "hidden"}
     groups["conv2"] = (frozenset("ab"),) + groups["conv2"][1:]   # shared unit over private inputs only
     with pytest.raises(GroupingError, match="layer 'conv2': group \\['a', 'b'\\] has units but no input"):
-        build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))
+        build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))[0]
 
 
 def test_a_grouping_must_cover_every_space():
     models = make_models("lenet5", ("a", "b"))
     aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
     with pytest.raises(GroupingError, match="grouping covers spaces"):
-        build_network(aligned, spaces, Grouping({}), stack_weights(aligned, spaces))
+        build_network(aligned, spaces, Grouping({}), stack_weights(aligned, spaces))[0]
 
 
 def test_dropped_units_are_gone():
@@ -114,7 +114,7 @@ def test_dropped_units_are_gone():
     groups = {name: tuple(frozenset([aligned.tasks[u.model]]) for u in space.units)
               for name, space in spaces.items() if space.kind == "hidden"}
     groups["fc1"] = tuple(None if i % 2 else g for i, g in enumerate(groups["fc1"]))
-    network = build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))
+    network = build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))[0]
     assert network.fc1_g1.out_features + network.fc1_g2.out_features == len(spaces["fc1"].units) // 2
     assert network.fc2_g1.in_features == network.fc1_g1.out_features
 
@@ -125,11 +125,13 @@ def test_weights_read_back_rebuild_the_same_network():
     models = make_models("vgg_bn", TASKS)
     aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
     grouping = random_grouping(aligned, spaces, seed=7)
-    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces)).eval()
+    network, layout = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))
+    network.eval()
     with torch.no_grad():
         for parameter in network.parameters():
             parameter.add_(torch.randn_like(parameter))          # weights the stacked tensors do not hold yet
-    rebuilt = build_network(aligned, spaces, grouping, read_back(network, stack_weights(aligned, spaces))).eval()
+    rebuilt = build_network(aligned, spaces, grouping, read_back(network, layout, stack_weights(aligned, spaces)))[0]
+    rebuilt.eval()
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         for t in TASKS:
@@ -144,7 +146,7 @@ def test_units_no_task_needs_are_not_built():
     groups = {name: (everyone,) * len(space.units) for name, space in spaces.items() if space.kind == "hidden"}
     groups["fc1"] = (frozenset("ab"),) * 10 + (everyone,) * (len(spaces["fc1"].units) - 10)
     groups["fc2"] = (frozenset("c"),) * 5 + (everyone,) * (len(spaces["fc2"].units) - 5)
-    network = build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))
+    network = build_network(aligned, spaces, Grouping(groups), stack_weights(aligned, spaces))[0]
     names = dict(network.named_children())
     assert "fc1_g0" in names and "fc1_g1" not in names      # g1 = {a, b}
     assert all(not s.out.startswith("fc1_g1") for s in network.statements)

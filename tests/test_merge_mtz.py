@@ -27,7 +27,7 @@ def test_zipping_identical_models_changes_nothing(arch):
     for name, groups in grouping.groups.items():
         width = len(spaces[name].units) // 3
         assert groups == (frozenset("abc"),) * width + (None,) * (2 * width), name
-    network = build_network(aligned, spaces, grouping, weights).eval()
+    network = build_network(aligned, spaces, grouping, weights)[0].eval()
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = original(x)

@@ -84,7 +84,7 @@ def test_report_counts_every_combination():
     tasks = ("a", "b", "c")
     models = make_models("lenet5", tasks)
     data = random_data(tasks, n=40)
-    result = pamfx.optimize(models, data, merge="none", prune=None, progress=False)
+    result = pamfx.optimize(models, data, eval_data=data, merge="none", prune=None, progress=False)
     assert [set(r.combination) for r in result.report.rows] == [set(c) for c in all_combinations(tasks)]
     for row in result.report.rows:
         assert row.macs == row.separate_macs == result.model.macs(row.combination)

@@ -1,0 +1,211 @@
+"""prune(...) -> Pruned: structured pruning of the task-gated network under an accuracy guard (DESIGN.md section 4).
+
+Removing a unit sets its group to None and the network is rebuilt from its stacked weights, so every coupled
+tensor follows (producer rows, BatchNorm entries, consumer columns, flatten blocks, residual partners, concat
+slices, depthwise channels): physical removal, never a mask. A group that loses all its units disappears, and a
+unit whose removal would cut a task's last path to its head is kept.
+
+The schedule, one step at a time:
+1. score every kept unit with the criterion (passes/criteria.py), per MAC its removal saves if cost-aware;
+2. each task t still being pruned offers the lowest-ranked share fraction[t] of the units serving it (units of
+   groups containing t), across all layers; the step removes the union;
+3. fine-tune briefly, then check the guard: every task's accuracy on the guard data >= its floor (its original
+   model's accuracy there minus the tolerance);
+4. when tasks fail, restore the removed units whose group contains a failing task, halve those tasks' fractions
+   and check again; a task whose fraction falls below the minimum is done, and units serving it are kept from
+   then on. Under merge="none" groups never mix tasks, so each task is pruned under its own guard exactly as
+   pruning its model alone would.
+A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
+
+    pruned = prune(aligned, spaces, grouping, tuned, data, guard, floors, "taylor", PruneConfig())
+    pruned.tuned.network.macs()     # cheaper, and every task still meets its floor on the guard data
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pamfx.errors import GroupingError
+from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, group_label
+from pamfx.passes.criteria import CRITERIA, unit_macs
+from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
+from pamfx.passes.rules import check_paths, drop_unreadable
+from pamfx.train import evaluate
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """The prune pass's knobs.
+
+    step_fraction: share of each task's units the first step removes; min_fraction: a task whose share fell
+    below this (halved at each failure) is done; max_steps: a cap on steps. step_steps / final_steps: fine-tuning
+    steps (batches of batch_size per task, Adam at lr) after each step and at the end. cost_aware: rank units by
+    importance per MAC their removal saves (all tasks running) instead of importance alone. importance_batches:
+    batches the Taylor criterion accumulates. vib_steps / vib_kl / vib_lr: the VIB criterion's gate training
+    (steps, weight of the KL term per unit, learning rate). guard_fraction: share of `data` held out as the guard
+    when optimize() is given no eval_data.
+    """
+    step_fraction: float = 0.2
+    min_fraction: float = 0.02
+    max_steps: int = 60
+    step_steps: int = 100
+    final_steps: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    cost_aware: bool = True
+    importance_batches: int = 8
+    vib_steps: int = 300
+    vib_kl: float = 1e-3
+    vib_lr: float = 1e-2
+    guard_fraction: float = 0.1
+
+    def __post_init__(self):
+        for name in ("step_fraction", "min_fraction", "guard_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"PruneConfig.{name}={value!r} must be a number in (0, 1)")
+        for name in ("max_steps", "step_steps", "final_steps", "batch_size", "importance_batches", "vib_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
+                raise ValueError(f"PruneConfig.{name}={value!r} must be an int >= {1 if name == 'batch_size' else 0}")
+        for name in ("lr", "vib_kl", "vib_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"PruneConfig.{name}={getattr(self, name)!r} must be a number > 0")
+
+    def tuning(self, steps: int) -> FinetuneConfig:
+        return FinetuneConfig(steps=steps, batch_size=self.batch_size, lr=self.lr)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pruning step as the report's notes tell it."""
+    index: int
+    removed: dict           # task -> units removed from groups containing it (accepted steps)
+    macs: int               # all tasks, after the step (or before it, if nothing was accepted)
+    accuracy: dict          # task -> guard accuracy after the step's fine-tuning
+    restored_for: tuple     # tasks that failed and got their units back
+    accepted: bool
+
+
+@dataclass
+class Pruned:
+    tuned: Tuned
+    grouping: Grouping
+    history: list
+    below_floor: dict       # task -> guard accuracy, for tasks the returned network leaves below their floor
+
+    def notes(self, tasks) -> list[str]:
+        lines = []
+        for step in self.history:
+            removed = ", ".join(f"{t} {n}" for t, n in step.removed.items() if n)
+            accuracy = ", ".join(f"{t} {a:.4f}" for t, a in step.accuracy.items())
+            restored = f"; restored units of {', '.join(step.restored_for)}" if step.restored_for else ""
+            verdict = "kept" if step.accepted else "undone"
+            lines.append(f"prune step {step.index}: removed {removed or 'nothing'} -> all-task MACs {step.macs:,}; "
+                         f"guard {accuracy}{restored}; {verdict}")
+        return lines
+
+
+def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data: dict,
+          guard: dict, floors: dict, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
+          progress: bool = True) -> Pruned:
+    """Prunes the network `tuned` (built from `grouping`) until no task can lose more units without falling below
+    its floor (floors[t]: the least accuracy task t may have on `guard`). `data` trains, `guard` decides.
+    A task already below its floor at the start is not pruned, and its floor becomes its starting accuracy."""
+    tasks = aligned.tasks
+    score_units = CRITERIA[criterion]
+    start = evaluate(tuned.network, guard)
+    required, floors = floors, {t: min(floors[t], start[t]) for t in tasks}
+    fraction = {t: config.step_fraction for t in tasks}
+    done = {t for t in tasks if start[t] < floors[t]}
+    groups = dict(grouping.groups)
+    history = []
+    bar = tqdm(total=config.max_steps, desc=f"prune ({criterion})", disable=not progress)
+    for index in range(config.max_steps):
+        done |= {t for t in tasks if fraction[t] < config.min_fraction}
+        if done >= set(tasks):
+            break
+        scores = score_units(aligned, spaces, tuned, data, config, seed + index)
+        if config.cost_aware:
+            saved = unit_macs(aligned, spaces, tuned)
+            scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
+        removal = _choose(aligned, spaces, groups, scores, fraction, done)
+        restored_for: set = set()
+        accepted = None
+        while removal:
+            trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
+            # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
+            # outputs and cannot fail: under merge="none" each task's pruning is its own.
+            changed = frozenset().union(*(group for name in groups
+                                          for group, after in zip(groups[name], trial_groups[name])
+                                          if group is not None and after is None))
+            trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), tuned.weights, data,
+                                         config.tuning(config.step_steps), seed=seed + index, changed=changed)
+            accuracy = evaluate(trial.network, guard)
+            failing = {t for t in tasks if accuracy[t] < floors[t]}
+            if not failing:
+                accepted = (trial, trial_groups)
+                break
+            for t in failing - restored_for:
+                fraction[t] /= 2
+            restored_for |= failing
+            kept = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
+            removal = kept if len(kept) < len(removal) else []   # nothing to restore: the step is undone
+        if accepted is not None:
+            removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
+                              if group is not None and t in group and accepted[1][name][unit] is None) for t in tasks}
+            tuned, groups = accepted
+        else:
+            removed = {t: 0 for t in tasks}
+            if not restored_for:                  # nobody could offer a unit: every task is done
+                break
+        history.append(Step(index, removed, tuned.network.macs(), accuracy, tuple(sorted(restored_for)),
+                            accepted is not None))
+        margin = min(accuracy[t] - floors[t] for t in tasks)
+        bar.update()
+        bar.set_postfix(macs=f"{tuned.network.macs():,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
+    bar.close()
+    final = rebuild_and_finetune(aligned, spaces, Grouping(groups), tuned.weights, data,
+                                 config.tuning(config.final_steps), seed=seed + config.max_steps)
+    accuracy = evaluate(final.network, guard)
+    if any(accuracy[t] < floors[t] for t in tasks):
+        final, accuracy = tuned, evaluate(tuned.network, guard)   # the final fine-tune broke the guard: undo it
+    below = {t: accuracy[t] for t in tasks if accuracy[t] < required[t]}
+    return Pruned(final, Grouping(groups, grouping.notes), history, below)
+
+
+def _choose(aligned, spaces, groups: dict, scores: dict, fraction: dict, done: set) -> list[tuple[str, int]]:
+    """The units this step removes: for each task still pruned, the lowest-scored share fraction[t] of the kept
+    units serving it (never a unit that also serves a done task), skipping any unit whose removal would cut a
+    task's last path to its head."""
+    kept = [(name, unit) for name, g in groups.items() for unit, group in enumerate(g)
+            if group is not None and not group & done]
+    wanted: set = set()
+    for task in sorted(set(fraction) - done):
+        pool = sorted((u for u in kept if task in groups[u[0]][u[1]]), key=lambda u: float(scores[u[0]][u[1]]))
+        wanted.update(pool[:math.ceil(fraction[task] * len(pool))])
+    chosen: list = []
+    tentative = dict(groups)
+    for name, unit in sorted(wanted, key=lambda u: float(scores[u[0]][u[1]])):
+        if tentative[name][unit] is None:          # already dropped by an earlier removal's cascade
+            continue
+        trial = _without(tentative, [(name, unit)])
+        group = groups[name][unit]
+        if group not in trial[name]:               # the last unit of its group here: its consumers may lose it
+            trial = drop_unreadable(aligned, spaces, trial)
+            try:
+                check_paths(aligned, spaces, trial)
+            except GroupingError:
+                continue
+        tentative = trial
+        chosen.append((name, unit))
+    return chosen
+
+
+def _without(groups: dict, units) -> dict:
+    """A copy of `groups` with the given (space, unit) pairs dropped."""
+    edited = {name: list(g) for name, g in groups.items()}
+    for name, unit in units:
+        edited[name][unit] = None
+    return {name: tuple(g) for name, g in edited.items()}
