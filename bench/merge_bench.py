@@ -26,7 +26,7 @@ from pamfx.zoo import lenet5
 METHODS = [
     ("none", "none", None),
     ("mtz", "mtz", None),
-    ("pam a=0.01/0.05 (reference)", "pam", pamfx.PamConfig()),
+    ("pam a=0.01/0.05 (reference)", "pam", pamfx.PamConfig(alpha_conv=0.01, alpha_linear=0.05, rescale=False)),
     ("pam a=0.3/0.6", "pam", pamfx.PamConfig(alpha_conv=0.3, alpha_linear=0.6)),
     ("pam a=0.6/1.0", "pam", pamfx.PamConfig(alpha_conv=0.6, alpha_linear=1.0)),
     ("pam a=1.0/1.3", "pam", pamfx.PamConfig(alpha_conv=1.0, alpha_linear=1.3)),

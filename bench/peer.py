@@ -238,7 +238,7 @@ def main(argv=None) -> None:
     images, labels = load_fashion_mnist("train")
     train_data = task_data(images[:54000], labels[:54000], split)
     guard_data = task_data(images[54000:], labels[54000:], split)
-    print(f"| task | schedule | MACs | guard acc (original) | accepted steps | seconds |\n|---|---|---|---|---|---|")
+    print("| task | schedule | MACs | guard acc (original) | accepted steps | seconds |\n|---|---|---|---|---|---|")
     for task, label_fn in split.items():
         # "-train54k": merge_bench caches models of the same task trained on all 60,000 images as lenet5-{task}.
         model = train_or_load(f"lenet5-{task}-train54k", functools.partial(lenet5, label_fn.num_classes),

@@ -1,13 +1,14 @@
 """The command line: `python -m pamfx demo` (or `pamfx demo`) runs the PAM paper's Fashion-MNIST scenario end to end.
 
-The demo trains (or loads from its cache) one LeNet-5 per task of `paper_split()`, merges them with
-`pamfx.optimize`, prints the per-combination report, writes the network with `pamfx.codegen` and checks that
-the generated file computes what the in-memory network computes.
+The demo trains (or loads from its cache) one LeNet-5 per task of `paper_split()` on the training split minus a
+seeded validation slice, merges and prunes them with `pamfx.optimize` (that slice is the guard), prints the
+per-combination report and each task's test accuracy, writes the network with `pamfx.codegen` and checks that the
+generated file computes what the in-memory network computes.
 
     python -m pamfx demo --epochs 2 --out pamfx_out/merged.py
 
 Exit codes: 0 success; 1 the generated file disagrees with the network; 2 bad usage or a missing prerequisite
-(the dataset, an option not available yet, an output that exists without --overwrite).
+(the dataset, an output that exists without --overwrite, a grouping that leaves a task no path).
 """
 import argparse
 import functools
@@ -21,23 +22,20 @@ import torch
 import pamfx
 from pamfx.checks import MERGES, PRUNERS
 from pamfx.data import LabelFunction, load_fashion_mnist, paper_split, task_data
-from pamfx.errors import DataError, DatasetMissingError, GroupingError, NotAvailableError
+from pamfx.errors import DataError, DatasetMissingError, GroupingError
 from pamfx.ir import all_combinations
-from pamfx.train import accuracy, train_or_load
+from pamfx.train import accuracy, evaluate, train_or_load
 from pamfx.zoo import lenet5
 
 # Errors that a user fixes (install the dataset, pick another option or path): their message, no traceback.
-USER_ERRORS = (DatasetMissingError, NotAvailableError, FileExistsError, DataError, GroupingError)
+USER_ERRORS = (DatasetMissingError, FileExistsError, DataError, GroupingError)
 EXIT_USER_ERROR = 2
 EXIT_MISMATCH = 1
 
 CHECK_IMAGES = 256        # test images on which the generated file is compared with the network
 CHECK_TOLERANCE = 1e-5    # largest allowed absolute difference of any output
 PRUNE_CHOICES = [p if p is not None else "none" for p in PRUNERS]   # "none" on the command line is None
-# NOTE: the reference thresholds (0.01 / 0.05 nats) leave two LeNet-5 on this split almost fully shared; half and
-# three quarters of each task's label entropy separate the tasks and keep both within a point of their accuracy
-# (bench/results/merge_lenet5_paper_split.md).
-DEMO_PAM = pamfx.PamConfig(alpha_conv=0.5, alpha_linear=0.75, relative=True)
+VALIDATION = 0.1          # share of the training images held out as the guard (never trained on)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,17 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-images", type=_positive_int, default=None,
                       help="training images per task passed to optimize (default: all 60,000)")
     demo.add_argument("--merge", choices=MERGES, default="pam", help="merge passed to optimize (default: pam)")
-    demo.add_argument("--alpha-conv", type=float, default=DEMO_PAM.alpha_conv,
-                      help="PAM threshold for conv spaces, a fraction of each task's label entropy "
-                           "(default: %(default)s, see bench/results)")
-    demo.add_argument("--alpha-linear", type=float, default=DEMO_PAM.alpha_linear,
-                      help="PAM threshold for linear spaces, a fraction of the label entropy (default: %(default)s)")
+    demo.add_argument("--alpha-conv", type=float, default=None,
+                      help="PAM threshold for conv spaces, a fraction of each task's label entropy (default: "
+                           "chosen under the guard, with --alpha-linear)")
+    demo.add_argument("--alpha-linear", type=float, default=None,
+                      help="PAM threshold for linear spaces, a fraction of the label entropy (default: chosen)")
     demo.add_argument("--alpha-in-nats", action="store_true",
                       help="read --alpha-conv / --alpha-linear in nats, as the reference implementation does")
     demo.add_argument("--finetune-epochs", type=float, default=2.0,
                       help="epochs of multitask fine-tuning after a merge (default: %(default)s)")
-    demo.add_argument("--prune", choices=PRUNE_CHOICES, default="none",
-                      help="pruner passed to optimize; 'none' prunes nothing (default: none)")
+    demo.add_argument("--prune", choices=PRUNE_CHOICES, default="taylor",
+                      help="pruner passed to optimize; 'none' prunes nothing (default: %(default)s)")
+    demo.add_argument("--tolerance", type=float, default=0.01,
+                      help="largest drop of a task's accuracy on the guard data (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print results only, no progress")
     demo.set_defaults(run=run_demo)
     return parser
@@ -89,16 +89,22 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     progress = not args.quiet
     _check_out_is_free(args.out, args.overwrite)                   # fail before minutes of work, not after
+    if (args.alpha_conv is None) != (args.alpha_linear is None):
+        raise DataError("give both --alpha-conv and --alpha-linear, or neither (to choose them under the guard)")
     tasks = paper_split()
-    train_data, test_data = load_tasks(tasks, progress)
+    train_data, guard_data, test_data = load_tasks(tasks, args.seed, progress)
     models = train_models(tasks, train_data, test_data, args.cache_dir, args.epochs, args.seed, progress)
     data = train_data if args.train_images is None else training_subset(train_data, args.train_images, args.seed)
-    result = pamfx.optimize(models, data, eval_data=test_data, merge=args.merge,
-                            prune=None if args.prune == "none" else args.prune, seed=args.seed, progress=progress,
+    result = pamfx.optimize(models, data, eval_data=guard_data, merge=args.merge,
+                            prune=None if args.prune == "none" else args.prune, tolerance=args.tolerance,
+                            seed=args.seed, progress=progress,
                             pam=pamfx.PamConfig(alpha_conv=args.alpha_conv, alpha_linear=args.alpha_linear,
                                                 relative=not args.alpha_in_nats),
                             finetune=pamfx.FinetuneConfig(epochs=args.finetune_epochs))
     print(result.report.to_markdown())
+    tested = evaluate(result.model, test_data)
+    print("test accuracy (never used for a decision): " + ", ".join(
+        f"{t} {accuracy(models[t], *test_data[t]):.4f} -> {tested[t]:.4f}" for t in tasks))
     out = pamfx.codegen(result.model, args.out, overwrite=args.overwrite)
     print(f"wrote {out} and {out.with_suffix('.pt')}")
     matches = check_generated(out, result.model, next(iter(test_data.values()))[0][:CHECK_IMAGES])
@@ -106,17 +112,23 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if matches else EXIT_MISMATCH
 
 
-def load_tasks(tasks: dict[str, LabelFunction], progress: bool) -> tuple[dict, dict]:
-    """{task: (images, labels)} for Fashion-MNIST's train and test splits."""
+def load_tasks(tasks: dict[str, LabelFunction], seed: int, progress: bool) -> tuple[dict, dict, dict]:
+    """{task: (images, labels)} for Fashion-MNIST's training split minus a seeded validation slice (VALIDATION of
+    it), that slice (the guard) and the test split."""
     if progress:
         print("loading Fashion-MNIST")
-    return task_data(*load_fashion_mnist("train"), tasks), task_data(*load_fashion_mnist("test"), tasks)
+    images, labels = load_fashion_mnist("train")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    held = round(VALIDATION * len(images))
+    guard, train = order[:held].sort().values, order[held:].sort().values
+    return (task_data(images[train], labels[train], tasks), task_data(images[guard], labels[guard], tasks),
+            task_data(*load_fashion_mnist("test"), tasks))
 
 
 def train_models(tasks: dict[str, LabelFunction], train_data: dict, test_data: dict, cache_dir: Path, epochs: int,
                  seed: int, progress: bool) -> dict:
-    """One LeNet-5 per task, trained on the full training split or loaded from `cache_dir`; prints each
-    model's test accuracy."""
+    """One LeNet-5 per task, trained on `train_data` or loaded from `cache_dir`; prints each model's test
+    accuracy."""
     models = {}
     for task, label_fn in tasks.items():
         started = time.perf_counter()

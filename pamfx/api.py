@@ -16,7 +16,7 @@ from .passes.channel_spaces import find_channel_spaces
 from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from .passes.merge_mtz import MtzConfig, merge_mtz
 from .passes.merge_none import merge_none
-from .passes.merge_pam import PamConfig, group_table, merge_pam
+from .passes.merge_pam import PamConfig, group_table, merge_pam, search_pam
 from .passes.prune import PruneConfig, prune as prune_network
 from .passes.stack import stack_weights
 from .passes.trace import trace
@@ -82,24 +82,29 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     check_labels(data, heads, "data")
     check_labels(guard, heads, "eval_data" if eval_data is not None else "data")
     spaces = find_channel_spaces(aligned)                            # which tensors share a channel dimension
+    original = {t: accuracy(module, *guard[t]) for t, module in zip(tasks, aligned.modules)}   # once
+    floors = {t: original[t] - tolerance for t in tasks}
     say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
     started = time.perf_counter()
-    options = {"pam": pam, "mtz": mtz, "finetune": finetune, "seed": seed, "progress": progress}
-    grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ its weights)
-    seconds = {"merge": time.perf_counter() - started}
-    notes += [f"merge={merge}: grouped in {seconds['merge']:.1f} s"] + group_table(spaces, grouping, tasks)
-    notes += list(grouping.notes)
-    started = time.perf_counter()
-    if merge == "none":                                              # none is exact: nothing to recover
-        tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
-    else:                                                            # all tasks, summed loss, rule 2 kept
-        notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
-            aligned, spaces, grouping, weights)[0], guard)))
-        tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, finetune, seed, progress)
-        seconds["finetune"] = time.perf_counter() - started
-    original = {t: accuracy(module, *guard[t]) for t, module in zip(tasks, aligned.modules)}   # once
-    floors = {t: original[t] - tolerance for t in tasks}
+    if merge == "pam" and pam.alpha_conv is None:                    # thresholds chosen under the guard
+        grouping, tuned = search_pam(aligned, spaces, data, guard, floors, pam, finetune, seed, progress)
+        seconds = {"merge": time.perf_counter() - started}
+        notes += [f"merge=pam: thresholds searched, {seconds['merge']:.1f} s with fine-tuning"]
+    else:
+        options = {"pam": pam, "mtz": mtz, "finetune": finetune, "seed": seed, "progress": progress}
+        grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ weights)
+        seconds = {"merge": time.perf_counter() - started}
+        notes += [f"merge={merge}: grouped in {seconds['merge']:.1f} s"]
+        started = time.perf_counter()
+        if merge == "none":                                          # none is exact: nothing to recover
+            tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
+        else:                                                        # all tasks, summed loss, rule 2 kept
+            notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
+                aligned, spaces, grouping, weights)[0], guard)))
+            tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, finetune, seed, progress)
+            seconds["finetune"] = time.perf_counter() - started
+    notes += group_table(spaces, grouping, tasks) + list(grouping.notes)
     merged_macs = {c: tuned.network.macs(c) for c in all_combinations(tasks)}
     merged_accuracy = evaluate(tuned.network, guard)
     notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(merged_accuracy))

@@ -29,9 +29,5 @@ class DatasetMissingError(PamfxError, FileNotFoundError):
     """A dataset's files are not on disk."""
 
 
-class NotAvailableError(PamfxError, NotImplementedError):
-    """An option that a later release will provide."""
-
-
 class PamfxWarning(UserWarning):
     """A result the user must know about: a task below its accuracy floor, a combination dearer than the originals."""

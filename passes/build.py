@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
-from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
+from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
                        Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
 from pamfx.passes.rules import readable
@@ -169,17 +169,14 @@ class _Builder:
     def visit_cat(self, node):
         operands = list(node.args[0])
         for group in self.layout[node]:
-            inputs = [self.values[operand][group] for operand in operands if group in self.values[operand]]
+            inputs = [self.values[operand][group] for operand in operands if group in self.values.get(operand, {})]
             if len(inputs) == 1:
                 self.values.setdefault(node, {})[group] = inputs[0]
             else:
                 self.emit(node, group, inputs, "concat")
 
     def visit_output(self, node):
-        head = node.args[0]
-        if not isinstance(head, fx.Node) or SPACE not in head.meta:
-            raise UnsupportedOpError(f"the models return {node.args[0]!r}; pamfx needs forward() to return one "
-                                     "tensor, the output of the task's head")
+        head = node.args[0]   # find_channel_spaces checked that it is one tensor in the head's space
         for task in self.tasks:
             self.outputs[task] = self.values[head][frozenset([task])]
 

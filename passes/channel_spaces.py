@@ -39,6 +39,10 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
         features = _features(node, by_name)
         if features is not None:
             node.meta[FEATURES] = features
+    result = next(node for node in nodes if node.meta[OP] == "output").args[0]
+    if not isinstance(result, fx.Node) or SPACE not in result.meta:
+        raise UnsupportedOpError(f"the models return {result!r}; pamfx needs forward() to return one tensor, the "
+                                 "output of the task's head")
     return by_name
 
 

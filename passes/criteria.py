@@ -86,7 +86,7 @@ def taylor(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, t
     for _ in range(config.importance_batches):
         batch = {t: _draw(x, y, config.batch_size, generator) for t, (x, y) in data.items()}
         loss = sum(F.cross_entropy(gates(x, tasks=[t])[t], y) for t, (x, y) in batch.items())
-        gradients = torch.autograd.grad(loss, list(gates.mu.values()))
+        gradients = torch.autograd.grad(loss, list(gates.mu.values()), materialize_grads=True)
         for name, gradient in zip(gates.mu, gradients):
             scores[name] += gradient.detach() ** 2 / config.importance_batches
     return scores
@@ -96,7 +96,7 @@ def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch
     """L1 norm of a unit's incoming weights in the network as built (Li et al. 2017), divided by how many weights
     it reads so that units of wide and narrow layers compare; summed over the layers of a residual space."""
     scores = {name: torch.zeros(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
-    counts = {name: torch.zeros(len(space.units)) for name in scores}
+    counts = {name: torch.zeros(len(spaces[name].units)) for name in scores}
     for module_name, origin in tuned.layout.origins.items():
         node = _node(aligned, origin.node)
         if origin.columns is None or node.meta[OP] not in ("conv", "linear") or node.meta[SPACE] not in scores:

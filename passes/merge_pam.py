@@ -8,47 +8,65 @@ every group of two or more tasks into one shared group.
     grouping = merge_pam(aligned, spaces, data, PamConfig(alpha_linear=0.2))
     grouping.groups["fc1"][:3]   # (frozenset({'tops', 'shoes'}), frozenset({'tops'}), None)
 """
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
+from pamfx.passes.finetune import rebuild_and_finetune
+from pamfx.passes.stack import stack_weights
+from pamfx.train import evaluate
 from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy
 from pamfx.passes.rules import check_paths, drop_unreadable
 
 
 @dataclass(frozen=True)
 class PamConfig:
-    """PAM's knobs, with the reference implementation's defaults.
+    """PAM's knobs.
 
     alpha_conv / alpha_linear: the largest mutual information (nats) a set of units may share with a task's labels
-    and still count as irrelevant to it, for spaces made by conv and by linear layers. relative: read the alphas
-    as fractions of each task's label entropy H(Y_t) instead (tasks with fewer or unbalanced classes carry fewer
-    nats). samples: calibration inputs per task. sigma2: the noise variance of the entropy estimator.
+    and still count as irrelevant to it, for spaces made by conv and by linear layers; the reference used 0.01 /
+    0.05. None (the default): optimize() chooses them under the guard, trying `search` from the largest pair down.
+    relative: read the alphas as fractions of each task's label entropy H(Y_t) (tasks with fewer or unbalanced
+    classes carry fewer nats); the search always does. samples: calibration inputs per task. sigma2: the noise
+    variance of the entropy estimator. rescale: divide each model's activations in a space by their mean standard
+    deviation first, so that sigma2 means the same in every layer and model (the reference uses raw activations).
     """
-    alpha_conv: float = 0.01
-    alpha_linear: float = 0.05
+    alpha_conv: float | None = None
+    alpha_linear: float | None = None
     samples: int = 128
     sigma2: float = SIGMA2
     relative: bool = False
+    rescale: bool = True
+    search: tuple = ((0.9, 0.95), (0.7, 0.9), (0.5, 0.75), (0.3, 0.5), (0.1, 0.25))
 
     def __post_init__(self):
+        if (self.alpha_conv is None) != (self.alpha_linear is None):
+            raise ValueError("PamConfig: give both alpha_conv and alpha_linear, or neither (to search them)")
         for name in ("alpha_conv", "alpha_linear", "sigma2"):
             value = getattr(self, name)
+            if value is None and name != "sigma2":
+                continue
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"PamConfig.{name}={value!r} must be a number >= 0")
+        if not self.search or any(len(pair) != 2 or not all(0 < a for a in pair) for pair in self.search):
+            raise ValueError(f"PamConfig.search={self.search!r} must be (conv, linear) pairs of fractions > 0")
         if not isinstance(self.samples, int) or self.samples < 2:
             raise ValueError(f"PamConfig.samples={self.samples!r} must be an int >= 2")
 
 
 def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, config: PamConfig = PamConfig(),
               seed: int = 0, progress: bool = True) -> Grouping:
-    """Groups units by relevance; raises GroupingError if a task keeps no unit in a space its head needs.
+    """Groups units by relevance; raises GroupingError if a task keeps no unit in a space its head needs, and
+    ValueError if the thresholds are not set (optimize() searches them).
 
     Where no unit of a space is relevant to a task, the task keeps its own model's units there (said in the
     grouping's notes) instead of losing every path to its head."""
+    if config.alpha_conv is None:
+        raise ValueError("merge_pam needs PamConfig.alpha_conv / alpha_linear; optimize() searches them when None")
     calibration = calibration_activations(aligned, spaces, data, config.samples, seed=seed)
     hidden = [name for name, space in spaces.items() if space.kind == "hidden"]
     groups = {}
@@ -56,14 +74,17 @@ def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     unit = "x H(Y_t)" if config.relative else "nats"
     notes = [f"pam: alpha conv {config.alpha_conv} / linear {config.alpha_linear} {unit}; label entropies "
              + ", ".join(f"H({t}) {entropy[t]:.2f}" for t in aligned.tasks)
-             + f" nats on {config.samples} calibration samples per task"]
+             + f" nats on {len(calibration.labels[aligned.tasks[0]])} calibration samples per task"
+             + ("; activations rescaled per model and space" if config.rescale else "")]
     for name in tqdm(hidden, desc="pam: relevance", disable=not progress):
         irrelevant = {}
         for model, t in enumerate(aligned.tasks):
             alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
             alpha = alpha * entropy[t] if config.relative else alpha
-            irrelevant[t] = set(irrelevant_units(calibration.activations[t][name], calibration.labels[t], alpha,
-                                                 config.sigma2))
+            activations = calibration.activations[t][name]
+            if config.rescale:
+                activations = _rescaled(activations, spaces[name])
+            irrelevant[t] = set(irrelevant_units(activations, calibration.labels[t], alpha, config.sigma2))
             if len(irrelevant[t]) == len(spaces[name].units):
                 # NOTE: the whole space carries less than alpha about t (alpha too high for these models, or models
                 # that learnt nothing): t keeps its own model's units rather than losing its path to the head.
@@ -94,6 +115,68 @@ def group_table(spaces: dict[str, ChannelSpace], grouping: Grouping, tasks: tupl
     return lines
 
 
+def _rescaled(activations, space: ChannelSpace):
+    """[samples, units] with each model's units divided by their mean standard deviation over the samples.
+
+    NOTE: a departure from the reference, which feeds raw activations to a kernel of fixed width sigma2: there a
+    layer or model whose activations are small looks irrelevant to everything. One factor per model and space keeps
+    the units' relative scales (a weak unit stays weak) while making sigma2 mean the same everywhere."""
+    scaled = activations.clone()
+    for model in {unit.model for unit in space.units}:
+        columns = space.units_of_model(model)
+        spread = activations[:, columns].std(0).mean()
+        if spread > 0:
+            scaled[:, columns] = activations[:, columns] / spread
+    return scaled
+
+
 def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
     kinds = {node.name: node.meta[OP] for node in aligned.graph.nodes}
     return any(kinds[name] in ("conv", "depthwise") for name in space.nodes)
+
+
+def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, guard: dict, floors: dict,
+               config: PamConfig, tuning, seed: int = 0, progress: bool = True):
+    """Chooses PAM's thresholds under the guard: the largest pair of `config.search` (fractions of each task's
+    H(Y)) whose merged, fine-tuned network keeps every task at or above its floor on the guard data.
+
+    Starts in the middle of the list and walks toward larger thresholds while trials pass, toward smaller ones while
+    they fail. Returns (grouping, tuned network); the grouping's notes say each trial's guard accuracy and cost. If
+    no pair passes, the smallest pair's network (its failing tasks are then the caller's to report)."""
+    ladder = sorted(config.search, reverse=True)          # largest thresholds first
+    trials: dict[int, tuple] = {}
+    notes = []
+
+    def trial(index):
+        started = time.perf_counter()
+        chosen = replace(config, alpha_conv=ladder[index][0], alpha_linear=ladder[index][1], relative=True)
+        try:
+            grouping = merge_pam(aligned, spaces, data, chosen, seed, progress=False)
+        except GroupingError as error:       # thresholds so large that a task keeps no path
+            notes.append(f"pam search: alpha {ladder[index][0]} / {ladder[index][1]} x H(Y_t): {error}")
+            trials[index] = None
+            return False
+        tuned = rebuild_and_finetune(aligned, spaces, grouping, stack_weights(aligned, spaces), data, tuning, seed,
+                                     progress, desc=f"pam {ladder[index][0]}/{ladder[index][1]}")
+        accuracy = evaluate(tuned.network, guard)
+        passed = all(accuracy[t] >= floors[t] for t in aligned.tasks)
+        notes.append(f"pam search: alpha {ladder[index][0]} / {ladder[index][1]} x H(Y_t): guard "
+                     + ", ".join(f"{t} {a:.4f}" for t, a in accuracy.items())
+                     + f" -> {'meets' if passed else 'breaks'} the floors; all-task MACs {tuned.network.macs():,}; "
+                     f"{time.perf_counter() - started:.0f} s")
+        trials[index] = (grouping, tuned, passed)
+        return passed
+
+    index = len(ladder) // 2
+    if trial(index):
+        while index > 0 and trial(index - 1):
+            index -= 1
+    else:
+        while index < len(ladder) - 1 and not trial(index + 1):
+            index += 1
+        index = min(index + 1, len(ladder) - 1)
+    if trials.get(index) is None:            # the smallest pair could not even be built: say why
+        raise GroupingError("PAM found no thresholds that keep every task a path to its head: " + "; ".join(notes))
+    grouping, tuned, _ = trials[index]
+    notes.append(f"pam search: chose alpha {ladder[index][0]} / {ladder[index][1]} x H(Y_t)")
+    return Grouping(grouping.groups, grouping.notes + tuple(notes)), tuned

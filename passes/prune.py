@@ -7,8 +7,8 @@ unit whose removal would cut a task's last path to its head is kept.
 
 The schedule, one step at a time:
 1. score every kept unit with the criterion (passes/criteria.py), per MAC its removal saves if cost-aware;
-2. each task t still being pruned offers the lowest-ranked share fraction[t] of the units serving it (units of
-   groups containing t), across all layers; the step removes the union;
+2. each task t still being pruned offers its lowest-ranked units (of groups containing t), across all layers,
+   until their removal saves a share fraction[t] of the MACs t costs; the step removes the union;
 3. fine-tune briefly, then check the guard: every task's accuracy on the guard data >= its floor (its original
    model's accuracy there minus the tolerance);
 4. when tasks fail, restore the removed units whose group contains a failing task, halve those tasks' fractions
@@ -20,14 +20,12 @@ A final longer fine-tune follows; if it broke the guard, the network from before
     pruned = prune(aligned, spaces, grouping, tuned, data, guard, floors, "taylor", PruneConfig())
     pruned.tuned.network.macs()     # cheaper, and every task still meets its floor on the guard data
 """
-import math
 from dataclasses import dataclass
 
-import torch
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
-from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, group_label
+from pamfx.ir import AlignedGraph, ChannelSpace, Grouping
 from pamfx.passes.criteria import CRITERIA, unit_macs
 from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from pamfx.passes.rules import check_paths, drop_unreadable
@@ -38,8 +36,8 @@ from pamfx.train import evaluate
 class PruneConfig:
     """The prune pass's knobs.
 
-    step_fraction: share of each task's units the first step removes; min_fraction: a task whose share fell
-    below this (halved at each failure) is done; max_steps: a cap on steps. step_steps / final_steps: fine-tuning
+    step_fraction: share of each task's MACs the first step removes (its lowest-ranked units until their removal
+    saves that much); min_fraction: a task whose share fell below this (halved at each failure) is done; max_steps: a cap on steps. step_steps / final_steps: fine-tuning
     steps (batches of batch_size per task, Adam at lr) after each step and at the end. cost_aware: rank units by
     importance per MAC their removal saves (all tasks running) instead of importance alone. importance_batches:
     batches the Taylor criterion accumulates. vib_steps / vib_kl / vib_lr: the VIB criterion's gate training
@@ -47,7 +45,7 @@ class PruneConfig:
     when optimize() is given no eval_data.
     """
     step_fraction: float = 0.2
-    min_fraction: float = 0.02
+    min_fraction: float = 0.01
     max_steps: int = 60
     step_steps: int = 100
     final_steps: int = 500
@@ -127,10 +125,11 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         if done >= set(tasks):
             break
         scores = score_units(aligned, spaces, tuned, data, config, seed + index)
+        saved = unit_macs(aligned, spaces, tuned)
         if config.cost_aware:
-            saved = unit_macs(aligned, spaces, tuned)
             scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
-        removal = _choose(aligned, spaces, groups, scores, fraction, done)
+        budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
+        removal = _choose(aligned, spaces, groups, scores, saved, budget, done)
         restored_for: set = set()
         accepted = None
         while removal:
@@ -175,16 +174,21 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
     return Pruned(final, Grouping(groups, grouping.notes), history, below)
 
 
-def _choose(aligned, spaces, groups: dict, scores: dict, fraction: dict, done: set) -> list[tuple[str, int]]:
-    """The units this step removes: for each task still pruned, the lowest-scored share fraction[t] of the kept
-    units serving it (never a unit that also serves a done task), skipping any unit whose removal would cut a
+def _choose(aligned, spaces, groups: dict, scores: dict, saved: dict, budget: dict, done: set) -> list[tuple[str, int]]:
+    """The units this step removes: for each task still pruned, its lowest-scored kept units (never one that also
+    serves a done task) until their removal saves budget[t] MACs, skipping any unit whose removal would cut a
     task's last path to its head."""
     kept = [(name, unit) for name, g in groups.items() for unit, group in enumerate(g)
             if group is not None and not group & done]
     wanted: set = set()
-    for task in sorted(set(fraction) - done):
+    for task in sorted(set(budget) - done):
         pool = sorted((u for u in kept if task in groups[u[0]][u[1]]), key=lambda u: float(scores[u[0]][u[1]]))
-        wanted.update(pool[:math.ceil(fraction[task] * len(pool))])
+        total = 0.0
+        for name, unit in pool:
+            if total >= budget[task]:
+                break
+            wanted.add((name, unit))
+            total += float(saved[name][unit])
     chosen: list = []
     tentative = dict(groups)
     for name, unit in sorted(wanted, key=lambda u: float(scores[u[0]][u[1]])):

@@ -47,7 +47,8 @@ def merged():
     torch.manual_seed(0)
     models = {t: Wired() for t in TASKS}
     return pamfx.optimize(models, wired_data(), eval_data=wired_data(seed=1), merge="pam", prune=None,
-                          progress=False, finetune=pamfx.FinetuneConfig(steps=300, lr=0.02))
+                          progress=False, finetune=pamfx.FinetuneConfig(steps=300, lr=0.02),
+                          pam=pamfx.PamConfig(alpha_conv=0.01, alpha_linear=0.05))   # the reference's thresholds
 
 
 def test_pam_puts_every_unit_in_its_true_group(merged):
@@ -93,7 +94,9 @@ def test_pam_recovers_accuracy(merged):
 
 def test_pam_config_rejects_bad_values():
     with pytest.raises(ValueError, match="PamConfig.alpha_conv=-1"):
-        pamfx.PamConfig(alpha_conv=-1)
+        pamfx.PamConfig(alpha_conv=-1, alpha_linear=0.05)
+    with pytest.raises(ValueError, match="give both alpha_conv and alpha_linear"):
+        pamfx.PamConfig(alpha_conv=0.01)
     with pytest.raises(ValueError, match="PamConfig.samples=1"):
         pamfx.PamConfig(samples=1)
 
@@ -103,7 +106,7 @@ def test_pam_keeps_a_tasks_own_units_where_nothing_is_relevant_to_it():
     torch.manual_seed(0)
     models = {t: Wired() for t in TASKS}
     result = pamfx.optimize(models, wired_data(), merge="pam", prune=None, progress=False,
-                            pam=pamfx.PamConfig(alpha_linear=10.0), finetune=pamfx.FinetuneConfig(steps=1))
+                            pam=pamfx.PamConfig(alpha_conv=0.01, alpha_linear=10.0), finetune=pamfx.FinetuneConfig(steps=1))
     assert result.grouping.groups["hidden"] == tuple(frozenset(t) for t in TASKS for _ in WIRING)
     assert "hidden: no unit carries more than alpha=10 nats about 'b'" in "\n".join(result.report.notes)
 
@@ -128,7 +131,7 @@ def test_relative_thresholds_scale_with_each_tasks_label_entropy(monkeypatch):
     for relative in (True, False):
         seen.clear()
         result = pamfx.optimize(models, data, merge="pam", prune=None, progress=False,
-                                pam=pamfx.PamConfig(alpha_linear=0.5, relative=relative),
+                                pam=pamfx.PamConfig(alpha_conv=0.01, alpha_linear=0.5, relative=relative),
                                 finetune=pamfx.FinetuneConfig(steps=1))
         assert len(seen) == len(TASKS)
         for entropy, alpha in seen:
