@@ -38,8 +38,8 @@ SCENARIOS = {
 METHODS = {
     "peer": None,
     "alone+taylor": ("alone", "taylor", PRUNING),
-    **{f"{merge}+{prune}": (merge, prune, PRUNING) for merge in ("none", "mtz", "pam")
-       for prune in ("taylor", "l1", "vib")},
+    **{f"{merge}+{prune}": (merge, prune, PRUNING) for prune in ("taylor", "l1", "vib")
+       for merge in ("none", "mtz", "pam")},
     "none+taylor plain": ("none", "taylor", pamfx.PruneConfig(cost_aware=False)),
     "pam+taylor plain": ("pam", "taylor", pamfx.PruneConfig(cost_aware=False)),
 }

@@ -82,9 +82,9 @@ def taylor(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, t
     over tasks; the score is the mean of s_u^2 over `config.importance_batches` batches of training data."""
     gates = _gates(aligned, spaces, tuned, noisy=False)
     scores = {name: torch.zeros_like(mu) for name, mu in gates.mu.items()}
-    generator = torch.Generator().manual_seed(seed)
+    generators = {t: torch.Generator().manual_seed(seed) for t in data}   # a task's batches are its own
     for _ in range(config.importance_batches):
-        batch = {t: _draw(x, y, config.batch_size, generator) for t, (x, y) in data.items()}
+        batch = {t: _draw(x, y, config.batch_size, generators[t]) for t, (x, y) in data.items()}
         loss = sum(F.cross_entropy(gates(x, tasks=[t])[t], y) for t, (x, y) in batch.items())
         gradients = torch.autograd.grad(loss, list(gates.mu.values()), materialize_grads=True)
         for name, gradient in zip(gates.mu, gradients):

@@ -48,12 +48,21 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
     term). Parameters with requires_grad=False stay as they are; the submodules named in `frozen` stay exactly as
     they are (weights and BatchNorm statistics).
 
-    Tasks whose inputs are the same tensor share each batch's samples and one forward pass.
+    Tasks whose inputs are the same tensor share each batch's samples and one forward pass; otherwise each task
+    draws its batches from its own generator seeded alike, so that a task's batches do not depend on the others.
+    The result depends only on the inputs and `seed` (dropout and VIB noise draw from a forked, seeded RNG).
     """
-    network = copy.deepcopy(network).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(copy.deepcopy(network), data, config, seed, progress, desc, extra_loss, frozen)
+
+
+def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
+    network.train()
     for name in frozen:
         network.get_submodule(name).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
+    generators = {task: torch.Generator().manual_seed(seed) for task in data}
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=config.lr)
     largest = max(len(inputs) for inputs, _ in data.values())
     steps = config.total_steps(largest)
@@ -67,7 +76,7 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
         else:
             loss = 0
             for task, (inputs, labels) in data.items():
-                index = torch.randint(len(inputs), (config.batch_size,), generator=generator)
+                index = torch.randint(len(inputs), (config.batch_size,), generator=generators[task])
                 loss = loss + F.cross_entropy(network(inputs[index], tasks=[task])[task], labels[index])
         if extra_loss is not None:
             loss = loss + extra_loss(network)

@@ -110,13 +110,14 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
           progress: bool = True) -> Pruned:
     """Prunes the network `tuned` (built from `grouping`) until no task can lose more units without falling below
     its floor (floors[t]: the least accuracy task t may have on `guard`). `data` trains, `guard` decides.
-    A task already below its floor at the start is not pruned, and its floor becomes its starting accuracy."""
+    A task already below its floor at the start keeps its starting accuracy as its floor (and is reported in
+    `below_floor`)."""
     tasks = aligned.tasks
     score_units = CRITERIA[criterion]
     start = evaluate(tuned.network, guard)
     required, floors = floors, {t: min(floors[t], start[t]) for t in tasks}
     fraction = {t: config.step_fraction for t in tasks}
-    done = {t for t in tasks if start[t] < floors[t]}
+    done: set = set()
     groups = dict(grouping.groups)
     history = []
     bar = tqdm(total=config.max_steps, desc=f"prune ({criterion})", disable=not progress)
@@ -168,8 +169,15 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
     final = rebuild_and_finetune(aligned, spaces, Grouping(groups), tuned.weights, data,
                                  config.tuning(config.final_steps), seed=seed + config.max_steps)
     accuracy = evaluate(final.network, guard)
-    if any(accuracy[t] < floors[t] for t in tasks):
-        final, accuracy = tuned, evaluate(tuned.network, guard)   # the final fine-tune broke the guard: undo it
+    failing = {t for t in tasks if accuracy[t] < floors[t]}
+    if failing:   # the final fine-tune broke some tasks: redo it training only the groups of the others
+        others = frozenset(tasks) - failing
+        final = tuned if not others else rebuild_and_finetune(
+            aligned, spaces, Grouping(groups), tuned.weights, data, config.tuning(config.final_steps),
+            seed=seed + config.max_steps, changed=others)
+        accuracy = evaluate(final.network, guard)
+        if any(accuracy[t] < floors[t] for t in tasks):
+            final, accuracy = tuned, evaluate(tuned.network, guard)
     below = {t: accuracy[t] for t in tasks if accuracy[t] < required[t]}
     return Pruned(final, Grouping(groups, grouping.notes), history, below)
 
