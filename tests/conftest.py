@@ -16,6 +16,15 @@ from pamfx.zoo import ZOO
 HEADS = {"a": 6, "b": 4, "c": 3}   # tasks with different head widths
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test networks are tiny: on two busy cores one thread runs them several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomised(model: nn.Module, seed: int) -> nn.Module:
     """The model with random weights and random BatchNorm statistics (so BN is not the identity), in eval mode."""
     generator = torch.Generator().manual_seed(seed)

@@ -32,15 +32,6 @@ ARCHS = ("lenet5", "vgg_bn", "resnet_small", "mixed")   # mixed: every channel r
 pytestmark = pytest.mark.filterwarnings("ignore::pamfx.PamfxWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The networks are tiny: on two busy cores one thread runs these tests about ten times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def models_of(arch, tasks):
     if arch == "mixed":
         torch.manual_seed(3)

@@ -25,15 +25,6 @@ from test_none_merge import Mixed
 TASKS = ("a", "b", "c")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The networks are tiny: on two busy cores one thread runs these tests several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unit_groups(spaces, grouping, tasks) -> dict[str, list]:
     """The group of every unit of every space, by space name: the input serves all tasks, a head unit its task."""
     groups = {}
