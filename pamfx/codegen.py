@@ -48,9 +48,11 @@ def render(network: GatedNetwork, weights_name: str) -> str:
               "        self.tasks = list(TASKS)"]
     lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in network.named_children()]
     lines += ["",
-              "    def forward(self, x: torch.Tensor, tasks: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:",
+              "    def forward(self, x: torch.Tensor, tasks: Union[None, str, List[str]] = None) -> Dict[str, torch.Tensor]:",
               "        if tasks is None:",
               "            tasks = self.tasks",
+              "        if isinstance(tasks, str):   # one task by name, as the in-memory network takes it",
+              "            tasks = [tasks]",
               "        if len(tasks) == 0:",
               '            raise ValueError("tasks is empty; ask for at least one of " + str(self.tasks))',
               "        for task in tasks:",
@@ -83,7 +85,7 @@ def _header(network: GatedNetwork, weights_name: str) -> list[str]:
             f"    outputs = model(x, tasks=[{network.tasks[0]!r}])   # computes only what that task needs",
             '"""',
             "import os",
-            "from typing import Dict, List, Optional",
+            "from typing import Dict, List, Union",
             "",
             "import torch",
             "from torch import nn",

@@ -62,7 +62,7 @@ def test_generated_source_does_not_import_pamfx(tmp_path):
     network = build_random(make_models("lenet5", TASKS), 0)
     source = pamfx.codegen(network, tmp_path / "merged.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    assert imports == ["import os", "from typing import Dict, List, Optional", "import torch", "from torch import nn"]
+    assert imports == ["import os", "from typing import Dict, List, Union", "import torch", "from torch import nn"]
 
 
 def test_codegen_is_deterministic(tmp_path):
@@ -111,3 +111,15 @@ def test_generated_module_rejects_unknown_tasks(tmp_path):
         generated(torch.randn(1, 1, 28, 28), tasks=["nope"])
     with pytest.raises(ValueError, match="tasks is empty"):
         generated(torch.randn(1, 1, 28, 28), tasks=[])
+
+
+def test_one_task_by_name_is_a_list_of_one_in_generated_code_too(tmp_path):
+    """`tasks="b"` means ["b"] for the generated module as for the network, not the characters of the name."""
+    models = make_models("lenet5", ("a", "b"))
+    network = build_random({"a": models["a"], "bb": models["b"]}, 0)
+    generated = load_generated(pamfx.codegen(network, tmp_path / "merged.py"), "gen_string_task").load()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        got, expected = generated(x, tasks="bb"), network(x, tasks="bb")
+    assert list(got) == list(expected) == ["bb"]
+    torch.testing.assert_close(got["bb"], expected["bb"], atol=1e-5, rtol=0)
