@@ -88,7 +88,11 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
     started = time.perf_counter()
     if merge == "pam" and pam.alpha_conv is None:                    # thresholds chosen under the guard
-        grouping, tuned = search_pam(aligned, spaces, data, guard, floors, pam, finetune, seed, progress)
+        # NOTE: the search keeps `pam.prune_share` of the tolerance for the prune pass; a merge that spends all of
+        # it leaves pruning nothing to remove.
+        share = pam.prune_share if prune is not None else 0.0
+        search_floors = {t: original[t] - tolerance * (1 - share) for t in tasks}
+        grouping, tuned = search_pam(aligned, spaces, data, guard, search_floors, pam, finetune, seed, progress)
         seconds = {"merge": time.perf_counter() - started}
         notes += [f"merge=pam: thresholds searched, {seconds['merge']:.1f} s with fine-tuning"]
     else:

@@ -34,6 +34,8 @@ class PamConfig:
     classes carry fewer nats); the search always does. samples: calibration inputs per task. sigma2: the noise
     variance of the entropy estimator. rescale: divide each model's activations in a space by their mean standard
     deviation first, so that sigma2 means the same in every layer and model (the reference uses raw activations).
+    prune_share: the share of the tolerance the search leaves to the prune pass (a trial passes when every task is
+    within (1 - prune_share) x tolerance of its original model).
     """
     alpha_conv: float | None = None
     alpha_linear: float | None = None
@@ -42,6 +44,7 @@ class PamConfig:
     relative: bool = False
     rescale: bool = True
     search: tuple = ((0.9, 0.95), (0.7, 0.9), (0.5, 0.75), (0.3, 0.5), (0.1, 0.25))
+    prune_share: float = 0.5
 
     def __post_init__(self):
         if (self.alpha_conv is None) != (self.alpha_linear is None):
@@ -52,6 +55,8 @@ class PamConfig:
                 continue
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"PamConfig.{name}={value!r} must be a number >= 0")
+        if not 0 <= self.prune_share <= 1:
+            raise ValueError(f"PamConfig.prune_share={self.prune_share!r} must be in [0, 1]")
         if not self.search or any(len(pair) != 2 or not all(0 < a for a in pair) for pair in self.search):
             raise ValueError(f"PamConfig.search={self.search!r} must be (conv, linear) pairs of fractions > 0")
         if not isinstance(self.samples, int) or self.samples < 2:
