@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import check_data, check_labels, check_models, check_options
+from .checks import check_configs, check_data, check_labels, check_models, check_options
 from .errors import DataError, PamfxWarning
 from .ir import OP, SHAPES, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
@@ -65,6 +65,9 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     """
     tasks = check_models(models)
     check_options(merge, prune, tolerance, seed)
+    check_configs(pam=(pam, PamConfig), mtz=(mtz, MtzConfig), finetune=(finetune, FinetuneConfig),
+                  pruning=(pruning, PruneConfig))
+    in_training = [t for t, model in models.items() if model.training]
     data = check_data(data, tasks, "data")
     guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data")
     say = print if progress else (lambda *_: None)
@@ -78,6 +81,9 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
                  f"({pruning.guard_fraction:.0%}, seed {seed}), never trained on"]
     else:
         notes = [f"guard: eval_data, {len(next(iter(guard.values()))[0])} samples per task"]
+    if in_training:
+        notes.append(f"models given in train mode were used in eval mode (BatchNorm statistics, no dropout): "
+                     f"{', '.join(in_training)}")
     heads = {t: shape[1] for t, shape in zip(tasks, _output_node(aligned).all_input_nodes[0].meta[SHAPES])}
     check_labels(data, heads, "data")
     check_labels(guard, heads, "eval_data" if eval_data is not None else "data")

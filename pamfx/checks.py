@@ -35,6 +35,15 @@ def check_options(merge, prune, tolerance, seed) -> None:
         raise TypeError(f"seed={seed!r} must be an int")
 
 
+def check_configs(**configs) -> None:
+    """Raises TypeError naming the argument when a stage's settings are not its config class, e.g.
+    check_configs(pam=(value, PamConfig))."""
+    for argument, (value, kind) in configs.items():
+        if not isinstance(value, kind):
+            raise TypeError(f"{argument}= takes a pamfx.{kind.__name__}, got {type(value).__name__}"
+                            + (f"; write {argument}=pamfx.{kind.__name__}(**{value!r})" if isinstance(value, dict) else ""))
+
+
 def check_data(data, tasks: tuple[str, ...], argument: str = "data") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Returns {task: (inputs, labels)} as tensors from a dict of (inputs, labels) tuples or DataLoaders,
     or from one DataLoader of (inputs, {task: labels}).

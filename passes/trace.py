@@ -32,12 +32,28 @@ def trace(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, fx.G
                 "or move such code out of the model; see https://pytorch.org/docs/stable/fx.html#limitations"
             ) from error
         module.eval()
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if dtypes and example.dtype not in dtypes:
+            raise TraceError(f"model '{name}' has {'/'.join(sorted(map(str, dtypes)))} parameters but the data's inputs "
+                             f"are {example.dtype}; convert one to the other (e.g. model.float())")
+        shapes = _Shapes(module)
         try:
             with torch.no_grad():
-                ShapeProp(module).propagate(example)
+                shapes.propagate(example)
         except Exception as error:
-            raise TraceError(
-                f"model '{name}' fails on an input of shape {tuple(example.shape)} "
-                f"({type(error).__name__}: {error}); check that the data's inputs fit the model") from error
+            cause = error.__cause__ or error     # ShapeProp wraps the op's own error with the whole node dump
+            hint = ("the inputs have no channel dimension; give images as [N, C, H, W] (e.g. x.unsqueeze(1))"
+                    if example.dim() == 3 else "check that the data's inputs fit the model")
+            raise TraceError(f"model '{name}' fails at node '{shapes.current}' on an input of shape "
+                             f"{tuple(example.shape)} ({type(cause).__name__}: {cause}); {hint}") from error
         traced[name] = module
     return traced
+
+
+class _Shapes(ShapeProp):
+    """ShapeProp that remembers the node it is running, to name it when the model fails there."""
+    current = None
+
+    def run_node(self, node):
+        self.current = node.name
+        return super().run_node(node)

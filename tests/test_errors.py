@@ -146,7 +146,7 @@ def test_labels_outside_the_head_are_an_error():
 
 def test_inputs_that_do_not_fit_the_model_are_an_error():
     data = {t: (torch.randn(4, 1, 20, 20), torch.zeros(4).long()) for t in TASKS}
-    with pytest.raises(pamfx.TraceError, match=r"model 'a' fails on an input of shape \(2, 1, 20, 20\)"):
+    with pytest.raises(pamfx.TraceError, match=r"model 'a' fails at node '\w+' on an input of shape \(2, 1, 20, 20\)"):
         optimize(data=data)
 
 
@@ -199,3 +199,36 @@ def test_a_model_returning_a_tuple_is_refused():
 
     with pytest.raises(pamfx.UnsupportedOpError, match="forward\\(\\) to return one tensor"):
         optimize({"a": Pair(), "b": Pair()}, {t: (torch.randn(4, 1, 28, 28), torch.zeros(4).long()) for t in TASKS})
+
+
+def test_inputs_without_a_channel_dimension_say_so():
+    data = {t: (x[:, 0], y) for t, (x, y) in random_data(TASKS).items()}
+    with pytest.raises(pamfx.TraceError, match=r"fails at node 'conv1' .*no channel dimension.*unsqueeze\(1\)"):
+        optimize(data=data)
+
+
+def test_models_and_data_of_different_dtypes_are_an_error():
+    models = {t: m.double() for t, m in make_models("lenet5", TASKS).items()}
+    with pytest.raises(pamfx.TraceError, match=r"model 'a' has torch.float64 parameters but the data's inputs are "
+                                               r"torch.float32"):
+        optimize(models)
+
+
+def test_a_stage_config_given_as_a_dict_is_an_error():
+    with pytest.raises(TypeError, match=r"pam= takes a pamfx.PamConfig, got dict; write pam=pamfx.PamConfig"):
+        optimize(pam={"alpha_conv": 0.1, "alpha_linear": 0.2})
+    with pytest.raises(TypeError, match=r"pruning= takes a pamfx.PruneConfig, got int"):
+        optimize(pruning=3)
+
+
+def test_models_in_train_mode_are_used_in_eval_mode_and_the_report_says_so():
+    models = make_models("vgg_bn", TASKS)          # BatchNorm and dropout: train mode would change the outputs
+    models["b"].train()
+    data = random_data(TASKS)
+    result = optimize(models, data, eval_data=data)
+    assert "models given in train mode were used in eval mode (BatchNorm statistics, no dropout): b" in \
+        result.report.notes
+    assert models["b"].training                     # the caller's model is left as it was
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(data["b"][0], ["b"])["b"], models["b"].eval()(data["b"][0]),
+                                   atol=1e-5, rtol=0)
