@@ -123,3 +123,11 @@ def test_one_task_by_name_is_a_list_of_one_in_generated_code_too(tmp_path):
         got, expected = generated(x, tasks="bb"), network(x, tasks="bb")
     assert list(got) == list(expected) == ["bb"]
     torch.testing.assert_close(got["bb"], expected["bb"], atol=1e-5, rtol=0)
+
+
+def test_the_network_pickles_with_torch_save(tmp_path):
+    """torch.save(result.model) works and the loaded network computes the same (no local objects inside)."""
+    network = build_random(make_models("resnet_small", TASKS), 1)
+    torch.save(network, tmp_path / "network.pt")
+    loaded = torch.load(tmp_path / "network.pt", weights_only=False)
+    assert_equivalent(lambda x: network(x), loaded, torch.randn(3, 1, 28, 28), all_combinations(TASKS))
