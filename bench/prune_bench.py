@@ -72,7 +72,8 @@ def main(argv=None) -> None:
                if (cache / f"{m.replace(' ', '_')}.json").exists()}
     original = {t: accuracy(m, *test[t]) for t, m in models.items()}
     out = Path(f"bench/results/prune_lenet5_{args.scenario}.md")
-    out.write_text(render(results, original, tuple(models), title))
+    command = " ".join(["bench/prune_bench.py"] + ([f"--scenario {args.scenario}"] if args.scenario != "paper" else []))
+    out.write_text(render(results, original, tuple(models), title, command))
     print(out.read_text())
 
 
@@ -121,11 +122,11 @@ def run(method: str, models: dict, train: dict, guard: dict, test: dict) -> dict
             "notes": list(result.report.notes), "warnings": list(result.warnings)}
 
 
-def render(results: dict, original: dict, tasks: tuple, title: str) -> str:
+def render(results: dict, original: dict, tasks: tuple, title: str, command: str) -> str:
     combos = all_combinations(tasks)
-    command = "`.venv/bin/python bench/prune_bench.py" + ("" if tasks == tuple(paper_split()) else " --scenario ...") + "`"
     lines = [f"# Prune bench: LeNet-5 on {title} ({', '.join(tasks)})", "",
-             f"Command: {command}. Models trained on the training split minus a seeded {GUARD_SIZE:,}-image guard; "
+             f"Command: `.venv/bin/python {command}` (add `--method M` to run one method; results are cached per "
+             "method and resume). Models trained on the training split minus a seeded {GUARD_SIZE:,}-image guard; "
              f"tolerance {TOLERANCE}; fine-tuning after a merge {FINETUNE.epochs} epochs; pruning "
              f"{PRUNING}. Test accuracy (10,000 images) of the originals: "
              + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + ".", "",
@@ -136,7 +137,8 @@ def render(results: dict, original: dict, tasks: tuple, title: str) -> str:
         macs = [f"{result['macs'][_key(c)]:,}" for c in combos]
         drops = [f"{100 * (original[t] - result['test'][t]):+.2f} pt" for t in tasks]
         lines.append(f"| {method} | " + " | ".join(macs + drops) + f" | {result['seconds']:.0f} |")
-    lines += ["", "MACs per sample of each combination after pruning; a positive drop is a loss of test accuracy.", ""]
+    lines += ["", "MACs per sample of each combination after pruning; a positive drop is a loss of test accuracy. "
+              "Seconds are wall time on the 2-core machine, often shared with another benchmark process.", ""]
     for method, result in results.items():
         if result.get("notes"):
             lines += [f"## {method}", "", *[f"- {n}" for n in result["notes"]], ""]
