@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     out = Path(f"bench/results/prune_lenet5_{args.scenario}.md")
     command = " ".join(["bench/prune_bench.py"] + ([f"--scenario {args.scenario}"] if args.scenario != "paper" else []))
     out.write_text(render(results, original, tuple(models), title, command))
+    plot(results, tuple(models), title, out.with_suffix(".png"))
     print(out.read_text())
 
 
@@ -143,6 +144,32 @@ def render(results: dict, original: dict, tasks: tuple, title: str, command: str
         if result.get("notes"):
             lines += [f"## {method}", "", *[f"- {n}" for n in result["notes"]], ""]
     return "\n".join(lines)
+
+
+def plot(results: dict, tasks: tuple, title: str, path: Path) -> None:
+    """MACs of every combination, one group of bars per combination, one bar per method (needs matplotlib, the
+    `bench` extra; skipped with a message without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (bash setup.sh --bench): no plot", file=sys.stderr)
+        return
+    combos = all_combinations(tasks)
+    width = 0.8 / max(1, len(results))
+    figure, axes = plt.subplots(figsize=(2 + 1.6 * len(combos), 4.5))
+    for index, (method, result) in enumerate(results.items()):
+        positions = [c + index * width for c in range(len(combos))]
+        axes.bar(positions, [result["macs"][_key(c)] / 1000 for c in combos], width, label=method)
+    axes.set_xticks([c + 0.4 - width / 2 for c in range(len(combos))])
+    axes.set_xticklabels(["{" + ", ".join(c) + "}" for c in combos], fontsize=8)
+    axes.set_ylabel("MACs per sample (thousands)")
+    axes.set_title(f"LeNet-5, {title}: MACs after pruning at tolerance {TOLERANCE}", fontsize=10)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _key(combination) -> str:
