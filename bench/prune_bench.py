@@ -158,10 +158,11 @@ def plot(results: dict, tasks: tuple, title: str, path: Path) -> None:
         return
     combos = all_combinations(tasks)
     width = 0.8 / max(1, len(results))
-    figure, axes = plt.subplots(figsize=(2 + 1.6 * len(combos), 4.5))
+    figure, axes = plt.subplots(figsize=(3 + max(1.6, 0.25 * len(results)) * len(combos), 4.5))
     for index, (method, result) in enumerate(results.items()):
         positions = [c + index * width for c in range(len(combos))]
-        axes.bar(positions, [result["macs"][_key(c)] / 1000 for c in combos], width, label=method)
+        axes.bar(positions, [result["macs"][_key(c)] / 1000 for c in combos], width, label=method,
+                 color=plt.cm.tab20(index % 20))   # distinct colours for up to 20 methods
     axes.set_xticks([c + 0.4 - width / 2 for c in range(len(combos))])
     axes.set_xticklabels(["{" + ", ".join(c) + "}" for c in combos], fontsize=8)
     axes.set_ylabel("MACs per sample (thousands)")
