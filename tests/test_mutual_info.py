@@ -65,3 +65,27 @@ def test_greedy_scores_in_chunks_like_all_at_once():
     labels = torch.randint(0, 2, (64,), generator=generator)
     activations = torch.rand(64, 20, generator=generator) * 0.3 + labels.unsqueeze(1) * torch.rand(20) * 0.5
     assert irrelevant_units(activations, labels, 0.2, chunk=3) == irrelevant_units(activations, labels, 0.2, chunk=64)
+
+
+def plain_greedy(activations, labels, alpha, sigma2=0.1):
+    """The greedy search as DESIGN.md section 3 states it: score every remaining unit at every step."""
+    selected, remaining = [], list(range(activations.shape[1]))
+    while remaining:
+        scores = [mutual_information(activations[:, selected + [u]], labels, sigma2) for u in remaining]
+        best = min(range(len(remaining)), key=lambda i: scores[i])
+        if scores[best] > alpha:
+            break
+        selected.append(remaining.pop(best))
+    return selected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.6])
+def test_lazy_greedy_takes_what_the_plain_greedy_takes(seed, alpha):
+    """Rescoring only candidates whose stale score could still win picks the same units in the same order."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (48,), generator=generator)
+    weights = torch.rand(24, generator=generator) * 1.5                 # from no signal to a strong one
+    signal = torch.nn.functional.one_hot(labels).float()[:, torch.randint(0, 3, (24,), generator=generator)]
+    activations = 0.3 * torch.rand(48, 24, generator=generator) + weights * signal
+    assert irrelevant_units(activations, labels, alpha) == plain_greedy(activations, labels, alpha)
