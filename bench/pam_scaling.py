@@ -7,7 +7,6 @@ Task i is one-vs-rest for class i of Fashion-MNIST; each LeNet-5 is trained one 
 """
 import argparse
 import functools
-import time
 import warnings
 
 import torch
@@ -28,7 +27,7 @@ def main(argv=None) -> None:
     data = task_data(images[:12000], labels[:12000], split)
     models = {t: train_or_load(f"lenet5-{t}-12k", functools.partial(lenet5, fn.num_classes), *data[t],
                                cache_dir=".cache/bench", epochs=1, seed=0, progress=False) for t, fn in split.items()}
-    print(f"| tasks | calibration samples | merge s (grouping) | units kept of all |\n|---|---|---|---|")
+    print("| tasks | calibration samples | merge s (grouping) | units kept of all |\n|---|---|---|---|")
     for n in args.tasks:
         tasks = list(split)[:n]
         result = pamfx.optimize({t: models[t] for t in tasks}, {t: data[t] for t in tasks}, merge="pam", prune=None,

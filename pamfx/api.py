@@ -126,7 +126,7 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         pruned = prune_network(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
         tuned, grouping = pruned.tuned, pruned.grouping
         seconds["prune"] = time.perf_counter() - started
-        notes += pruned.notes(tasks) + group_table(spaces, grouping, tasks)
+        notes += pruned.notes() + group_table(spaces, grouping, tasks)
         problems += [f"task '{t}' ends at {a:.4f} on the guard data, below its floor {floors[t]:.4f}"
                      for t, a in pruned.below_floor.items()]
     say("[pamfx] measuring every combination")

@@ -95,10 +95,11 @@ def taylor(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, t
 def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch.Tensor]:
     """L1 norm of a unit's incoming weights in the network as built (Li et al. 2017), divided by how many weights
     it reads so that units of wide and narrow layers compare; summed over the layers of a residual space."""
+    nodes = _nodes_by_name(aligned)
     scores = {name: torch.zeros(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
     counts = {name: torch.zeros(len(spaces[name].units)) for name in scores}
     for module_name, origin in tuned.layout.origins.items():
-        node = _node(aligned, origin.node)
+        node = nodes[origin.node]
         if origin.columns is None or node.meta[OP] not in ("conv", "linear") or node.meta[SPACE] not in scores:
             continue
         module = dict(tuned.network.named_children()).get(module_name)
@@ -129,12 +130,13 @@ CRITERIA = {"taylor": taylor, "l1": l1, "vib": vib}
 def unit_macs(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], tuned) -> dict[str, torch.Tensor]:
     """MACs per sample that removing each unit saves when all tasks run: its rows in the layers that produce it
     (and its depthwise channel) and its columns in every layer that reads it."""
+    nodes = _nodes_by_name(aligned)
     saved = {name: torch.zeros(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
     macs = {s.target: s.macs for s in tuned.network.statements if s.call == "module" and s.macs}
     for module_name, origin in tuned.layout.origins.items():
         if not macs.get(module_name):
             continue
-        node = _node(aligned, origin.node)
+        node = nodes[origin.node]
         if origin.columns is None:   # depthwise: one channel per row
             per_row = macs[module_name] / len(origin.rows)
             _add(saved, node.meta[FEATURES], origin.rows, per_row)
@@ -163,5 +165,5 @@ def _draw(x, y, size, generator):
     return x[index], y[index]
 
 
-def _node(aligned, name):
-    return next(node for node in aligned.graph.nodes if node.name == name)
+def _nodes_by_name(aligned) -> dict:
+    return {node.name: node for node in aligned.graph.nodes}

@@ -93,7 +93,7 @@ class Pruned:
     history: list
     below_floor: dict       # task -> guard accuracy, for tasks the returned network leaves below their floor
 
-    def notes(self, tasks) -> list[str]:
+    def notes(self) -> list[str]:
         lines = []
         for step in self.history:
             removed = ", ".join(f"{t} {n}" for t, n in step.removed.items() if n)
