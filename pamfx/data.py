@@ -203,6 +203,20 @@ def class_group_task(classes: Iterable[int], num_source_classes: int = len(CLASS
     return LabelFunction(num_classes=other + 1, fn=functools.partial(_relabel, table=table))
 
 
+def partition_task(blocks: Iterable[Iterable[int]], num_source_classes: int = len(CLASS_NAMES)) -> LabelFunction:
+    """A task that tells apart super-classes: `blocks` partitions the source classes, and a class in blocks[k] is
+    labelled k. Raises ValueError unless the blocks cover every source class exactly once.
+    Example: partition_task([[0, 1], [2]], 3)(tensor([2, 0, 1])) == tensor([1, 0, 0]).
+    """
+    blocks = [tuple(block) for block in blocks]
+    flat = sorted(c for block in blocks for c in block)
+    if flat != list(range(num_source_classes)) or any(not block for block in blocks):
+        raise ValueError(f"blocks {blocks} must split the classes 0..{num_source_classes - 1} into non-empty parts, "
+                         "each class in exactly one")
+    table = tuple(next(k for k, block in enumerate(blocks) if c in block) for c in range(num_source_classes))
+    return LabelFunction(num_classes=len(blocks), fn=functools.partial(_relabel, table=table))
+
+
 def paper_split() -> dict[str, LabelFunction]:
     """The PAM paper's scenario: "classes_0_4" and "classes_5_9", each a 6-way task (its five classes or 'other').
 

@@ -30,8 +30,12 @@ def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpac
     activations, labels = {}, {}
     for task, (inputs, task_labels) in data.items():
         chosen = calibration_indices(len(inputs), samples, seed)
-        per_model = [_run(module, inputs[chosen], readout, batch_size) for module in aligned.modules]
-        activations[task] = {name: torch.cat([acts[name] for acts in per_model], 1) for name in readout}
+        same_inputs = next((other for other in activations if data[other][0] is inputs), None)
+        if same_inputs is not None:       # tasks labelling the same inputs: the same activations
+            activations[task] = activations[same_inputs]
+        else:
+            per_model = [_run(module, inputs[chosen], readout, batch_size) for module in aligned.modules]
+            activations[task] = {name: torch.cat([acts[name] for acts in per_model], 1) for name in readout}
         labels[task] = task_labels[chosen]
     return Calibration(activations=activations, labels=labels)
 

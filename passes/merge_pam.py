@@ -11,6 +11,7 @@ every group of two or more tasks into one shared group.
 import time
 from dataclasses import dataclass, replace
 
+import torch
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
@@ -19,7 +20,7 @@ from pamfx.passes.activations import calibration_activations
 from pamfx.passes.finetune import rebuild_and_finetune
 from pamfx.passes.stack import stack_weights
 from pamfx.train import evaluate
-from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy
+from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy, unit_kernels
 from pamfx.passes.rules import check_paths, drop_unreadable
 
 
@@ -83,13 +84,14 @@ def merge_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
              + ("; activations rescaled per model and space" if config.rescale else "")]
     for name in tqdm(hidden, desc="pam: relevance", disable=not progress):
         irrelevant = {}
+        kernels = _SharedKernels(config.sigma2)
         for model, t in enumerate(aligned.tasks):
             alpha = config.alpha_conv if _made_by_conv(aligned, spaces[name]) else config.alpha_linear
             alpha = alpha * entropy[t] if config.relative else alpha
             activations = calibration.activations[t][name]
             if config.rescale:
                 activations = _rescaled(activations, spaces[name])
-            irrelevant[t] = set(irrelevant_units(activations, calibration.labels[t], alpha, config.sigma2))
+            irrelevant[t] = set(irrelevant_units(kernels.of(activations), calibration.labels[t], alpha))
             if len(irrelevant[t]) == len(spaces[name].units):
                 # NOTE: the whole space carries less than alpha about t (alpha too high for these models, or models
                 # that learnt nothing): t keeps its own model's units rather than losing its path to the head.
@@ -118,6 +120,22 @@ def group_table(spaces: dict[str, ChannelSpace], grouping: Grouping, tasks: tupl
         cells = [f"{group_label(g, tasks)}: {counts[g]}" for g in ordered] + [f"dropped: {counts.get(None, 0)}"]
         lines.append(f"{name} ({len(groups)} units): " + ", ".join(cells))
     return lines
+
+
+class _SharedKernels:
+    """The unit kernels of one space, built once for all tasks calibrated on the same inputs (their activations are
+    equal): building them is most of a search's memory traffic. Holds one set at a time."""
+
+    def __init__(self, sigma2: float):
+        self.sigma2 = sigma2
+        self.activations, self.kernels = None, None
+
+    def of(self, activations):
+        if self.activations is None or not torch.equal(self.activations, activations):
+            self.activations, self.kernels = None, None      # free the old set before building the next
+            self.kernels = unit_kernels(activations.float(), self.sigma2)
+            self.activations = activations
+        return self.kernels
 
 
 def _rescaled(activations, space: ChannelSpace):

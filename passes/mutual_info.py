@@ -8,27 +8,33 @@ and I(Z; Y) = H(Z) - sum_y p(y) H(Z | Y = y), which per sample is
 
 NOTE: squared distances add over units, so the kernel matrix of a set of units is the elementwise product of its
 units' matrices. The greedy search keeps the chosen set's matrix and scores a candidate with one product and one
-matrix product with the one-hot labels: never a recomputation from scratch.
+matrix product with the one-hot labels: never a recomputation from scratch. The unit kernels depend on the
+activations only, so tasks calibrated on the same inputs share them (merge_pam builds them once).
 """
+import contextlib
+import heapq
+
 import torch
 
 SIGMA2 = 0.1   # the reference implementation's noise variance
-REFRESH = 16   # stale candidates the lazy greedy rescores at once: few are needed, and a batch is cheaper per unit
 
 
-def unit_kernels(activations: torch.Tensor, sigma2: float = SIGMA2) -> torch.Tensor:
-    """[samples, units] -> [units, samples, samples]: each unit's Gaussian kernel between samples."""
+def unit_kernels(activations: torch.Tensor, sigma2: float = SIGMA2, chunk: int = 64) -> torch.Tensor:
+    """[samples, units] -> [units, samples, samples]: each unit's Gaussian kernel between samples, built in place
+    `chunk` units at a time (no temporary larger than one chunk)."""
+    samples, units = activations.shape
+    kernels = torch.empty(units, samples, samples, dtype=activations.dtype)
     columns = activations.t().unsqueeze(2)            # [units, samples, 1]
-    return torch.exp((columns - columns.transpose(1, 2)) ** 2 * (-0.5 / sigma2))
+    with _subnormals_flushed():
+        for start in range(0, units, chunk):
+            block, part = kernels[start:start + chunk], columns[start:start + chunk]
+            torch.sub(part, part.transpose(1, 2), out=block).square_().mul_(-0.5 / sigma2).exp_()
+    return kernels
 
 
 def mutual_information_from_kernels(kernels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """I(Z; Y) in nats for kernel matrices [..., samples, samples] (a batch of candidate sets)."""
-    one_hot = torch.nn.functional.one_hot(labels).to(kernels.dtype)      # [samples, classes]
-    class_sizes = one_hot.sum(0)[labels]                                 # n_{y_i} for each sample i
-    per_class = kernels @ one_hot                                        # [..., samples, classes]
-    same = per_class.gather(-1, labels.expand(per_class.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    return ((same / class_sizes).log() - (per_class.sum(-1) / len(labels)).log()).mean(-1)
+    return _from_class_sums(kernels @ _one_hot(labels, kernels.dtype), labels)
 
 
 def mutual_information(activations: torch.Tensor, labels: torch.Tensor, sigma2: float = SIGMA2) -> float:
@@ -44,37 +50,57 @@ def label_entropy(labels: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def irrelevant_units(activations: torch.Tensor, labels: torch.Tensor, alpha: float, sigma2: float = SIGMA2,
-                     chunk: int = 256) -> list[int]:
+def irrelevant_units(kernels: torch.Tensor, labels: torch.Tensor, alpha: float, chunk: int = 256) -> list[int]:
     """The greedy irrelevant set for one task: starting empty, repeatedly add the unit that keeps I(Z_S; Y)
-    smallest; stop before it would exceed `alpha` (nats). Returns the chosen unit indices, in the order taken.
+    smallest; stop before it would exceed `alpha` (nats). `kernels` is unit_kernels() of the task's activations.
+    Returns the chosen unit indices, in the order taken.
 
     NOTE: lazy greedy. Adding units to S can only add information, so a unit's score against a smaller S is a lower
-    bound of its score now: only the candidates whose stale bound is below the best fresh score are rescored, the
-    REFRESH lowest at a time, instead of every candidate at every step. The first scores are computed `chunk` at a
-    time (memory: chunk * samples^2 floats). Ties go to the lower unit index, as in the plain search.
+    bound of its score now. A heap holds every candidate's last score and the step it was taken at; the search
+    rescores only the stale candidate on top of the heap, and takes the top when it is fresh: no other candidate can
+    beat it. Ties go to the lower unit index, as in the plain search. The products of many kernels underflow to
+    subnormal floats, which make CPU arithmetic many times slower: they are flushed to zero while the search runs
+    (each sample's kernel mass is at least 1, its own term, so nothing of weight is lost).
     """
-    kernels = unit_kernels(activations.float(), sigma2)
-    units = activations.shape[1]
-    chosen = torch.ones_like(kernels[0])
-    bound = torch.cat([mutual_information_from_kernels(kernels[i:i + chunk], labels) for i in range(0, units, chunk)])
-    fresh = torch.ones(units, dtype=torch.bool)      # bound[u] is u's score against the current set
-    available = torch.ones(units, dtype=torch.bool)
-    selected: list[int] = []
-    while available.any():
-        candidates = available.nonzero().squeeze(1)
-        order = candidates[torch.sort(bound[candidates], stable=True).indices]
-        best = int(order[0])
-        if not fresh[best]:
-            lowest = order[:REFRESH]
-            stale = lowest[~fresh[lowest]]
-            bound[stale] = mutual_information_from_kernels(chosen * kernels[stale], labels)
-            fresh[stale] = True
-            continue
-        if float(bound[best]) > alpha:
-            break
-        selected.append(best)
-        available[best] = False
-        chosen = chosen * kernels[best]
-        fresh[:] = False
-    return selected
+    with _subnormals_flushed():
+        one_hot = _one_hot(labels, kernels.dtype)
+        units, samples = kernels.shape[0], kernels.shape[1]
+        first = torch.cat([_from_class_sums(kernels[i:i + chunk] @ one_hot, labels) for i in range(0, units, chunk)])
+        heap = [(score, unit, 0) for unit, score in enumerate(first.tolist())]     # (score, unit, step scored at)
+        heapq.heapify(heap)
+        chosen = torch.ones(samples, samples, dtype=kernels.dtype)
+        product = torch.empty_like(chosen)
+        selected: list[int] = []
+        while heap:
+            score, unit, step = heap[0]
+            if step < len(selected):                    # stale: rescore it against the current set
+                torch.mul(kernels[unit], chosen, out=product)
+                fresh = float(_from_class_sums(product @ one_hot, labels))
+                heapq.heapreplace(heap, (fresh, unit, len(selected)))
+                continue
+            if score > alpha:
+                break
+            heapq.heappop(heap)
+            selected.append(unit)
+            chosen.mul_(kernels[unit])
+        return selected
+
+
+@contextlib.contextmanager
+def _subnormals_flushed():
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _one_hot(labels: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels).to(dtype)                 # [samples, classes]
+
+
+def _from_class_sums(per_class: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """I(Z; Y) from [..., samples, classes]: each sample's kernel mass on each class's samples."""
+    class_sizes = torch.bincount(labels, minlength=per_class.shape[-1]).to(per_class.dtype)[labels]   # n_{y_i}
+    same = per_class.gather(-1, labels.expand(per_class.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return ((same / class_sizes).log() - (per_class.sum(-1) / len(labels)).log()).mean(-1)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pamfx import data, train as train_module, zoo
 from pamfx.data import (
-    CLASS_NAMES, LabelFunction, class_group_task, load_fashion_mnist, paper_split, read_idx, task_data,
+    CLASS_NAMES, LabelFunction, class_group_task, load_fashion_mnist, paper_split, partition_task, read_idx, task_data,
 )
 from pamfx.errors import DataError, DatasetMissingError, PamfxError
 from pamfx.train import accuracy, train, train_or_load
@@ -166,6 +166,16 @@ def test_class_group_task_keeps_given_order_and_pickles():
         class_group_task([1, 1])
     with pytest.raises(ValueError, match=r"\[10\]"):
         class_group_task([3, 10])
+
+
+def test_partition_task_labels_each_class_by_its_block_and_pickles():
+    task = partition_task([[3, 0], [1], [2, 4]], num_source_classes=5)
+    assert task.num_classes == 3
+    assert task(torch.tensor([0, 1, 2, 3, 4])).tolist() == [0, 1, 2, 0, 2]
+    assert pickle.loads(pickle.dumps(task))(torch.tensor([4])).tolist() == [2]
+    for broken in ([[0, 1], [2]], [[0, 1], [1, 2, 3, 4]], [[0, 1, 2, 3, 4], []]):
+        with pytest.raises(ValueError, match="each class in exactly one"):
+            partition_task(broken, num_source_classes=5)
 
 
 def test_task_data_shares_images_and_checks_labels():

@@ -118,9 +118,9 @@ def test_relative_thresholds_scale_with_each_tasks_label_entropy(monkeypatch):
     from pamfx.passes.mutual_info import irrelevant_units, label_entropy
     seen = []
 
-    def recording(activations, labels, alpha, sigma2):
+    def recording(kernels, labels, alpha):
         seen.append((label_entropy(labels), alpha))
-        return irrelevant_units(activations, labels, alpha, sigma2)
+        return irrelevant_units(kernels, labels, alpha)
 
     monkeypatch.setattr(merge_pam, "irrelevant_units", recording)
     models = {t: Wired() for t in TASKS}
@@ -139,3 +139,28 @@ def test_relative_thresholds_scale_with_each_tasks_label_entropy(monkeypatch):
         assert max(e for e, _ in seen) > 1.3 > 0.7 > min(e for e, _ in seen)   # ln 4 vs ln 2
         unit = "x H(Y_t)" if relative else "nats"
         assert f"alpha conv 0.01 / linear 0.5 {unit}" in "\n".join(result.report.notes)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_tasks_on_the_same_inputs_share_their_unit_kernels_and_group_alike(monkeypatch, shared):
+    """Tasks labelling the same inputs get one kernel build per space; tasks on other inputs (here each a shuffle
+    of the samples) get one each. Either way the groups are the same."""
+    import pamfx.passes.merge_pam as merge_pam
+    from pamfx.passes.mutual_info import unit_kernels
+    builds = []
+
+    def counting(activations, sigma2):
+        builds.append(activations.shape)
+        return unit_kernels(activations, sigma2)
+
+    monkeypatch.setattr(merge_pam, "unit_kernels", counting)
+    data = wired_data()
+    if not shared:
+        orders = {t: torch.randperm(len(y), generator=torch.Generator().manual_seed(i))
+                  for i, (t, (x, y)) in enumerate(data.items())}
+        data = {t: (x[orders[t]], y[orders[t]]) for t, (x, y) in data.items()}
+    result = pamfx.optimize({t: Wired() for t in TASKS}, data, eval_data=wired_data(seed=1), merge="pam",
+                            prune=None, progress=False, finetune=pamfx.FinetuneConfig(steps=1),
+                            pam=pamfx.PamConfig(alpha_conv=0.01, alpha_linear=0.05))
+    assert len(builds) == (1 if shared else len(TASKS))
+    assert result.grouping.groups["hidden"] == tuple(frozenset(tasks) or None for _ in TASKS for tasks in WIRING)

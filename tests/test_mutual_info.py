@@ -4,7 +4,12 @@ import math
 import pytest
 import torch
 
-from pamfx.passes.mutual_info import irrelevant_units, label_entropy, mutual_information
+from pamfx.passes.mutual_info import irrelevant_units as greedy_on_kernels
+from pamfx.passes.mutual_info import label_entropy, mutual_information, unit_kernels
+
+
+def irrelevant_units(activations, labels, alpha, chunk=256):
+    return greedy_on_kernels(unit_kernels(activations), labels, alpha, chunk=chunk)
 
 
 def balanced_labels(classes: int, per_class: int) -> torch.Tensor:
