@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     guard_data = task_data(images[54000:], labels[54000:], split)
     print("| task | schedule | MACs | guard acc (original) | accepted steps | seconds |\n|---|---|---|---|---|---|")
     for task, label_fn in split.items():
-        # "-train54k": merge_bench caches models of the same task trained on all 60,000 images as lenet5-{task}.
+        # "-train54k": other caches hold models of the same task trained on all 60,000 images as lenet5-{task}.
         model = train_or_load(f"lenet5-{task}-train54k", functools.partial(lenet5, label_fn.num_classes),
                               *train_data[task], cache_dir=".cache/bench", epochs=3, seed=0, progress=False)
         _, info = best_of_schedules(model, train_data[task], guard_data[task], tolerance=args.tolerance,

@@ -1,0 +1,343 @@
+"""The benchmark suite (issue 10, DESIGN.md section 7): every scenario x method x task combination, side by side.
+
+    .venv/bin/python bench/harness.py                          # the whole suite (hours; resumes from the cache)
+    .venv/bin/python bench/harness.py --quick                  # the paper's split alone
+    .venv/bin/python bench/harness.py --scenario five --method pam+taylor     # one cell (repeatable options)
+    .venv/bin/python bench/harness.py --table                  # only rewrite tables and plots from the cache
+
+Each scenario x method runs in its own process (its peak memory is its own) and caches its result in
+.cache/bench/suite/<scenario>/<method>.json with the generated network beside it, so an interrupted suite resumes
+where it stopped. Then bench/latency.py (pytest-benchmark) times the generated networks, and the tables
+(bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are rewritten from the cache.
+Methods: merge+criterion runs pamfx.optimize; "alone+taylor" runs pamfx on each model by itself; "peer" is
+Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`). All prune at tolerance TOLERANCE
+with the same fine-tuning budget; every decision reads the guard slice, never the test split.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pamfx
+from pamfx.data import load_fashion_mnist, task_data
+from pamfx.ir import all_combinations
+from pamfx.train import accuracy, evaluate, train_or_load
+
+BENCH = Path(__file__).parent
+sys.path.insert(0, str(BENCH))
+from scenarios import GUARD_SIZE, SCENARIOS, Scenario, make_model  # noqa: E402  (bench/ is not a package)
+
+CACHE = Path(".cache/bench/suite")
+RESULTS = BENCH / "results"
+TOLERANCE = 0.01
+FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
+PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
+CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False)}
+PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the paper's split alone")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these (repeatable)")
+    parser.add_argument("--method", action="append", help="only these methods (repeatable)")
+    parser.add_argument("--table", action="store_true", help="run nothing; rewrite tables and plots from the cache")
+    parser.add_argument("--no-latency", action="store_true", help="skip timing the generated networks")
+    parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "METHOD"), help=argparse.SUPPRESS)  # a child
+    args = parser.parse_args(argv)
+    if args.run:
+        run_one(SCENARIOS[args.run[0]], args.run[1])
+        return
+    names = ["paper"] if args.quick else (args.scenario or list(SCENARIOS))
+    for name in names:
+        scenario = SCENARIOS[name]
+        if not args.table:
+            for method in args.method or scenario.methods:
+                if not cached(scenario, method).exists():
+                    started = time.perf_counter()
+                    print(f"[bench] {name} / {method}", file=sys.stderr, flush=True)
+                    subprocess.run([sys.executable, __file__, "--run", name, method], check=True)
+                    print(f"[bench] {name} / {method}: {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                          flush=True)
+            if not args.no_latency:
+                measure_latency(scenario)
+        write_tables(scenario)
+    write_summary()
+
+
+def cached(scenario: Scenario, method: str) -> Path:
+    return CACHE / scenario.name / f"{method.replace(' ', '_')}.json"
+
+
+def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
+    """(models, train minus the guard slice, the guard slice, test), each per task."""
+    split = scenario.tasks()
+    images, labels = load_fashion_mnist("train")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    guard_index, train_index = order[:GUARD_SIZE].sort().values, order[GUARD_SIZE:].sort().values
+    train = task_data(images[train_index], labels[train_index], split)
+    guard = task_data(images[guard_index], labels[guard_index], split)
+    test = task_data(*load_fashion_mnist("test"), split)
+    models = {t: train_or_load(f"{scenario.architecture_name}-{t}-val{GUARD_SIZE}",
+                               lambda n=fn.num_classes: make_model(scenario, n), *train[t], cache_dir=".cache/bench",
+                               epochs=scenario.train_epochs, seed=0, progress=False)
+              for t, fn in split.items()}
+    return models, train, guard, test
+
+
+def run_one(scenario: Scenario, method: str) -> None:
+    """One scenario x method in this process: writes its JSON (and generated network) to the cache."""
+    torch.manual_seed(0)
+    models, train, guard, test = load(scenario)
+    tasks = tuple(models)
+    started = time.perf_counter()
+    record = {"method": method, "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
+    if method == "peer":
+        from peer import Budget, best_of_schedules, count_macs
+        budget = Budget(step_fraction=PRUNING.step_fraction, step_steps=PRUNING.step_steps,
+                        final_steps=PRUNING.final_steps, batch_size=PRUNING.batch_size, lr=PRUNING.lr,
+                        importance_batches=PRUNING.importance_batches, max_steps=PRUNING.max_steps)
+        pruned = {t: best_of_schedules(models[t], train[t], guard[t], tolerance=TOLERANCE, budget=budget)[0]
+                  for t in tasks}
+        single = {t: count_macs(pruned[t]) for t in tasks}
+        record.update(test={t: accuracy(pruned[t], *test[t]) for t in tasks},
+                      guard={t: accuracy(pruned[t], *guard[t]) for t in tasks})
+    elif method.startswith("alone+"):       # pamfx's pruner on each model by itself: separate pruning
+        criterion = method.split("+")[1]
+        alone = {t: pamfx.optimize({t: models[t]}, {t: train[t]}, eval_data={t: guard[t]}, merge="none",
+                                   prune=criterion, tolerance=TOLERANCE, pruning=CRITERIA[criterion], progress=False)
+                 for t in tasks}
+        single = {t: alone[t].model.macs() for t in tasks}
+        record.update(test={t: evaluate(alone[t].model, {t: test[t]})[t] for t in tasks},
+                      guard={t: alone[t].report.row([t]).accuracy[t] for t in tasks})
+    else:
+        merge, criterion = method.split("+")
+        result = pamfx.optimize(models, train, eval_data=guard, merge=merge, prune=criterion.split()[0],
+                                tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], progress=False)
+        combos = all_combinations(tasks)
+        record.update(macs={_key(c): result.model.macs(c) for c in combos},
+                      merged_macs={_key(c): result.report.row(c).merged_macs for c in combos},
+                      test=evaluate(result.model, test), guard={t: result.report.row([t]).accuracy[t] for t in tasks},
+                      stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings))
+        network = cached(scenario, method).with_suffix(".py")
+        pamfx.codegen(result.model, network, overwrite=True)
+        record["network"] = network.name
+    if "macs" not in record:
+        record["macs"] = {_key(c): sum(single[t] for t in c) for c in all_combinations(tasks)}
+    record.update(seconds=time.perf_counter() - started,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    cached(scenario, method).parent.mkdir(parents=True, exist_ok=True)
+    cached(scenario, method).write_text(json.dumps(record, indent=1))
+
+
+def measure_latency(scenario: Scenario) -> None:
+    """Runs bench/latency.py under pytest-benchmark for the scenario's generated networks (one thread)."""
+    out = CACHE / scenario.name / "latency.json"
+    networks = [p for p in (CACHE / scenario.name).glob("*.py")]
+    if out.exists() and all(p.stat().st_mtime < out.stat().st_mtime for p in networks):
+        return
+    subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "latency.py"), "-q", "-p", "no:cacheprovider",
+                    f"--benchmark-json={out}", "--benchmark-max-time=0.5", "--benchmark-min-rounds=10",
+                    "--benchmark-disable-gc", "-o", "addopts=", "-o", "testpaths="],
+                   check=True, env={**os.environ, "PAMFX_BENCH_SCENARIO": scenario.name,
+                                    "PAMFX_BENCH_CACHE": str(CACHE), "OMP_NUM_THREADS": "1"})
+
+
+def results_of(scenario: Scenario) -> dict:
+    return {m: json.loads(cached(scenario, m).read_text()) for m in scenario.methods if cached(scenario, m).exists()}
+
+
+def write_tables(scenario: Scenario) -> None:
+    results = results_of(scenario)
+    if not results:
+        return
+    tasks = tuple(next(iter(results.values()))["test"])
+    original = next(iter(results.values()))["original_test"]
+    latency = _latency(scenario)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{scenario.name}.md"
+    path.write_text(render(scenario, results, tasks, original, latency))
+    plot(scenario, results, tasks, path.with_suffix(".png"))
+
+
+def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, latency: dict) -> str:
+    combos = all_combinations(tasks)
+    command = f".venv/bin/python bench/harness.py --scenario {scenario.name}"
+    lines = [f"# {scenario.architecture_name} on {scenario.title}", "",
+             f"Command: `{command}` (cached per method in .cache/bench/suite; `--method M` runs one). One "
+             f"{scenario.architecture_name} per task ({', '.join(tasks)}) trained {scenario.train_epochs} epochs on "
+             f"the training split minus a seeded {GUARD_SIZE:,}-image guard; tolerance {TOLERANCE} on the guard; "
+             f"fine-tuning after a merge {FINETUNE}; pruning {PRUNING}. Test accuracy (10,000 images) "
+             "of the originals: " + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + ".", ""]
+    if len(tasks) <= 3:
+        columns = [(("{" + ", ".join(c) + "}"), [c]) for c in combos]
+    else:
+        sizes = sorted({len(c) for c in combos})
+        columns = [(f"{k} tasks (median of {sum(len(c) == k for c in combos)})", [c for c in combos if len(c) == k])
+                   for k in sizes if k in (1, 2, len(tasks) // 2) or k == len(tasks)]
+    lines += ["## MACs per sample", "",
+              "| method | " + " | ".join(name for name, _ in columns) + " | worst test drop | seconds | peak MB |",
+              "|---|" + "---|" * (len(columns) + 3)]
+    for method, result in results.items():
+        cells = [f"{_median([result['macs'][_key(c)] for c in group]):,.0f}" for _, group in columns]
+        drop = max(100 * (original[t] - result["test"][t]) for t in tasks)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {drop:+.2f} pt | {result['seconds']:.0f} | "
+                     f"{result.get('peak_rss_mb', float('nan')):.0f} |")
+    lines += ["", "A positive drop is a loss of test accuracy against the original model. Seconds: wall time of the "
+              "method on the 2-core machine; peak MB: the process's peak resident memory.", ""]
+    if "pam+taylor" in results:
+        lines += ratio_lines(results, tasks, columns)
+    if latency:
+        lines += latency_lines(latency, results, tasks)
+    for method, result in results.items():
+        if result.get("notes"):
+            lines += [f"## Notes: {method}", "", *[f"- {n}" for n in result["notes"]], ""]
+    return "\n".join(lines)
+
+
+def ratio_lines(results: dict, tasks: tuple, columns: list) -> list[str]:
+    """none/pam and mtz/pam per combination, the perfect-sharing limit, and where pam costs more than a baseline."""
+    pam = results["pam+taylor"]["macs"]
+    lines = ["## Ratios against pam+taylor", "",
+             "Each cell: median (min - max) over the combinations of the column. The perfect-sharing limit is "
+             "none(S) / the dearest separately pruned task of S: no merged network can do better than running its "
+             "dearest task alone.", "",
+             "| ratio | " + " | ".join(name for name, _ in columns) + " | combinations where pam costs more |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    baselines = [m for m in ("none+taylor", "mtz+taylor", "peer") if m in results]
+    for baseline in baselines:
+        other = results[baseline]["macs"]
+        cells = [_spread([other[_key(c)] / pam[_key(c)] for c in group]) for _, group in columns]
+        worse = [c for c in all_combinations(tasks) if pam[_key(c)] > other[_key(c)]]
+        lines.append(f"| {baseline} / pam | " + " | ".join(cells) + f" | {len(worse)} of "
+                     f"{len(all_combinations(tasks))}" + (f" (e.g. {{{', '.join(worse[0])}}})" if worse else "")
+                     + " |")
+    if "none+taylor" in results:
+        none = results["none+taylor"]["macs"]
+        cells = [_spread([none[_key(c)] / max(none[t] for t in c) for c in group]) for _, group in columns]
+        lines.append("| perfect-sharing limit | " + " | ".join(cells) + " | |")
+    return lines + [""]
+
+
+def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
+    """Median latency of each merged network per combination against the separately pruned networks run one after
+    another, beside the MACs ratio."""
+    lines = ["## Latency of the generated networks", "",
+             "Median seconds per call of the generated module (pytest-benchmark, one thread) for each combination, "
+             "and the speed-up over the separately pruned networks (none+taylor's per task, run one after another) "
+             "beside the MACs ratio. Measured in one run: `bench/latency.py`.", "",
+             "| method | combination | batch | ms | separate ms | speed-up | MACs ratio |", "|---|---|---|---|---|---|---|"]
+    none = results.get("none+taylor", {}).get("macs", {})
+    for (method, combination, batch), seconds in sorted(latency.items()):
+        if method == "separate":
+            continue
+        separate = latency.get(("separate", combination, batch))
+        macs = results.get(method, {}).get("macs", {})
+        macs_ratio = none[combination] / macs[combination] if combination in none and combination in macs else None
+        lines.append(f"| {method} | {{{combination.replace(',', ', ')}}} | {batch} | {1000 * seconds:.3f} | "
+                     + (f"{1000 * separate:.3f} | {separate / seconds:.2f}x" if separate else "| ") + " | "
+                     + (f"{macs_ratio:.2f}x" if macs_ratio else "") + " |")
+    return lines + [""]
+
+
+def _latency(scenario: Scenario) -> dict:
+    """(method, combination key, batch) -> median seconds, from the latency run's JSON."""
+    path = CACHE / scenario.name / "latency.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for bench in json.loads(path.read_text())["benchmarks"]:
+        info = bench["extra_info"]
+        out[(info["method"], info["combination"], info["batch"])] = bench["stats"]["median"]
+    return out
+
+
+def plot(scenario: Scenario, results: dict, tasks: tuple, path: Path) -> None:
+    """MACs per combination grouped by method (bars for up to three tasks; for more, the median MACs per number of
+    tasks in the combination, one line per method). Needs matplotlib (the bench extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (bash setup.sh --bench): no plot", file=sys.stderr)
+        return
+    combos = all_combinations(tasks)
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    if len(tasks) <= 3:
+        width = 0.8 / len(results)
+        for index, (method, result) in enumerate(results.items()):
+            axes.bar([c + index * width for c in range(len(combos))],
+                     [result["macs"][_key(c)] / 1000 for c in combos], width, label=method,
+                     color=plt.cm.tab20(index % 20))
+        axes.set_xticks([c + 0.4 - width / 2 for c in range(len(combos))])
+        axes.set_xticklabels(["{" + ", ".join(c) + "}" for c in combos], fontsize=7)
+    else:
+        sizes = range(1, len(tasks) + 1)
+        for index, (method, result) in enumerate(results.items()):
+            values = [[result["macs"][_key(c)] / 1000 for c in combos if len(c) == k] for k in sizes]
+            axes.plot(sizes, [_median(v) for v in values], marker="o", label=method, color=plt.cm.tab20(index % 20))
+            axes.fill_between(sizes, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
+                              color=plt.cm.tab20(index % 20))
+        axes.set_xlabel("tasks in the combination (line: median, band: min - max)")
+    axes.set_ylabel("MACs per sample (thousands)")
+    axes.set_title(f"{scenario.architecture_name}, {scenario.title}: MACs after pruning at tolerance {TOLERANCE}",
+                   fontsize=9)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_summary() -> None:
+    """bench/results/SUMMARY.md: the headline ratios of every scenario measured so far, against the paper's."""
+    lines = ["# Benchmark summary", "",
+             "Command: `.venv/bin/python bench/harness.py` (the whole suite; `--quick` for the paper's split alone). "
+             f"The paper reports up to {PAPER_MACS_RATIO}x less computation than pruning each network separately and "
+             f"up to {PAPER_MTZ_RATIO}x less than MTZ then pruning. Here, per scenario: the all-task ratio none/pam, "
+             "the best none/pam and mtz/pam ratio over every combination, the combinations where pam+taylor costs "
+             "more than none+taylor or mtz+taylor, and the worst test drop of pam+taylor (tolerance 1 point on the "
+             "guard).", "",
+             "| scenario | all-task none/pam | best none/pam | best mtz/pam | pam dearer than none / mtz | "
+             "pam worst test drop |", "|---|---|---|---|---|---|"]
+    for scenario in SCENARIOS.values():
+        results = results_of(scenario)
+        if not {"pam+taylor", "none+taylor", "mtz+taylor"} <= set(results):
+            continue
+        pam, none, mtz = (results[m]["macs"] for m in ("pam+taylor", "none+taylor", "mtz+taylor"))
+        tasks = tuple(results["pam+taylor"]["test"])
+        combos = [_key(c) for c in all_combinations(tasks)]
+        best_none = max(combos, key=lambda c: none[c] / pam[c])
+        best_mtz = max(combos, key=lambda c: mtz[c] / pam[c])
+        original = results["pam+taylor"]["original_test"]
+        drop = max(100 * (original[t] - results["pam+taylor"]["test"][t]) for t in tasks)
+        lines.append(f"| [{scenario.name}]({scenario.name}.md) | {none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
+                     f"{none[best_none] / pam[best_none]:.2f}x | {mtz[best_mtz] / pam[best_mtz]:.2f}x "
+                     f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
+                     f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt |")
+    (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+
+
+def _key(combination) -> str:
+    return ",".join(combination)
+
+
+def _median(values: list) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _spread(values: list) -> str:
+    return f"{_median(values):.2f}x" if len(values) == 1 else \
+        f"{_median(values):.2f}x ({min(values):.2f} - {max(values):.2f})"
+
+
+if __name__ == "__main__":
+    main()

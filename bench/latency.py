@@ -1,0 +1,71 @@
+"""CPU latency of the generated networks, run by bench/harness.py under pytest-benchmark (one thread):
+
+    PAMFX_BENCH_SCENARIO=paper .venv/bin/python -m pytest bench/latency.py --benchmark-json=out.json -o addopts=
+
+For the scenario's cached generated networks (merge+criterion methods): each combination of tasks through each
+merged network, and "separate": the none+taylor network's tasks of the combination called one after another, which
+is running the separately pruned models in sequence. Batches of 1 and 64 Fashion-MNIST-shaped inputs. With more
+than three tasks, the combinations are every single task, three pairs and all tasks.
+"""
+import importlib.util
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SCENARIO = os.environ.get("PAMFX_BENCH_SCENARIO", "paper")
+FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO
+METHODS = ("none+taylor", "mtz+taylor", "pam+taylor")
+BATCHES = (1, 64)
+
+
+def _load(method: str):
+    path = FOLDER / f"{method}.py"
+    spec = importlib.util.spec_from_file_location(f"generated_{method.replace('+', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load(str(path.with_suffix(".pt")))
+
+
+def _combinations(tasks: list) -> list:
+    if len(tasks) <= 3:
+        return [list(c) for k in range(1, len(tasks) + 1) for c in itertools.combinations(tasks, k)]
+    return [[t] for t in tasks] + [list(c) for c in itertools.combinations(tasks, 2)][:3] + [list(tasks)]
+
+
+def _cases() -> list:
+    available = [m for m in METHODS if (FOLDER / f"{m}.py").exists()]
+    if "none+taylor" not in available:
+        return []
+    tasks = list(json.loads((FOLDER / "none+taylor.json").read_text())["test"])
+    methods = [m for m in available if m != "none+taylor"] + ["separate"]
+    return [(m, c, b) for m in methods for c in _combinations(tasks) for b in BATCHES]
+
+
+@pytest.fixture(scope="module")
+def networks():
+    torch.set_num_threads(1)
+    return {m: _load(m) for m in METHODS if (FOLDER / f"{m}.py").exists()}
+
+
+@pytest.mark.parametrize("method,combination,batch", _cases(), ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
+def test_latency(benchmark, networks, method, combination, batch):
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    benchmark.extra_info.update(method=method, combination=",".join(combination), batch=batch)
+    if method == "separate":
+        network = networks["none+taylor"]
+
+        def run():
+            with torch.no_grad():
+                return [network(x, [t]) for t in combination]
+    else:
+        network = networks[method]
+
+        def run():
+            with torch.no_grad():
+                return network(x, combination)
+    outputs = benchmark(run)
+    assert len(outputs) == len(combination)

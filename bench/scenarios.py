@@ -1,0 +1,76 @@
+"""The benchmark's scenarios (DESIGN.md section 7): label functions over the same Fashion-MNIST images, an architecture,
+and the methods run on them.
+
+Every scenario's models train (seeded, cached in .cache/bench) on the training split minus a seeded validation
+slice of GUARD_SIZE images; that slice is the guard of every decision; the 10,000 test images are only measured.
+"""
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pamfx.data import LabelFunction, class_group_task, paper_split, partition_task
+from pamfx.zoo import lenet5, resnet_small, vgg_bn
+
+GUARD_SIZE = 6000
+MAIN_METHODS = ("peer", "none+taylor", "mtz+taylor", "pam+taylor")
+# The paper's split also compares criteria, ranking and pamfx's pruner alone against the peer.
+PAPER_METHODS = MAIN_METHODS + ("alone+taylor", "none+l1", "mtz+l1", "pam+l1", "none+vib", "mtz+vib", "pam+vib",
+                                "none+taylor plain", "pam+taylor plain")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    architecture: Callable[[int], torch.nn.Module]    # num_classes -> an untrained model
+    tasks: Callable[[], dict[str, LabelFunction]]
+    methods: tuple[str, ...] = MAIN_METHODS
+    train_epochs: int = 3
+
+    @property
+    def architecture_name(self) -> str:
+        return self.architecture.__name__
+
+
+def five_tasks() -> dict[str, LabelFunction]:
+    """Five correlated groupings: the paper's two halves, upper-body garments, footwear, warm clothes."""
+    return {**paper_split(), "tops": class_group_task([0, 2, 4, 6]), "footwear": class_group_task([5, 7, 9]),
+            "warm": class_group_task([2, 4, 9])}
+
+
+def partitions(count: int = 10, seed: int = 0) -> dict[str, LabelFunction]:
+    """`count` tasks, each a seeded partition of the 10 classes into 3 or 4 super-classes: every task needs most
+    features (the analogue of the paper's face attributes)."""
+    generator = torch.Generator().manual_seed(seed)
+    tasks = {}
+    for index in range(count):
+        order = torch.randperm(10, generator=generator).tolist()
+        parts = 3 + int(torch.randint(0, 2, (1,), generator=generator))
+        cuts = sorted(torch.randperm(9, generator=generator)[:parts - 1].add(1).tolist())
+        blocks = [order[a:b] for a, b in zip([0] + cuts, cuts + [10])]
+        tasks[f"partition_{index}"] = partition_task(blocks)
+    return tasks
+
+
+def one_vs_rest() -> dict[str, LabelFunction]:
+    """Ten binary tasks, class c against the rest: partial sharing."""
+    return {f"class_{c}": class_group_task([c]) for c in range(10)}
+
+
+SCENARIOS = {scenario.name: scenario for scenario in [
+    Scenario("paper", "the paper's Fashion-MNIST split", lenet5, paper_split, PAPER_METHODS),
+    Scenario("three", "three overlapping Fashion-MNIST tasks", lenet5, lambda: {
+        "tops": class_group_task([0, 2, 4, 6]), "footwear": class_group_task([5, 7, 9]),
+        "classes_0_4": class_group_task(range(5))}),
+    Scenario("five", "five correlated class groupings", lenet5, five_tasks),
+    Scenario("partition10", "ten seeded partitions into 3-4 super-classes", lenet5, partitions),
+    Scenario("ovr10", "ten one-vs-rest tasks", lenet5, one_vs_rest),
+    Scenario("vgg", "the paper's split on VGG-BN", vgg_bn, paper_split),
+    Scenario("resnet", "the paper's split on the residual net", resnet_small, paper_split),
+]}
+
+
+def make_model(scenario: Scenario, num_classes: int) -> torch.nn.Module:
+    return functools.partial(scenario.architecture, num_classes)()
