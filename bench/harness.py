@@ -34,6 +34,7 @@ sys.path.insert(0, str(BENCH))
 from scenarios import GUARD_SIZE, SCENARIOS, Scenario, make_model  # noqa: E402  (bench/ is not a package)
 
 CACHE = Path(".cache/bench/suite")
+MAX_SEEDS = 10
 RESULTS = BENCH / "results"
 TOLERANCE = 0.01
 FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
@@ -49,30 +50,34 @@ def main(argv=None) -> None:
     parser.add_argument("--method", action="append", help="only these methods (repeatable)")
     parser.add_argument("--table", action="store_true", help="run nothing; rewrite tables and plots from the cache")
     parser.add_argument("--no-latency", action="store_true", help="skip timing the generated networks")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default: the scenario's); tables show medians")
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "METHOD"), help=argparse.SUPPRESS)  # a child
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)                     # the child's
     args = parser.parse_args(argv)
     if args.run:
-        run_one(SCENARIOS[args.run[0]], args.run[1])
+        run_one(SCENARIOS[args.run[0]], args.run[1], args.seed)
         return
     names = ["paper"] if args.quick else (args.scenario or list(SCENARIOS))
     for name in names:
         scenario = SCENARIOS[name]
         if not args.table:
-            for method in args.method or scenario.methods:
-                if not cached(scenario, method).exists():
-                    started = time.perf_counter()
-                    print(f"[bench] {name} / {method}", file=sys.stderr, flush=True)
-                    subprocess.run([sys.executable, __file__, "--run", name, method], check=True)
-                    print(f"[bench] {name} / {method}: {time.perf_counter() - started:.0f} s", file=sys.stderr,
-                          flush=True)
+            for seed in range(args.seeds or scenario.seeds):
+                for method in args.method or scenario.methods:
+                    if not cached(scenario, method, seed).exists():
+                        started = time.perf_counter()
+                        print(f"[bench] {name} / {method} / seed {seed}", file=sys.stderr, flush=True)
+                        subprocess.run([sys.executable, __file__, "--run", name, method, "--seed", str(seed)],
+                                       check=True)
+                        print(f"[bench] {name} / {method} / seed {seed}: {time.perf_counter() - started:.0f} s",
+                              file=sys.stderr, flush=True)
             if not args.no_latency:
                 measure_latency(scenario)
         write_tables(scenario)
     write_summary()
 
 
-def cached(scenario: Scenario, method: str) -> Path:
-    return CACHE / scenario.name / f"{method.replace(' ', '_')}.json"
+def cached(scenario: Scenario, method: str, seed: int = 0) -> Path:
+    return CACHE / scenario.name / f"{method.replace(' ', '_')}{f'@seed{seed}' if seed else ''}.json"
 
 
 def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
@@ -91,9 +96,10 @@ def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
     return models, train, guard, test
 
 
-def run_one(scenario: Scenario, method: str) -> None:
-    """One scenario x method in this process: writes its JSON (and generated network) to the cache."""
-    torch.manual_seed(0)
+def run_one(scenario: Scenario, method: str, seed: int) -> None:
+    """One scenario x method x seed in this process: writes its JSON (and generated network) to the cache. The
+    seed is pamfx's (batches, dropout, calibration) or the peer's; the models are the same for every seed."""
+    torch.manual_seed(seed)
     models, train, guard, test = load(scenario)
     tasks = tuple(models)
     started = time.perf_counter()
@@ -103,15 +109,16 @@ def run_one(scenario: Scenario, method: str) -> None:
         budget = Budget(step_fraction=PRUNING.step_fraction, step_steps=PRUNING.step_steps,
                         final_steps=PRUNING.final_steps, batch_size=PRUNING.batch_size, lr=PRUNING.lr,
                         importance_batches=PRUNING.importance_batches, max_steps=PRUNING.max_steps)
-        pruned = {t: best_of_schedules(models[t], train[t], guard[t], tolerance=TOLERANCE, budget=budget)[0]
-                  for t in tasks}
+        pruned = {t: best_of_schedules(models[t], train[t], guard[t], tolerance=TOLERANCE, budget=budget,
+                                       seed=seed)[0] for t in tasks}
         single = {t: count_macs(pruned[t]) for t in tasks}
         record.update(test={t: accuracy(pruned[t], *test[t]) for t in tasks},
                       guard={t: accuracy(pruned[t], *guard[t]) for t in tasks})
     elif method.startswith("alone+"):       # pamfx's pruner on each model by itself: separate pruning
         criterion = method.split("+")[1]
         alone = {t: pamfx.optimize({t: models[t]}, {t: train[t]}, eval_data={t: guard[t]}, merge="none",
-                                   prune=criterion, tolerance=TOLERANCE, pruning=CRITERIA[criterion], progress=False)
+                                   prune=criterion, tolerance=TOLERANCE, pruning=CRITERIA[criterion], seed=seed,
+                                   progress=False)
                  for t in tasks}
         single = {t: alone[t].model.macs() for t in tasks}
         record.update(test={t: evaluate(alone[t].model, {t: test[t]})[t] for t in tasks},
@@ -119,21 +126,22 @@ def run_one(scenario: Scenario, method: str) -> None:
     else:
         merge, criterion = method.split("+")
         result = pamfx.optimize(models, train, eval_data=guard, merge=merge, prune=criterion.split()[0],
-                                tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], progress=False)
+                                tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], seed=seed,
+                                progress=False)
         combos = all_combinations(tasks)
         record.update(macs={_key(c): result.model.macs(c) for c in combos},
                       merged_macs={_key(c): result.report.row(c).merged_macs for c in combos},
                       test=evaluate(result.model, test), guard={t: result.report.row([t]).accuracy[t] for t in tasks},
                       stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings))
-        network = cached(scenario, method).with_suffix(".py")
+        network = cached(scenario, method, seed).with_suffix(".py")
         pamfx.codegen(result.model, network, overwrite=True)
         record["network"] = network.name
     if "macs" not in record:
         record["macs"] = {_key(c): sum(single[t] for t in c) for c in all_combinations(tasks)}
     record.update(seconds=time.perf_counter() - started,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    cached(scenario, method).parent.mkdir(parents=True, exist_ok=True)
-    cached(scenario, method).write_text(json.dumps(record, indent=1))
+    cached(scenario, method, seed).parent.mkdir(parents=True, exist_ok=True)
+    cached(scenario, method, seed).write_text(json.dumps(record, indent=1))
 
 
 def measure_latency(scenario: Scenario) -> None:
@@ -150,7 +158,21 @@ def measure_latency(scenario: Scenario) -> None:
 
 
 def results_of(scenario: Scenario) -> dict:
-    return {m: json.loads(cached(scenario, m).read_text()) for m in scenario.methods if cached(scenario, m).exists()}
+    """Per method, its seeds' results folded into one: the median MACs of each combination, the worst test accuracy
+    of each task, the median seconds and peak memory; the notes are seed 0's."""
+    folded = {}
+    for method in scenario.methods:
+        runs = [json.loads(cached(scenario, method, seed).read_text()) for seed in range(MAX_SEEDS)
+                if cached(scenario, method, seed).exists()]
+        if not runs:
+            continue
+        folded[method] = {**runs[0], "seeds": len(runs),
+                          "macs": {c: _median([r["macs"][c] for r in runs]) for c in runs[0]["macs"]},
+                          "all_task_macs": [r["macs"][_key(tuple(runs[0]["test"]))] for r in runs],
+                          "test": {t: min(r["test"][t] for r in runs) for t in runs[0]["test"]},
+                          "seconds": _median([r["seconds"] for r in runs]),
+                          "peak_rss_mb": _median([r.get("peak_rss_mb", float("nan")) for r in runs])}
+    return folded
 
 
 def write_tables(scenario: Scenario) -> None:
@@ -182,15 +204,20 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
         columns = [(f"{k} tasks (median of {sum(len(c) == k for c in combos)})", [c for c in combos if len(c) == k])
                    for k in sizes if k in (1, 2, len(tasks) // 2) or k == len(tasks)]
     lines += ["## MACs per sample", "",
-              "| method | " + " | ".join(name for name, _ in columns) + " | worst test drop | seconds | peak MB |",
-              "|---|" + "---|" * (len(columns) + 3)]
+              "| method | " + " | ".join(name for name, _ in columns)
+              + " | worst test drop | seeds: all-task MACs | seconds | peak MB |",
+              "|---|" + "---|" * (len(columns) + 4)]
     for method, result in results.items():
         cells = [f"{_median([result['macs'][_key(c)] for c in group]):,.0f}" for _, group in columns]
         drop = max(100 * (original[t] - result["test"][t]) for t in tasks)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {drop:+.2f} pt | {result['seconds']:.0f} | "
-                     f"{result.get('peak_rss_mb', float('nan')):.0f} |")
-    lines += ["", "A positive drop is a loss of test accuracy against the original model. Seconds: wall time of the "
-              "method on the 2-core machine; peak MB: the process's peak resident memory.", ""]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {drop:+.2f} pt | "
+                     + " / ".join(f"{m:,}" for m in result["all_task_macs"])
+                     + f" | {result['seconds']:.0f} | {result['peak_rss_mb']:.0f} |")
+    lines += ["", "MACs are the median over the seeds run (pamfx's seed: batches, dropout, calibration; the models are "
+              "the same); the seeds column lists each seed's all-task MACs. Worst test drop: the largest loss of test "
+              "accuracy of any task and seed against the original model (negative: a gain). Seconds: median wall "
+              "time of one seed on the 2-core machine, shared with other work; peak MB: the process's peak resident "
+              "memory.", ""]
     if "pam+taylor" in results:
         lines += ratio_lines(results, tasks, columns)
     if latency:
