@@ -11,7 +11,11 @@ Kinds:
     depthwise   nn.Conv2d with groups == in == out channels: keeps its input's channel space; MACs = C * kh * kw * H * W
     linear      nn.Linear on a [batch, features] tensor: a new channel space; MACs = out * in
     batchnorm   nn.BatchNorm1d/2d: per-channel parameters, keeps the channel space
-    channelwise an op applied to each channel on its own (activations, pooling, dropout): keeps the channel space
+    channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
+                LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
+                torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
+                F.dropout/dropout2d with training=self.training), nn.Identity, and +, -, *, / with a Python scalar
+                (x * 0.5 + 1, 3 - x, x / 6); never with a tensor operand
     flatten     [B, C, H, W] -> [B, C*H*W]: each channel owns its block of H*W features
     mean        a mean over spatial dims: keeps the channel space
     add         residual add: both operands share one channel space
@@ -25,10 +29,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import UnsupportedOpError
+from .ir import OP
 
 # Stateless modules that act on each channel on its own; kept as modules (they carry their settings in repr).
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Mish,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
 )
 
@@ -43,6 +49,11 @@ CHANNELWISE_FUNCTIONS = {
     F.gelu: "torch.nn.functional.gelu",
     F.silu: "torch.nn.functional.silu",
     F.hardswish: "torch.nn.functional.hardswish",
+    F.hardsigmoid: "torch.nn.functional.hardsigmoid",
+    F.hardtanh: "torch.nn.functional.hardtanh",
+    F.softplus: "torch.nn.functional.softplus",
+    F.mish: "torch.nn.functional.mish",
+    torch.clamp: "torch.clamp",
     torch.sigmoid: "torch.sigmoid",
     torch.tanh: "torch.tanh",
     F.max_pool2d: "torch.nn.functional.max_pool2d",
@@ -50,11 +61,26 @@ CHANNELWISE_FUNCTIONS = {
     F.adaptive_avg_pool2d: "torch.nn.functional.adaptive_avg_pool2d",
     F.adaptive_max_pool2d: "torch.nn.functional.adaptive_max_pool2d",
 }
-CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh"}
+CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "clamp": "torch.clamp"}
+
+# NOTE: fx bakes `training=self.training` into the graph as a constant (False: models are traced in eval mode),
+# so the merged network runs a functional dropout as the module that does the same, which follows train/eval mode
+# during fine-tuning. A dropout whose training is True even in eval mode (F.dropout's default) is refused.
+DROPOUT_FUNCTIONS = {F.dropout: nn.Dropout, F.dropout2d: nn.Dropout2d}
+
+# Arithmetic that is per-channel when its other operand is a Python scalar, by the torch function computing
+# `tensor <op> scalar`; `scalar <op> tensor` is computed by REVERSED[that function] with the tensor first.
+SCALAR_FUNCTIONS = {
+    operator.add: "torch.add", torch.add: "torch.add",
+    operator.sub: "torch.sub", torch.sub: "torch.sub",
+    operator.mul: "torch.mul", torch.mul: "torch.mul",
+    operator.truediv: "torch.div", torch.div: "torch.div",
+}
+SCALAR_METHODS = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div"}
+REVERSED = {"torch.add": "torch.add", "torch.mul": "torch.mul", "torch.sub": "torch.rsub"}
 
 FLATTEN_FUNCTIONS = {torch.flatten}
 FLATTEN_METHODS = {"view", "reshape", "flatten"}
-ADD_FUNCTIONS = {operator.add, torch.add}
 MEAN_FUNCTIONS = {torch.mean}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
@@ -67,13 +93,13 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "output"
     if node.op == "call_module":
         return _classify_module(node, modules[node.target])
+    if _is_arithmetic(node):
+        return _classify_arithmetic(node)
     if node.op == "call_function":
-        if node.target in CHANNELWISE_FUNCTIONS:
-            return "channelwise"
+        if node.target in CHANNELWISE_FUNCTIONS or node.target in DROPOUT_FUNCTIONS:
+            return _checked_channelwise(node)
         if node.target in FLATTEN_FUNCTIONS:
             return "flatten"
-        if node.target in ADD_FUNCTIONS:
-            return "add"
         if node.target in MEAN_FUNCTIONS:
             return "mean"
         if node.target in CAT_FUNCTIONS:
@@ -82,19 +108,100 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "shape"
     if node.op == "call_method":
         if node.target in CHANNELWISE_METHODS:
-            return "channelwise"
+            return _checked_channelwise(node)
         if node.target in FLATTEN_METHODS:
             return "flatten"
-        if node.target == "add":
-            return "add"
         if node.target == "mean":
             return "mean"
         if node.target == "size":
             return "shape"
     raise UnsupportedOpError(
         f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
-        "supported: Conv2d, Linear, BatchNorm, per-channel activations/pooling/dropout, flatten/view, "
-        "spatial mean, residual add and torch.cat on channels")
+        f"supported: {SUPPORTED}")
+
+
+SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
+             "dropout, +, -, *, / with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
+             "residual add of two tensors and torch.cat on channels")
+
+
+def _is_arithmetic(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in SCALAR_FUNCTIONS)
+            or (node.op == "call_method" and node.target in SCALAR_METHODS))
+
+
+def _classify_arithmetic(node: fx.Node) -> str:
+    """`tensor <op> scalar` is per-channel, `tensor + tensor` a residual add; anything else is refused."""
+    operands = list(node.args[:2])
+    tensors = [arg for arg in operands if isinstance(arg, fx.Node)]
+    if tensors and all(arg.meta.get(OP) == "shape" for arg in tensors):
+        return "shape"   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
+    target = _arithmetic_target(node)
+    if len(tensors) == 1 and all(isinstance(arg, (int, float)) for arg in operands if arg is not tensors[0]):
+        if operands[0] is not tensors[0] and target not in REVERSED:
+            raise UnsupportedOpError(f"node '{node.name}' divides a scalar by a tensor ({operands[0]!r} / "
+                                     f"'{tensors[0].name}'); pamfx supports x / scalar only")
+        _check_constant_arguments(node, skip=operands)
+        return "channelwise"
+    if len(tensors) == 2 and target == "torch.add":
+        return "add"
+    others = ", ".join(f"'{arg.name}'" if isinstance(arg, fx.Node) else repr(arg) for arg in operands)
+    raise UnsupportedOpError(
+        f"node '{node.name}' ({_target_name(node)} of {others}) needs a Python scalar as its other operand: pamfx "
+        "supports +, -, *, / of a tensor and a scalar (each channel on its own) and + of two tensors (a residual "
+        "add); an operand that is a tensor (e.g. an attention or squeeze-excitation gate) is not supported")
+
+
+def _arithmetic_target(node: fx.Node) -> str:
+    return SCALAR_FUNCTIONS[node.target] if node.op == "call_function" else SCALAR_METHODS[node.target]
+
+
+def _checked_channelwise(node: fx.Node) -> str:
+    _check_constant_arguments(node, skip=node.args[:1])
+    if node.target in DROPOUT_FUNCTIONS and _argument(node, 2, "training", True):
+        raise UnsupportedOpError(
+            f"node '{node.name}' calls {_target_name(node)} with training=True even in eval mode (its default); "
+            f"pass training=self.training, or use nn.{DROPOUT_FUNCTIONS[node.target].__name__} in __init__")
+    return "channelwise"
+
+
+def _check_constant_arguments(node: fx.Node, skip) -> None:
+    """A per-channel op reads one tensor; every other argument must be a constant."""
+    for value in list(node.args) + list(node.kwargs.values()):
+        if isinstance(value, fx.Node) and not any(value is s for s in skip):
+            if value.meta.get(OP) == "shape":
+                raise UnsupportedOpError(
+                    f"node '{node.name}' ({_target_name(node)}) takes a size read off a tensor ('{value.name}') as "
+                    "an argument; pamfx needs a constant there: write the number (e.g. the pool's kernel size), or "
+                    "use an adaptive pool")
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({_target_name(node)}) takes the tensor '{value.name}' as a further argument; "
+                "pamfx supports per-channel ops whose other arguments are Python scalars")
+
+
+def _argument(node: fx.Node, position: int, name: str, default):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def channelwise_call(node: fx.Node) -> tuple[str, tuple, dict]:
+    """How the task-gated network computes a per-channel function or method node on each group's slice:
+    (dotted torch function, constant arguments after the tensor, keyword arguments)."""
+    if _is_arithmetic(node):
+        target = _arithmetic_target(node)
+        first, second = node.args[:2]
+        if isinstance(first, fx.Node):
+            return target, (second,), dict(node.kwargs)
+        return REVERSED[target], (first,), dict(node.kwargs)
+    table = CHANNELWISE_METHODS if node.op == "call_method" else CHANNELWISE_FUNCTIONS
+    kwargs = {key: value for key, value in node.kwargs.items() if key != "inplace"}   # each slice is a fresh tensor
+    return table[node.target], tuple(node.args[1:]), kwargs
+
+
+def dropout_module(node: fx.Node) -> nn.Module | None:
+    """The module that a functional dropout node runs as in the merged network (None: not a dropout function)."""
+    if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
+        return None
+    return DROPOUT_FUNCTIONS[node.target](_argument(node, 1, "p", 0.5))
 
 
 def _classify_module(node: fx.Node, module: nn.Module) -> str:

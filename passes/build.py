@@ -124,17 +124,12 @@ class _Builder:
 
     def visit_channelwise(self, node):
         source = node.all_input_nodes[0]
-        if node.op == "call_module":
-            module = copy.deepcopy(node.meta[MODULES][0])
+        module = copy.deepcopy(node.meta[MODULES][0]) if node.op == "call_module" else ops.dropout_module(node)
+        if module is not None:
             for group in self.layout[node]:
                 self.emit(node, group, [self.values[source][group]], "module", module=module)
             return
-        if node.op == "call_method":
-            target = ops.CHANNELWISE_METHODS[node.target]
-        else:
-            target = ops.CHANNELWISE_FUNCTIONS[node.target]
-        args, kwargs = _constant_args(node)
-        kwargs.pop("inplace", None)   # each group's slice is a fresh tensor
+        target, args, kwargs = ops.channelwise_call(node)
         for group in self.layout[node]:
             self.emit(node, group, [self.values[source][group]], "function", target=target, args=args, kwargs=kwargs)
 
@@ -204,9 +199,3 @@ def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
         return nn.Linear(in_size, out_size, template.bias is not None)
     return type(template)(out_size, eps=template.eps, momentum=template.momentum)
 
-
-def _constant_args(node: fx.Node) -> tuple[tuple, dict]:
-    args = node.args[1:]
-    if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
-        raise UnsupportedOpError(f"node '{node.name}' takes a tensor as a non-first argument")
-    return tuple(args), dict(node.kwargs)

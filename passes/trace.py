@@ -24,7 +24,9 @@ def trace(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, fx.G
         if not isinstance(model, nn.Module):
             raise TypeError(f"model '{name}' is a {type(model).__name__}, not a torch.nn.Module")
         try:
-            module = fx.symbolic_trace(copy.deepcopy(model))
+            # NOTE: traced in eval mode, the mode pamfx runs the originals in: fx bakes `self.training` into the
+            # graph as a constant (F.dropout(x, p, training=self.training) becomes training=False).
+            module = fx.symbolic_trace(copy.deepcopy(model).eval())
         except Exception as error:
             raise TraceError(
                 f"model '{name}' cannot be traced by torch.fx ({type(error).__name__}: {error}). "

@@ -330,7 +330,7 @@ UNSUPPORTED = [
     (ReshapesTo3D, r"node 'view' reshapes \(2, 4, 26, 26\) to \(2, 4, 676\); pamfx follows only flattening"),
     (MeanOverChannels, r"node 'mean' has \[26, 26\] channels per model where its channel space 'conv' has \[4, 4\]"),
     (MeanOverSquareChannels, r"node 'mean' takes a mean over dims \(1,\); pamfx supports means over spatial dims"),
-    (PoolsBySize, "node 'max_pool2d' takes a tensor as a non-first argument"),
+    (PoolsBySize, r"node 'max_pool2d' \(max_pool2d\) takes a size read off a tensor \('size'\) as an argument"),
     (SquareLinearOnImage, r"node 'lin' applies a Linear to a tensor of shape \(2, 26, 26, 26\); pamfx needs \[batch"),
     # NOTE: with widths that differ, stack_weights fails first, with a message about input channels that misleads
     (LinearOnImage, "node 'lin': model 0 has 26 input channels but its input tensor carries 4"),

@@ -1,0 +1,232 @@
+"""Patterns that real models write (issue 12), each through every stage: merge="none" reproduces the originals with
+analytic MACs equal to FlopCounterMode, random groupings keep rule 2 and the generated code agrees, PAM and MTZ run,
+and every pruner removes units through the pattern. Models are tiny, weights and data random."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pamfx
+from pamfx.ir import all_combinations
+from pamfx.passes.build import build_network
+from pamfx.passes.stack import stack_weights
+
+from conftest import HEADS, assert_equivalent, compile_parts, random_data, random_grouping, randomised
+from test_codegen import load_generated
+from test_macs import counted_macs
+from test_prune import MTZ, PAM, TINY, TUNE, assert_rules
+
+TASKS = ("a", "b", "c")
+SHAPE = (1, 12, 12)
+
+pytestmark = pytest.mark.filterwarnings("ignore::pamfx.PamfxWarning")   # tiny budgets, random labels
+
+
+class ScalarOps(nn.Module):
+    """Per-channel arithmetic with Python scalars and clamping activations, as MobileNet-style code writes them."""
+    through = ("conv1", "conv2", "fc")   # the hidden spaces the pattern runs through
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.hardsigmoid = nn.Hardsigmoid()
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.act = nn.Hardtanh(-2.0, 2.0)
+        self.fc = nn.Linear(8 * 4 * 4, 12)
+        self.softplus = nn.Softplus(beta=2.0)
+        self.mish = nn.Mish()
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.conv1(x) * 0.5 + 1
+        x = torch.clamp(x, 0, 6) - 3
+        x = F.max_pool2d(self.hardsigmoid(x / 6), 2)
+        x = F.dropout(F.hardtanh(self.conv2(x).clamp(min=0)), 0.2, training=self.training)
+        x = F.hardsigmoid(self.act(1 - x)).flatten(1)
+        x = 2 * self.mish(self.softplus(self.fc(x))).mul(3)
+        return self.head(x)
+
+
+PATTERNS = {"scalar": ScalarOps}
+
+
+def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {t: randomised(PATTERNS[pattern](HEADS[t]), i) for i, t in enumerate(tasks)}
+
+
+def inputs(n=6, seed=0):
+    return torch.randn((n,) + SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def originals(models):
+    return lambda x: {t: m(x) for t, m in models.items()}
+
+
+def assert_generated_matches(network, tmp_path, name):
+    """The generated module computes what the network does, and FlopCounterMode counts network.macs() on both."""
+    generated = load_generated(pamfx.codegen(network, tmp_path / f"{name}.py"), name).load()
+    x = inputs()
+    assert_equivalent(lambda x: network(x), generated, x, all_combinations(network.tasks))
+    for combination in all_combinations(network.tasks):
+        assert counted_macs(lambda: generated(x[:1], list(combination))) == network.macs(combination)
+        assert counted_macs(lambda: network(x[:1], list(combination))) == network.macs(combination)
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_none_reproduces_the_originals_and_their_macs(pattern):
+    models = models_of(pattern)
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    x = inputs(1)
+    separate = {t: counted_macs(lambda m=m: m(x)) for t, m in models.items()}
+    assert all(separate.values())
+    for combination in all_combinations(TASKS):
+        assert result.model.macs(combination) == sum(separate[t] for t in combination)
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_groupings_keep_rule_2_and_generate_the_same_network(pattern, seed, tmp_path):
+    aligned, spaces = compile_parts(models_of(pattern), inputs(2))
+    for name in PATTERNS[pattern].through:
+        assert spaces[name].kind == "hidden"
+    network = build_network(aligned, spaces, random_grouping(aligned, spaces, seed), stack_weights(aligned, spaces))[0]
+    network.eval()
+    assert_rules(network)
+    x = inputs()
+    with torch.no_grad():
+        alone = {t: network(x, [t])[t] for t in TASKS}
+        for combination in all_combinations(TASKS):
+            for task, output in network(x, list(combination)).items():
+                assert torch.equal(output, alone[task]), f"{task} differs inside {combination}"
+    assert_generated_matches(network, tmp_path, f"random_{pattern}_{seed}")
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("merge", ["pam", "mtz"])
+def test_pam_and_mtz_merge_through_the_pattern(pattern, merge, tmp_path):
+    result = pamfx.optimize(models_of(pattern), random_data(TASKS, n=64, shape=SHAPE), merge=merge, prune=None,
+                            pam=PAM, mtz=MTZ, finetune=TUNE, progress=False)
+    groups = {g for name in PATTERNS[pattern].through for g in result.grouping.groups[name] if g is not None}
+    assert groups, "the merge dropped every unit of the pattern's spaces"
+    assert_rules(result.model)
+    assert_generated_matches(result.model, tmp_path, f"{merge}_{pattern}")
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("criterion", ["taylor", "l1", "vib"])
+def test_pruning_removes_units_through_the_pattern(pattern, criterion, tmp_path):
+    tasks = ("a", "b")
+    models = models_of(pattern, tasks)
+    result = pamfx.optimize(models, random_data(tasks, n=96, shape=SHAPE, seed=1),
+                            eval_data=random_data(tasks, n=64, shape=SHAPE, seed=2), merge="none", prune=criterion,
+                            tolerance=1.0, finetune=TUNE, pruning=TINY, progress=False)
+    removed = {name: sum(g is None for g in result.grouping.groups[name]) for name in PATTERNS[pattern].through}
+    assert any(removed.values()), f"no unit removed where the pattern runs: {removed}"
+    assert_rules(result.model)
+    with torch.no_grad():
+        for task in tasks:   # heads are task outputs: never pruned
+            assert result.model(inputs(), [task])[task].shape == models[task](inputs()).shape
+    assert_generated_matches(result.model, tmp_path, f"pruned_{pattern}_{criterion}")
+
+
+class OneOp(nn.Module):
+    """conv -> op -> pool -> linear head, for one per-channel op `op` (a module or a function of the tensor)."""
+
+    def __init__(self, op, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.op = op
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(self.op(self.conv(x)), 1).flatten(1))
+
+
+class FunctionalDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.3, training=self.training)
+
+
+ONE_OPS = {
+    "x * 0.5 + 1": lambda x: x * 0.5 + 1,
+    "x - 3": lambda x: x - 3,
+    "3 - x": lambda x: 3 - x,
+    "x / 6": lambda x: x / 6,
+    "2 * x": lambda x: 2 * x,
+    "torch.mul / sub / div / add": lambda x: torch.add(torch.div(torch.sub(torch.mul(x, 2), 1), 4), 0.5),
+    "x.mul(2).add(1).sub(0.5).div(3)": lambda x: x.mul(2).add(1).sub(0.5).div(3),
+    "torch.clamp(x, 0, 6)": lambda x: torch.clamp(x, 0, 6),
+    "x.clamp(min=0)": lambda x: x.clamp(min=0),
+    "F.hardtanh": lambda x: F.hardtanh(x, -0.5, 0.5),
+    "nn.Hardtanh": nn.Hardtanh(0.0, 6.0),
+    "nn.Hardsigmoid": nn.Hardsigmoid(),
+    "F.hardsigmoid": F.hardsigmoid,
+    "nn.Softplus": nn.Softplus(beta=0.5, threshold=5.0),
+    "F.softplus": lambda x: F.softplus(x, beta=2.0),
+    "nn.Mish": nn.Mish(),
+    "F.mish": F.mish,
+    "F.dropout": FunctionalDropout(),
+    "F.dropout2d": lambda x: F.dropout2d(x, 0.3, False),
+}
+
+
+@pytest.mark.parametrize("op", sorted(ONE_OPS))
+def test_each_per_channel_op_reproduces_the_originals(op):
+    torch.manual_seed(1)
+    models = {t: OneOp(ONE_OPS[op], HEADS[t]).eval() for t in TASKS}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    assert result.model.macs(["a"]) == counted_macs(lambda: models["a"](inputs(1)))
+
+
+def test_functional_dropout_follows_the_networks_mode():
+    """F.dropout(x, p, training=self.training) runs as nn.Dropout(p): off in eval mode, on while fine-tuning; models
+    given in train mode are traced in eval mode, so the merged network still equals them in eval mode."""
+    models = models_of("scalar")
+    for model in models.values():
+        model.train()
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    dropouts = [m for m in result.model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(m.p == 0.2 for m in dropouts)
+    assert_equivalent(originals({t: m.eval() for t, m in models.items()}), result.model, inputs(8),
+                      all_combinations(TASKS))
+    x = inputs(4)
+    result.model.train()
+    with torch.no_grad():
+        assert not torch.equal(result.model(x, ["a"])["a"], result.model(x, ["a"])["a"])   # dropout is on
+
+
+class Gated(nn.Module):
+    """conv -> op -> pool -> head, where op reads a second tensor (`other`: a gate computed from the features)."""
+
+    def __init__(self, op, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.op = op
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.head(self.op(x, torch.sigmoid(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("op, message", [
+    (lambda x, gate: x * gate, r"node 'mul' \(mul of 'conv', 'sigmoid'\) needs a Python scalar"),
+    (lambda x, gate: x - gate, r"node 'sub' \(sub of 'conv', 'sigmoid'\) needs a Python scalar"),
+    (lambda x, gate: x / gate, r"node 'truediv' \(truediv of 'conv', 'sigmoid'\) needs a Python scalar"),
+    (lambda x, gate: torch.clamp(x, min=gate), r"node 'clamp' \(clamp\) takes the tensor 'sigmoid' as a further"),
+    (lambda x, gate: 6 / x, r"node 'truediv' divides a scalar by a tensor"),
+], ids=["x * gate", "x - gate", "x / gate", "clamp(x, min=gate)", "6 / x"])
+def test_a_tensor_operand_is_refused_by_node_name(op, message):
+    models = {t: Gated(op, HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+def test_dropout_that_stays_on_in_eval_mode_is_refused():
+    models = {t: OneOp(lambda x: F.dropout(x, 0.5), HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=r"node 'dropout' calls dropout with training=True even in "
+                                                       r"eval mode.*training=self.training"):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
