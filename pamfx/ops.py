@@ -20,6 +20,8 @@ Kinds:
     mean        a mean over spatial dims: keeps the channel space
     add         residual add: both operands share one channel space
     cat         torch.cat on dim 1: the operands' channels side by side
+    softmax     softmax / log_softmax over the classes (dim 1) of a task's head output: mixes that head's units only,
+                so it is allowed in an output space (channel_spaces refuses it anywhere else)
     shape       x.size(...) / x.shape: only feeds the arguments of a flatten, which pamfx rewrites
 """
 import operator
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import UnsupportedOpError
-from .ir import OP
+from .ir import MODULES, OP
 
 # Stateless modules that act on each channel on its own; kept as modules (they carry their settings in repr).
 CHANNELWISE_MODULES = (
@@ -79,6 +81,10 @@ SCALAR_FUNCTIONS = {
 SCALAR_METHODS = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div"}
 REVERSED = {"torch.add": "torch.add", "torch.mul": "torch.mul", "torch.sub": "torch.rsub"}
 
+SOFTMAX_FUNCTIONS = {torch.softmax: "torch.softmax", F.softmax: "torch.softmax",
+                     torch.log_softmax: "torch.log_softmax", F.log_softmax: "torch.log_softmax"}
+SOFTMAX_METHODS = {"softmax": "torch.softmax", "log_softmax": "torch.log_softmax"}
+
 FLATTEN_FUNCTIONS = {torch.flatten}
 FLATTEN_METHODS = {"view", "reshape", "flatten"}
 MEAN_FUNCTIONS = {torch.mean}
@@ -100,6 +106,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return _checked_channelwise(node)
         if node.target in FLATTEN_FUNCTIONS:
             return "flatten"
+        if node.target in SOFTMAX_FUNCTIONS:
+            return _checked_softmax(node)
         if node.target in MEAN_FUNCTIONS:
             return "mean"
         if node.target in CAT_FUNCTIONS:
@@ -111,6 +119,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return _checked_channelwise(node)
         if node.target in FLATTEN_METHODS:
             return "flatten"
+        if node.target in SOFTMAX_METHODS:
+            return _checked_softmax(node)
         if node.target == "mean":
             return "mean"
         if node.target == "size":
@@ -122,7 +132,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
              "dropout, +, -, *, / with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
-             "residual add of two tensors and torch.cat on channels")
+             "residual add of two tensors, torch.cat on channels, and softmax/log_softmax over a head's classes")
 
 
 def _is_arithmetic(node: fx.Node) -> bool:
@@ -163,6 +173,29 @@ def _checked_channelwise(node: fx.Node) -> str:
             f"node '{node.name}' calls {_target_name(node)} with training=True even in eval mode (its default); "
             f"pass training=self.training, or use nn.{DROPOUT_FUNCTIONS[node.target].__name__} in __init__")
     return "channelwise"
+
+
+def _checked_softmax(node: fx.Node) -> str:
+    _check_constant_arguments(node, skip=node.args[:1])
+    if softmax_dim(node) is None:
+        raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)}) has no dim; pass dim=1 (the classes)")
+    return "softmax"
+
+
+def softmax_dim(node: fx.Node):
+    """The dim a softmax node normalises over, as written (None if not given)."""
+    if node.op == "call_module":
+        return node.meta[MODULES][0].dim
+    return _argument(node, 1, "dim", None)
+
+
+def softmax_call(node: fx.Node) -> tuple[str, dict]:
+    """How the task-gated network computes a softmax node on one task's head: (dotted function, keyword arguments
+    besides dim)."""
+    table = SOFTMAX_METHODS if node.op == "call_method" else SOFTMAX_FUNCTIONS
+    dtype = _argument(node, 3 if node.op == "call_function" and node.target in (F.softmax, F.log_softmax) else 2,
+                      "dtype", None)
+    return table[node.target], ({} if dtype is None else {"dtype": dtype})
 
 
 def _check_constant_arguments(node: fx.Node, skip) -> None:
@@ -225,6 +258,10 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
         return "channelwise"
     if isinstance(module, nn.Flatten):
         return "flatten"
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        if module.dim is None:
+            raise UnsupportedOpError(f"node '{node.name}': {module!r} has no dim; pass dim=1 (the classes)")
+        return "softmax"
     raise UnsupportedOpError(
         f"node '{node.name}' calls {type(module).__name__}, a module pamfx has no channel rule for: {module!r}")
 

@@ -133,6 +133,18 @@ class _Builder:
         for group in self.layout[node]:
             self.emit(node, group, [self.values[source][group]], "function", target=target, args=args, kwargs=kwargs)
 
+    def visit_softmax(self, node):
+        """Over a head's classes (find_channel_spaces checked): each group there is one task's whole head."""
+        source = node.all_input_nodes[0]
+        if node.op == "call_module":
+            module = copy.deepcopy(node.meta[MODULES][0])
+            for group in self.layout[node]:
+                self.emit(node, group, [self.values[source][group]], "module", module=module)
+            return
+        target, kwargs = ops.softmax_call(node)
+        for group in self.layout[node]:
+            self.emit(node, group, [self.values[source][group]], "function", target=target, kwargs={"dim": 1, **kwargs})
+
     def visit_flatten(self, node):
         source = node.all_input_nodes[0]
         if len(source.meta[SHAPES][0]) == 2:

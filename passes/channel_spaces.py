@@ -15,11 +15,12 @@ import math
 
 from torch import fx
 
+from pamfx import ops
 from pamfx.errors import UnsupportedOpError
 from pamfx.ir import FEATURES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 
-# op kinds whose output is in the same space as their (first) input
-KEEPS_SPACE = ("batchnorm", "channelwise", "mean", "depthwise")
+# op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
+KEEPS_SPACE = ("batchnorm", "channelwise", "mean", "depthwise", "softmax")
 
 
 def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
@@ -62,6 +63,8 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
         if kind in ("input", "conv", "linear"):
             parent[node] = node
         elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
+            if kind == "softmax":
+                _check_softmax_dim(node)
             parent[node] = find(tensor_inputs[0])
         elif kind == "add":
             operands = tensor_inputs
@@ -88,6 +91,12 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
         kind = "input" if first.meta[OP] == "input" else "hidden"
         if any(node in heads for node in group):
             kind = "output"
+        mixing = [n for n in group if n.meta[OP] == "softmax"]
+        if mixing and kind != "output":
+            raise UnsupportedOpError(
+                f"node '{mixing[0].name}' takes a softmax over the channels of '{group[0].name}', which is not a "
+                "task's output: it would mix units of different groups; pamfx supports softmax / log_softmax only "
+                "over a head's classes, after the last layer")
         if kind == "input" and len(group) > 1 and any(n.meta[OP] == "add" for n in group):
             raise UnsupportedOpError(f"node '{group[-1].name}' adds the network input to a hidden tensor; "
                                      "pamfx needs the input to stay shared by all tasks")
@@ -143,6 +152,14 @@ def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, .
     if any(feature.position for feature in features):
         raise UnsupportedOpError(f"node '{node.name}' flattens features that were already flattened")
     return tuple(Feature(f.space, f.unit, p) for f in features for p in range(block))
+
+
+def _check_softmax_dim(node: fx.Node) -> None:
+    rank = len(node.meta[SHAPES][0])
+    dim = ops.softmax_dim(node)
+    if dim % rank != 1:
+        raise UnsupportedOpError(f"node '{node.name}' takes a softmax over dim {dim} of a tensor of rank {rank}; "
+                                 "pamfx supports softmax over the classes (dim=1, or dim=-1 of [batch, classes])")
 
 
 def _cat_dim(node: fx.Node) -> int:

@@ -47,7 +47,23 @@ class ScalarOps(nn.Module):
         return self.head(x)
 
 
-PATTERNS = {"scalar": ScalarOps}
+class LogSoftmaxHead(nn.Module):
+    """A classifier whose output is log-probabilities (trained with NLLLoss)."""
+    through = ("conv1", "fc1")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.fc1 = nn.Linear(6 * 5 * 5, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return F.log_softmax(self.head(x), dim=1)
+
+
+PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -230,3 +246,68 @@ def test_dropout_that_stays_on_in_eval_mode_is_refused():
     with pytest.raises(pamfx.UnsupportedOpError, match=r"node 'dropout' calls dropout with training=True even in "
                                                        r"eval mode.*training=self.training"):
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+class Classifier(nn.Module):
+    """conv -> pool -> linear head -> `normalise` (a softmax over the head's classes, in one of its spellings)."""
+
+    def __init__(self, normalise, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, classes)
+        self.normalise = normalise
+
+    def forward(self, x):
+        return self.normalise(self.head(F.relu(self.conv(x)).mean((2, 3))))
+
+
+SOFTMAXES = {
+    "F.softmax(x, dim=1)": lambda x: F.softmax(x, dim=1),
+    "F.log_softmax(x, -1)": lambda x: F.log_softmax(x, -1),
+    "torch.softmax(x, -1)": lambda x: torch.softmax(x, -1),
+    "torch.log_softmax(x, dim=1)": lambda x: torch.log_softmax(x, dim=1),
+    "x.softmax(1)": lambda x: x.softmax(1),
+    "x.log_softmax(dim=-1)": lambda x: x.log_softmax(dim=-1),
+    "x.softmax(1, dtype=torch.float64)": lambda x: x.softmax(1, dtype=torch.float64),
+    "nn.Softmax(dim=1)": nn.Softmax(dim=1),
+    "nn.LogSoftmax(dim=-1)": nn.LogSoftmax(dim=-1),
+}
+
+
+@pytest.mark.parametrize("normalise", sorted(SOFTMAXES))
+def test_each_softmax_over_a_head_reproduces_the_originals(normalise):
+    torch.manual_seed(2)
+    models = {t: Classifier(SOFTMAXES[normalise], HEADS[t]).eval() for t in TASKS}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+
+
+class SoftmaxInside(nn.Module):
+    def __init__(self, dim, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 8)
+        self.head = nn.Linear(8, classes)
+        self.dim = dim
+
+    def forward(self, x):
+        return self.head(torch.softmax(self.fc(self.conv(x).mean((2, 3))), self.dim))
+
+
+class SoftmaxOverBatch(Classifier):
+    def __init__(self, classes):
+        super().__init__(lambda x: F.softmax(x, dim=0), classes)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda classes: SoftmaxInside(1, classes), r"node 'softmax' takes a softmax over the channels of 'fc', which is "
+                                                "not a task's output"),
+    (SoftmaxOverBatch, r"node 'softmax' takes a softmax over dim 0 of a tensor of rank 2; pamfx supports softmax "
+                       r"over the classes"),
+    (lambda classes: Classifier(lambda x: F.softmax(x), classes), r"node 'softmax' \(softmax\) has no dim"),
+], ids=["hidden", "over-batch", "no-dim"])
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+def test_a_softmax_off_the_heads_classes_is_refused(make, message):
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize({t: make(HEADS[t]) for t in ("a", "b")}, random_data(("a", "b"), shape=SHAPE), merge="none",
+                       prune=None, progress=False)
