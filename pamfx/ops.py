@@ -16,13 +16,14 @@ Kinds:
                 torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
                 F.dropout/dropout2d with training=self.training), nn.Identity, and +, -, *, / with a Python scalar
                 (x * 0.5 + 1, 3 - x, x / 6); never with a tensor operand
-    flatten     [B, C, H, W] -> [B, C*H*W]: each channel owns its block of H*W features
+    flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
+                x.size() or constants): each channel owns its block of H*W features
     mean        a mean over spatial dims: keeps the channel space
     add         residual add: both operands share one channel space
     cat         torch.cat on dim 1: the operands' channels side by side
     softmax     softmax / log_softmax over the classes (dim 1) of a task's head output: mixes that head's units only,
                 so it is allowed in an output space (channel_spaces refuses it anywhere else)
-    shape       x.size(...) / x.shape: only feeds the arguments of a flatten, which pamfx rewrites
+    shape       x.size(...), x.shape, x.shape[0] and arithmetic on sizes: only feeds the arguments of a flatten
 """
 import operator
 
@@ -85,7 +86,7 @@ SOFTMAX_FUNCTIONS = {torch.softmax: "torch.softmax", F.softmax: "torch.softmax",
                      torch.log_softmax: "torch.log_softmax", F.log_softmax: "torch.log_softmax"}
 SOFTMAX_METHODS = {"softmax": "torch.softmax", "log_softmax": "torch.log_softmax"}
 
-FLATTEN_FUNCTIONS = {torch.flatten}
+FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
 FLATTEN_METHODS = {"view", "reshape", "flatten"}
 MEAN_FUNCTIONS = {torch.mean}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
@@ -114,6 +115,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "cat"
         if node.target is getattr and node.args[1] == "shape":
             return "shape"
+        if node.target is operator.getitem:
+            return _classify_getitem(node)
     if node.op == "call_method":
         if node.target in CHANNELWISE_METHODS:
             return _checked_channelwise(node)
@@ -133,6 +136,17 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
              "dropout, +, -, *, / with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
              "residual add of two tensors, torch.cat on channels, and softmax/log_softmax over a head's classes")
+
+
+def _classify_getitem(node: fx.Node) -> str:
+    """x.shape[0], x.size()[2:]: a size, followed like x.size(0); indexing a tensor is refused."""
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source.meta.get(OP) == "shape":
+        return "shape"
+    what = f"'{source.name}'" if isinstance(source, fx.Node) else repr(source)
+    raise UnsupportedOpError(
+        f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes only (x.shape[0], "
+        "x.size()[0]); slicing a tensor or picking from a module's tuple output has no channel rule")
 
 
 def _is_arithmetic(node: fx.Node) -> bool:

@@ -6,6 +6,7 @@ kernel/stride/padding/groups: only channel widths (and the heads' output counts)
     aligned = align(trace(models, example))
     node.meta["pamfx.modules"]   # (conv1 of model 0, conv1 of model 1, ...)
 """
+import torch
 from torch import fx
 
 from pamfx import ops
@@ -67,7 +68,8 @@ def _wiring(node: fx.Node, index: dict) -> tuple:
 
 def _sizes_may_differ(node: fx.Node) -> bool:
     """view/reshape name the flattened width as a constant, which differs with the channel widths."""
-    return node.op == "call_method" and node.target in ("view", "reshape")
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or \
+        (node.op == "call_function" and node.target is torch.reshape)
 
 
 def _constants(node: fx.Node) -> tuple:

@@ -63,7 +63,24 @@ class LogSoftmaxHead(nn.Module):
         return F.log_softmax(self.head(x), dim=1)
 
 
-PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead}
+class ReshapeByShape(nn.Module):
+    """Flattening with the batch size read off the tensor, as most tutorials write it."""
+    through = ("conv1", "conv2", "fc1")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.fc1 = nn.Linear(8 * 3 * 3, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2)))
+        x = F.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.head(x.view(x.size(0), -1))
+
+
+PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -311,3 +328,48 @@ def test_a_softmax_off_the_heads_classes_is_refused(make, message):
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
         pamfx.optimize({t: make(HEADS[t]) for t in ("a", "b")}, random_data(("a", "b"), shape=SHAPE), merge="none",
                        prune=None, progress=False)
+
+
+class Flattens(nn.Module):
+    """conv -> pool -> `flatten` (one spelling of [B, C, H, W] -> [B, C*H*W]) -> linear head."""
+
+    def __init__(self, flatten, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.flatten = flatten
+        self.head = nn.Linear(4 * 5 * 5, classes)
+
+    def forward(self, x):
+        return self.head(self.flatten(F.max_pool2d(self.conv(x), 2)))
+
+
+FLATTENS = {
+    "x.reshape(x.shape[0], -1)": lambda x: x.reshape(x.shape[0], -1),
+    "x.view(x.size(0), -1)": lambda x: x.view(x.size(0), -1),
+    "x.reshape(x.size()[0], -1)": lambda x: x.reshape(x.size()[0], -1),
+    "x.view(-1, x.size(1) * x.size(2) * x.size(3))": lambda x: x.view(-1, x.size(1) * x.size(2) * x.size(3)),
+    "x.view(x.shape[:1] + (-1,))": lambda x: x.view(x.shape[:1] + (-1,)),
+    "torch.reshape(x, (x.shape[0], -1))": lambda x: torch.reshape(x, (x.shape[0], -1)),
+    "torch.flatten(x, 1)": lambda x: torch.flatten(x, 1),
+    "x.flatten(1)": lambda x: x.flatten(1),
+    "nn.Flatten()": nn.Flatten(),
+}
+
+
+@pytest.mark.parametrize("flatten", sorted(FLATTENS))
+def test_each_flatten_spelling_reproduces_the_originals(flatten):
+    torch.manual_seed(3)
+    models = {t: Flattens(FLATTENS[flatten], HEADS[t]).eval() for t in TASKS}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+
+
+@pytest.mark.parametrize("flatten, message", [
+    (lambda x: torch.cat([x[:, :2], x[:, 2:]], 1).flatten(1), r"node 'getitem' indexes 'max_pool2d' with \(slice\(None, None, None\), "
+                                    r"slice\(None, 2, None\)\): pamfx follows indexing of sizes only \(x.shape\[0\]"),
+    (lambda x: x.view(x.shape[0], x.shape[1], -1).flatten(1), r"node 'view' reshapes \(2, 4, 5, 5\) to \(2, 4, 25\)"),
+], ids=["slice", "view-3d"])
+def test_a_reshape_pamfx_cannot_follow_is_named(flatten, message):
+    models = {t: Flattens(flatten, HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
