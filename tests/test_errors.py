@@ -174,10 +174,11 @@ def test_models_with_two_inputs_are_refused_by_name():
     class TwoInputs(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(784, 3)
+            self.fc_x = nn.Linear(784, 3)
+            self.fc_y = nn.Linear(784, 3)
 
         def forward(self, x, y=None):
-            return self.fc(torch.flatten(x, 1)) + self.fc(torch.flatten(y, 1))
+            return self.fc_x(torch.flatten(x, 1)) + self.fc_y(torch.flatten(y, 1))
 
     from pamfx.passes.align import align
     from pamfx.passes.channel_spaces import find_channel_spaces

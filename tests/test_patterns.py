@@ -80,7 +80,27 @@ class ReshapeByShape(nn.Module):
         return self.head(x.view(x.size(0), -1))
 
 
-PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape}
+class ReusedStateless(nn.Module):
+    """One activation and one pooling module called after every layer: they hold no weights, so nothing is tied."""
+    through = ("conv1", "conv2", "fc1")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 3 * 3, 16)
+        self.head = nn.Linear(16, classes)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.conv1(x)))
+        x = self.pool(self.act(self.conv2(x)))
+        return self.head(self.act(self.fc1(torch.flatten(x, 1))))
+
+
+PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
+            "reused_stateless": ReusedStateless}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -373,3 +393,43 @@ def test_a_reshape_pamfx_cannot_follow_is_named(flatten, message):
     models = {t: Flattens(flatten, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice (tied weights), as weight-sharing recurrent-style code writes it."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.conv(x))
+        x = F.relu(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+class SharedBatchNorm(SharedConv):
+    def __init__(self, classes):
+        super().__init__(classes)
+        self.conv = nn.BatchNorm2d(4)
+
+
+@pytest.mark.parametrize("model_class, message", [
+    (SharedConv, r"model 'a' calls module 'conv' \(Conv2d\(4, 4, .*\)\) at 2 nodes, 'conv' and 'conv_1': its weights "
+                 r"are shared.*Fix: declare one module per call"),
+    (SharedBatchNorm, r"model 'a' calls module 'conv' \(BatchNorm2d\(4, .*\)\) at 2 nodes, 'conv' and 'conv_1'"),
+], ids=["conv", "batchnorm"])
+def test_a_module_with_weights_called_twice_is_refused_naming_it_and_both_nodes(model_class, message):
+    models = {t: model_class(HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+def test_stateless_modules_called_twice_stay_one_op_per_call():
+    network = pamfx.optimize(models_of("reused_stateless"), random_data(TASKS, shape=SHAPE), merge="none",
+                             prune=None, progress=False).model
+    calls = [s.target for s in network.statements if s.call == "module" and s.target.startswith(("act", "pool"))]
+    assert sorted(set(calls)) == ["act", "act_1", "act_2", "pool", "pool_1"]
