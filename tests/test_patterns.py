@@ -433,3 +433,33 @@ def test_stateless_modules_called_twice_stay_one_op_per_call():
                              prune=None, progress=False).model
     calls = [s.target for s in network.statements if s.call == "module" and s.target.startswith(("act", "pool"))]
     assert sorted(set(calls)) == ["act", "act_1", "act_2", "pool", "pool_1"]
+
+
+class FlattensInForward(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4 * 10 * 10, classes)
+
+    def forward(self, x):
+        return self.head(nn.Flatten()(F.relu(self.conv(x))))
+
+
+class ActivatesInForward(FlattensInForward):
+    def forward(self, x):
+        return self.head(torch.flatten(nn.ReLU()(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize("model_class, message", [
+    (FlattensInForward, r"model 'a' calls Flatten\(start_dim=1, end_dim=-1\), a module it creates inside forward\(\): "
+                        r"torch.fx can only follow modules that are attributes of the model. Fix: create it once in "
+                        r"__init__ \(self.flatten = nn.Flatten\(...\)\) and call that, or call its function form "
+                        r"\(torch.flatten\(x, 1\)\)$"),
+    (ActivatesInForward, r"model 'a' calls ReLU\(\), a module it creates inside forward\(\).*nn.ReLU\(...\).*"
+                         r"function form \(torch.nn.functional\)$"),
+], ids=["flatten", "relu"])
+def test_a_module_built_inside_forward_gets_its_own_message(model_class, message):
+    models = {t: model_class(HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.TraceError, match=message) as raised:
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+    assert "control flow" not in str(raised.value)
