@@ -1,8 +1,9 @@
 """find_channel_spaces(aligned) -> {name: ChannelSpace}: which tensors share a channel dimension.
 
 Each conv/linear output starts a space; BatchNorm, per-channel ops, spatial means and depthwise convs keep their
-input's space; a residual add joins both operands' spaces into one. Flatten and cat do not start spaces: their
-channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
+input's space, and so does a flatten of [B, C, 1, 1] (after global pooling), and a softmax over a head's classes;
+a residual add joins both operands' spaces into one. Other flattens and cat do not start spaces: their channels are
+features of the spaces below (each conv channel owns its H*W block after a flatten).
 
 Writes node.meta["pamfx.space"] on every node that holds exactly one space and node.meta["pamfx.features"]
 (the merged tensor's channels, every model's side by side) on every node with a channel dimension.
@@ -66,6 +67,8 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
             if kind == "softmax":
                 _check_softmax_dim(node)
             parent[node] = find(tensor_inputs[0])
+        elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
+            parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
         elif kind == "add":
             operands = tensor_inputs
             for operand in operands:
@@ -138,6 +141,13 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
         return tuple(feature for features in inputs for feature in features)
     raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads flattened or concatenated features, "
                              "which pamfx cannot follow there")
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A flatten of a tensor whose spatial size is 1 (after global pooling) in every model: [B, C, 1, 1] -> [B, C]."""
+    source = node.all_input_nodes[0]
+    return all(len(out) == 2 and out[0] == into[0] and out[1] == into[1] and math.prod(into[2:]) == 1
+               for into, out in zip(source.meta[SHAPES], node.meta[SHAPES]))
 
 
 def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, ...]:

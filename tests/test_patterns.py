@@ -99,8 +99,23 @@ class ReusedStateless(nn.Module):
         return self.head(self.act(self.fc1(torch.flatten(x, 1))))
 
 
+class SqueezeHead(nn.Module):
+    """SqueezeNet's classifier: a 1x1 conv with one channel per class, then ReLU, global pooling and flatten."""
+    through = ("conv1", "conv2")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(8, classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2)))
+        return torch.flatten(self.classifier(x), 1)
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
-            "reused_stateless": ReusedStateless}
+            "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -463,3 +478,37 @@ def test_a_module_built_inside_forward_gets_its_own_message(model_class, message
     with pytest.raises(pamfx.TraceError, match=message) as raised:
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
     assert "control flow" not in str(raised.value)
+
+
+class ConvHead(nn.Module):
+    """conv -> 1x1 conv head with one channel per class -> `readout` to [batch, classes]."""
+
+    def __init__(self, readout, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Conv2d(4, classes, 1)
+        self.readout = readout
+
+    def forward(self, x):
+        return self.readout(self.head(F.relu(self.conv(x))))
+
+
+READOUTS = {
+    "mean((2, 3))": lambda x: x.mean((2, 3)),
+    "adaptive_max_pool2d then view(x.size(0), -1)": lambda x: F.adaptive_max_pool2d(x, 1).view(x.size(0), -1),
+    "relu, avg_pool2d over the map, reshape(x.shape[0], -1), log_softmax":
+        lambda x: F.log_softmax(F.avg_pool2d(F.relu(x), 10).reshape(x.shape[0], -1), dim=1),
+}
+
+
+@pytest.mark.parametrize("readout", sorted(READOUTS))
+def test_a_conv_head_read_out_by_global_pooling_is_the_task_output(readout, tmp_path):
+    torch.manual_seed(4)
+    models = {t: randomised(ConvHead(READOUTS[readout], HEADS[t]), i) for i, t in enumerate(TASKS)}
+    aligned, spaces = compile_parts(models, inputs(2))
+    assert spaces["head"].kind == "output" and spaces["conv"].kind == "hidden"
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    network = build_network(aligned, spaces, random_grouping(aligned, spaces, 0), stack_weights(aligned, spaces))[0]
+    assert_rules(network)
+    assert_generated_matches(network.eval(), tmp_path, f"conv_head_{sorted(READOUTS).index(readout)}")
