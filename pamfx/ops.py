@@ -17,7 +17,8 @@ Kinds:
                 F.dropout/dropout2d with training=self.training), nn.Identity, and +, -, *, / with a Python scalar
                 (x * 0.5 + 1, 3 - x, x / 6); never with a tensor operand
     flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
-                x.size() or constants): each channel owns its block of H*W features
+                x.size() or constants): each channel owns its block of H*W features; [B, C, 1, 1] -> [B, C] keeps
+                the channel space (a global-pooled conv head stays the task's output)
     mean        a mean over spatial dims: keeps the channel space
     add         residual add: both operands share one channel space
     cat         torch.cat on dim 1: the operands' channels side by side
@@ -156,7 +157,7 @@ def _is_arithmetic(node: fx.Node) -> bool:
 
 def _classify_arithmetic(node: fx.Node) -> str:
     """`tensor <op> scalar` is per-channel, `tensor + tensor` a residual add; anything else is refused."""
-    operands = list(node.args[:2])
+    operands = arithmetic_operands(node)
     tensors = [arg for arg in operands if isinstance(arg, fx.Node)]
     if tensors and all(arg.meta.get(OP) == "shape" for arg in tensors):
         return "shape"   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
@@ -174,6 +175,11 @@ def _classify_arithmetic(node: fx.Node) -> str:
         f"node '{node.name}' ({_target_name(node)} of {others}) needs a Python scalar as its other operand: pamfx "
         "supports +, -, *, / of a tensor and a scalar (each channel on its own) and + of two tensors (a residual "
         "add); an operand that is a tensor (e.g. an attention or squeeze-excitation gate) is not supported")
+
+
+def arithmetic_operands(node: fx.Node) -> list:
+    """The two operands of +, -, *, /, whether given by position or as other=."""
+    return list(node.args[:2]) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
 
 
 def _arithmetic_target(node: fx.Node) -> str:
@@ -235,10 +241,11 @@ def channelwise_call(node: fx.Node) -> tuple[str, tuple, dict]:
     (dotted torch function, constant arguments after the tensor, keyword arguments)."""
     if _is_arithmetic(node):
         target = _arithmetic_target(node)
-        first, second = node.args[:2]
+        first, second = arithmetic_operands(node)
+        kwargs = {key: value for key, value in node.kwargs.items() if key != "other"}   # alpha, rounding_mode
         if isinstance(first, fx.Node):
-            return target, (second,), dict(node.kwargs)
-        return REVERSED[target], (first,), dict(node.kwargs)
+            return target, (second,), kwargs
+        return REVERSED[target], (first,), kwargs
     table = CHANNELWISE_METHODS if node.op == "call_method" else CHANNELWISE_FUNCTIONS
     kwargs = {key: value for key, value in node.kwargs.items() if key != "inplace"}   # each slice is a fresh tensor
     return table[node.target], tuple(node.args[1:]), kwargs

@@ -167,11 +167,11 @@ class _Builder:
             self.emit(node, group, [self.values[source][group]], "function", target="torch.mean", kwargs=kwargs)
 
     def visit_add(self, node):
-        operands = [arg for arg in node.args if isinstance(arg, fx.Node)]
-        constants = tuple(arg for arg in node.args if not isinstance(arg, fx.Node))
+        operands = ops.arithmetic_operands(node)   # two tensors (ops.classify): x + y, torch.add(x, y, alpha=2)
+        kwargs = {key: value for key, value in node.kwargs.items() if key != "other"}
         for group in self.layout[node]:
             inputs = [self.values[operand][group] for operand in operands]
-            self.emit(node, group, inputs, "function", target="torch.add", args=constants, kwargs=dict(node.kwargs))
+            self.emit(node, group, inputs, "function", target="torch.add", kwargs=kwargs)
 
     def visit_cat(self, node):
         operands = list(node.args[0])

@@ -225,6 +225,8 @@ ONE_OPS = {
     "2 * x": lambda x: 2 * x,
     "torch.mul / sub / div / add": lambda x: torch.add(torch.div(torch.sub(torch.mul(x, 2), 1), 4), 0.5),
     "x.mul(2).add(1).sub(0.5).div(3)": lambda x: x.mul(2).add(1).sub(0.5).div(3),
+    "torch.sub(x, other=1, alpha=2), x.div(4, rounding_mode='floor')":
+        lambda x: torch.sub(x, other=1, alpha=2).div(4, rounding_mode="floor"),
     "torch.clamp(x, 0, 6)": lambda x: torch.clamp(x, 0, 6),
     "x.clamp(min=0)": lambda x: x.clamp(min=0),
     "F.hardtanh": lambda x: F.hardtanh(x, -0.5, 0.5),
