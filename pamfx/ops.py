@@ -17,10 +17,12 @@ Kinds:
                 F.dropout/dropout2d with training=self.training), nn.Identity, and +, -, *, / with a Python scalar
                 (x * 0.5 + 1, 3 - x, x / 6); never with a tensor operand
     flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
-                x.size() or constants): each channel owns its block of H*W features; [B, C, 1, 1] -> [B, C] keeps
-                the channel space (a global-pooled conv head stays the task's output)
+                x.size() or constants): each channel owns its block of H*W features. A reshape between [B, C] and
+                [B, C, 1, 1] (flatten, view, reshape, unsqueeze, y[:, :, None, None]) keeps the channel space
     mean        a mean over spatial dims: keeps the channel space
     add         residual add: both operands share one channel space
+    mul         x * gate of two tensors (a squeeze-excitation gate, [B, C, 1, 1] or [B, C, H, W]): both operands share
+                one channel space, like a residual add; the gate's layer then makes units of that space
     cat         torch.cat on dim 1: the operands' channels side by side
     softmax     softmax / log_softmax over the classes (dim 1) of a task's head output: mixes that head's units only,
                 so it is allowed in an output space (channel_spaces refuses it anywhere else)
@@ -87,8 +89,8 @@ SOFTMAX_FUNCTIONS = {torch.softmax: "torch.softmax", F.softmax: "torch.softmax",
                      torch.log_softmax: "torch.log_softmax", F.log_softmax: "torch.log_softmax"}
 SOFTMAX_METHODS = {"softmax": "torch.softmax", "log_softmax": "torch.log_softmax"}
 
-FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
-FLATTEN_METHODS = {"view", "reshape", "flatten"}
+FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.unsqueeze}
+FLATTEN_METHODS = {"view", "reshape", "flatten", "unsqueeze"}
 MEAN_FUNCTIONS = {torch.mean}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
@@ -136,7 +138,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
              "dropout, +, -, *, / with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
-             "residual add of two tensors, torch.cat on channels, and softmax/log_softmax over a head's classes")
+             "residual add and squeeze-excitation product of two tensors, torch.cat on channels, and "
+             "softmax/log_softmax over a head's classes")
 
 
 def _classify_getitem(node: fx.Node) -> str:
@@ -144,10 +147,15 @@ def _classify_getitem(node: fx.Node) -> str:
     source = node.args[0]
     if isinstance(source, fx.Node) and source.meta.get(OP) == "shape":
         return "shape"
+    index = node.args[1]
+    if isinstance(source, fx.Node) and isinstance(index, tuple) and len(index) > 2 and \
+            all(i == slice(None) for i in index[:2]) and all(i is None for i in index[2:]):
+        return "flatten"   # y[:, :, None, None]: a reshape that channel_spaces checks keeps the channels
     what = f"'{source.name}'" if isinstance(source, fx.Node) else repr(source)
     raise UnsupportedOpError(
         f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes only (x.shape[0], "
-        "x.size()[0]); slicing a tensor or picking from a module's tuple output has no channel rule")
+        "x.size()[0]) and y[:, :, None, None]; slicing a tensor or picking from a module's tuple output has no "
+        "channel rule")
 
 
 def _is_arithmetic(node: fx.Node) -> bool:
@@ -170,11 +178,13 @@ def _classify_arithmetic(node: fx.Node) -> str:
         return "channelwise"
     if len(tensors) == 2 and target == "torch.add":
         return "add"
+    if len(tensors) == 2 and target == "torch.mul":
+        return "mul"
     others = ", ".join(f"'{arg.name}'" if isinstance(arg, fx.Node) else repr(arg) for arg in operands)
     raise UnsupportedOpError(
         f"node '{node.name}' ({_target_name(node)} of {others}) needs a Python scalar as its other operand: pamfx "
-        "supports +, -, *, / of a tensor and a scalar (each channel on its own) and + of two tensors (a residual "
-        "add); an operand that is a tensor (e.g. an attention or squeeze-excitation gate) is not supported")
+        "supports +, -, *, / of a tensor and a scalar (each channel on its own), and + and * of two tensors of one "
+        "channel space (a residual add, a squeeze-excitation gate)")
 
 
 def arithmetic_operands(node: fx.Node) -> list:

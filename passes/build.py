@@ -146,12 +146,18 @@ class _Builder:
             self.emit(node, group, [self.values[source][group]], "function", target=target, kwargs={"dim": 1, **kwargs})
 
     def visit_flatten(self, node):
+        """To [B, features] (find_channel_spaces checked), or between [B, C] and [B, C, 1, 1]."""
         source = node.all_input_nodes[0]
-        if len(source.meta[SHAPES][0]) == 2:
+        rank, source_rank = len(node.meta[SHAPES][0]), len(source.meta[SHAPES][0])
+        if rank == source_rank == 2:
             self.values[node] = dict(self.values[source])
             return
-        for group in self.layout[node]:
-            self.emit(node, group, [self.values[source][group]], "function", target="torch.flatten", args=(1,))
+        for group, features in self.layout[node].items():
+            if rank == 2:
+                self.emit(node, group, [self.values[source][group]], "function", target="torch.flatten", args=(1,))
+            else:
+                shape = (-1, len(features)) + (1,) * (rank - 2)
+                self.emit(node, group, [self.values[source][group]], "function", target="torch.reshape", args=(shape,))
 
     def visit_mean(self, node):
         source = node.all_input_nodes[0]
@@ -172,6 +178,13 @@ class _Builder:
         for group in self.layout[node]:
             inputs = [self.values[operand][group] for operand in operands]
             self.emit(node, group, inputs, "function", target="torch.add", kwargs=kwargs)
+
+    def visit_mul(self, node):
+        """x * gate, both in one channel space (find_channel_spaces joined them)."""
+        operands = ops.arithmetic_operands(node)
+        for group in self.layout[node]:
+            inputs = [self.values[operand][group] for operand in operands]
+            self.emit(node, group, inputs, "function", target="torch.mul")
 
     def visit_cat(self, node):
         operands = list(node.args[0])

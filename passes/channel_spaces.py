@@ -1,8 +1,8 @@
 """find_channel_spaces(aligned) -> {name: ChannelSpace}: which tensors share a channel dimension.
 
 Each conv/linear output starts a space; BatchNorm, per-channel ops, spatial means and depthwise convs keep their
-input's space, and so does a flatten of [B, C, 1, 1] (after global pooling), and a softmax over a head's classes;
-a residual add joins both operands' spaces into one. Other flattens and cat do not start spaces: their channels are
+input's space, and so do a reshape between [B, C, 1, 1] and [B, C] and a softmax over a head's classes; a residual
+add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their channels are
 features of the spaces below (each conv channel owns its H*W block after a flatten).
 
 Writes node.meta["pamfx.space"] on every node that holds exactly one space and node.meta["pamfx.features"]
@@ -69,13 +69,14 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
             parent[node] = find(tensor_inputs[0])
         elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
-        elif kind == "add":
+        elif kind in ("add", "mul"):
             operands = tensor_inputs
             for operand in operands:
                 if operand not in parent:
                     raise UnsupportedOpError(
-                        f"node '{node.name}' adds '{operand.name}', which holds flattened or concatenated "
-                        "features; pamfx supports residual adds of plain channel tensors")
+                        f"node '{node.name}' {'adds' if kind == 'add' else 'multiplies by'} '{operand.name}', which "
+                        "holds flattened or concatenated features; pamfx supports residual adds and gates of plain "
+                        "channel tensors")
             parent[node] = find(operands[0])
             for operand in operands[1:]:
                 parent[find(operand)] = parent[node]
@@ -100,9 +101,11 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
                 f"node '{mixing[0].name}' takes a softmax over the channels of '{group[0].name}', which is not a "
                 "task's output: it would mix units of different groups; pamfx supports softmax / log_softmax only "
                 "over a head's classes, after the last layer")
-        if kind == "input" and len(group) > 1 and any(n.meta[OP] == "add" for n in group):
-            raise UnsupportedOpError(f"node '{group[-1].name}' adds the network input to a hidden tensor; "
-                                     "pamfx needs the input to stay shared by all tasks")
+        joins = [n for n in group if n.meta[OP] in ("add", "mul")]
+        if kind == "input" and len(group) > 1 and joins:
+            verb = "adds the network input to" if joins[0].meta[OP] == "add" else "multiplies the network input by"
+            raise UnsupportedOpError(f"node '{joins[0].name}' {verb} a hidden tensor; pamfx needs the input to stay "
+                                     "shared by all tasks")
         widths = _widths(group)
         units = tuple(Unit(None if kind == "input" else m, c) for m, width in enumerate(widths) for c in range(width))
         name = "input" if kind == "input" else group[0].name
@@ -116,8 +119,11 @@ def _widths(group: list[fx.Node]) -> list[int]:
     for node in group:
         got = [shape[1] for shape in node.meta[SHAPES]]
         if got != widths:
+            joins = [n.name for n in group if n.meta[OP] in ("add", "mul")]
+            joined = (f" (the space is joined at {', '.join(repr(j) for j in joins)}, whose operands need the same "
+                      "channels: broadcasting over channels is not supported)") if joins else ""
             raise UnsupportedOpError(f"node '{node.name}' has {got} channels per model where its channel space "
-                                     f"'{first.name}' has {widths}")
+                                     f"'{first.name}' has {widths}{joined}")
     if first.meta[OP] == "input":
         return widths[:1]   # one shared input
     return widths
@@ -144,9 +150,9 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
 
 
 def _keeps_channels(node: fx.Node) -> bool:
-    """A flatten of a tensor whose spatial size is 1 (after global pooling) in every model: [B, C, 1, 1] -> [B, C]."""
+    """A reshape between [B, C] and [B, C, 1, 1] (after global pooling, or before a gate) in every model."""
     source = node.all_input_nodes[0]
-    return all(len(out) == 2 and out[0] == into[0] and out[1] == into[1] and math.prod(into[2:]) == 1
+    return all(len(out) >= 2 and out[:2] == into[:2] and math.prod(into[2:]) == 1 == math.prod(out[2:])
                for into, out in zip(source.meta[SHAPES], node.meta[SHAPES]))
 
 

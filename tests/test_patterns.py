@@ -114,8 +114,48 @@ class SqueezeHead(nn.Module):
         return torch.flatten(self.classifier(x), 1)
 
 
+class SqueezeExcite(nn.Module):
+    """A block gated by torchvision's SqueezeExcitation: x * sigmoid(fc2(relu(fc1(pool(x))))), fc1 / fc2 1x1 convs."""
+    through = ("conv1", "conv2", "fc1")   # conv2's space holds fc2's output too: the gate is per channel of x
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2)))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head((x * scale).mean((2, 3)))
+
+
+class LinearSqueezeExcite(nn.Module):
+    """The SENet paper's code: the gate from Linear layers, reshaped with view(b, c, 1, 1)."""
+    through = ("conv1", "conv2", "fc1")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(8, 4, bias=False)
+        self.fc2 = nn.Linear(4, 8, bias=False)
+        self.head = nn.Linear(8 * 4 * 4, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2)))
+        b, c, _, _ = x.size()
+        y = self.pool(x).view(b, c)
+        y = torch.sigmoid(self.fc2(F.relu(self.fc1(y)))).view(b, c, 1, 1)
+        return self.head(torch.flatten(x * y, 1))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
-            "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead}
+            "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
+            "linear_squeeze_excite": LinearSqueezeExcite}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -283,12 +323,11 @@ class Gated(nn.Module):
 
 
 @pytest.mark.parametrize("op, message", [
-    (lambda x, gate: x * gate, r"node 'mul' \(mul of 'conv', 'sigmoid'\) needs a Python scalar"),
     (lambda x, gate: x - gate, r"node 'sub' \(sub of 'conv', 'sigmoid'\) needs a Python scalar"),
     (lambda x, gate: x / gate, r"node 'truediv' \(truediv of 'conv', 'sigmoid'\) needs a Python scalar"),
     (lambda x, gate: torch.clamp(x, min=gate), r"node 'clamp' \(clamp\) takes the tensor 'sigmoid' as a further"),
     (lambda x, gate: 6 / x, r"node 'truediv' divides a scalar by a tensor"),
-], ids=["x * gate", "x - gate", "x / gate", "clamp(x, min=gate)", "6 / x"])
+], ids=["x - gate", "x / gate", "clamp(x, min=gate)", "6 / x"])
 def test_a_tensor_operand_is_refused_by_node_name(op, message):
     models = {t: Gated(op, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
@@ -514,3 +553,63 @@ def test_a_conv_head_read_out_by_global_pooling_is_the_task_output(readout, tmp_
     network = build_network(aligned, spaces, random_grouping(aligned, spaces, 0), stack_weights(aligned, spaces))[0]
     assert_rules(network)
     assert_generated_matches(network.eval(), tmp_path, f"conv_head_{sorted(READOUTS).index(readout)}")
+
+
+class Gate(nn.Module):
+    """conv -> `gate`(x, y), with y = sigmoid(fc(mean of x)) of shape [B, C] -> mean -> head."""
+
+    def __init__(self, gate, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, classes)
+        self.gate = gate
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        return self.head(self.gate(x, torch.sigmoid(self.fc(x.mean((2, 3))))).mean((2, 3)))
+
+
+GATES = {
+    "x * y[:, :, None, None]": lambda x, y: x * y[:, :, None, None],
+    "y.unsqueeze(-1).unsqueeze(-1) * x": lambda x, y: y.unsqueeze(-1).unsqueeze(-1) * x,
+    "torch.mul(x, y.reshape(-1, x.size(1), 1, 1))": lambda x, y: torch.mul(x, y.reshape(-1, x.size(1), 1, 1)),
+    "x.mul(torch.unsqueeze(y, 2).view(x.shape[0], x.shape[1], 1, 1))":
+        lambda x, y: x.mul(torch.unsqueeze(y, 2).view(x.shape[0], x.shape[1], 1, 1)),
+    "x * torch.sigmoid(x) (swish by hand)": lambda x, y: x * torch.sigmoid(x) + 0 * y[:, :, None, None],
+}
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+def test_each_gate_spelling_reproduces_the_originals_and_generates_the_same_network(gate, tmp_path):
+    torch.manual_seed(5)
+    models = {t: randomised(Gate(GATES[gate], HEADS[t]), i) for i, t in enumerate(TASKS)}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    aligned, spaces = compile_parts(models, inputs(2))
+    assert "fc" in spaces["conv"].nodes   # the gate's layer makes units of the gated space
+    network = build_network(aligned, spaces, random_grouping(aligned, spaces, 1), stack_weights(aligned, spaces))[0]
+    assert_rules(network)
+    assert_generated_matches(network.eval(), tmp_path, f"gate_{sorted(GATES).index(gate)}")
+
+
+class GateOfOtherWidth(Gate):
+    def __init__(self, classes):
+        super().__init__(lambda x, y: x * y[:, :, None, None], classes)
+        self.fc = nn.Linear(4, 1)
+
+
+class GateOfFlattened(Gate):
+    def __init__(self, classes):
+        super().__init__(lambda x, y: (x.flatten(1) * x.flatten(1)).view(-1, 4, 10, 10), classes)
+
+
+@pytest.mark.parametrize("model_class, message", [
+    (GateOfOtherWidth, r"node 'fc' has \[1, 1\] channels per model where its channel space 'conv' has \[4, 4\] \(the "
+                       r"space is joined at 'mul', whose operands need the same channels: broadcasting over channels"),
+    (GateOfFlattened, r"node 'mul' multiplies by 'flatten', which holds flattened or concatenated features"),
+], ids=["other-width", "flattened"])
+def test_a_gate_pamfx_cannot_follow_is_named(model_class, message):
+    models = {t: model_class(HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
