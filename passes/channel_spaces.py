@@ -136,8 +136,8 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
     if kind in ("shape", "output"):
         return None
     inputs = [arg.meta[FEATURES] for arg in node.all_input_nodes if FEATURES in arg.meta]
-    if kind in ("channelwise", "batchnorm", "depthwise"):
-        return inputs[0]   # per-feature ops on flattened or concatenated features
+    if kind in ("channelwise", "batchnorm", "depthwise", "mean"):
+        return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == "flatten":
         return _flattened(node, inputs[0])
     if kind == "cat":

@@ -153,9 +153,26 @@ class LinearSqueezeExcite(nn.Module):
         return self.head(torch.flatten(x * y, 1))
 
 
+class CatThenMean(nn.Module):
+    """Two branches concatenated on channels, then a global mean (an Inception block's readout)."""
+    through = ("conv1", "left", "right")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.left = nn.Conv2d(6, 4, 1)
+        self.right = nn.Conv2d(6, 3, 3, padding=1)
+        self.head = nn.Linear(7, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = torch.cat([self.left(x), self.right(x)], 1)
+        return self.head(F.relu(x).mean((2, 3)))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
-            "linear_squeeze_excite": LinearSqueezeExcite}
+            "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
