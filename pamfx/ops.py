@@ -23,6 +23,7 @@ Kinds:
     add         residual add: both operands share one channel space
     mul         x * gate of two tensors (a squeeze-excitation gate, [B, C, 1, 1] or [B, C, H, W]): both operands share
                 one channel space, like a residual add; the gate's layer then makes units of that space
+    expand_as   gate.expand_as(x) (before x * gate): both share one channel space, like mul
     cat         torch.cat on dim 1: the operands' channels side by side
     softmax     softmax / log_softmax over the classes (dim 1) of a task's head output: mixes that head's units only,
                 so it is allowed in an output space (channel_spaces refuses it anywhere else)
@@ -131,6 +132,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "mean"
         if node.target == "size":
             return "shape"
+        if node.target == "expand_as":
+            return "expand_as"
     raise UnsupportedOpError(
         f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
         f"supported: {SUPPORTED}")

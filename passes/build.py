@@ -186,6 +186,13 @@ class _Builder:
             inputs = [self.values[operand][group] for operand in operands]
             self.emit(node, group, inputs, "function", target="torch.mul")
 
+    def visit_expand_as(self, node):
+        """gate.expand_as(x), both in one channel space: each group's gate slice takes the shape of x's slice."""
+        gate, like = node.args
+        for group in self.layout[node]:
+            inputs = [self.values[gate][group], self.values[like][group]]
+            self.emit(node, group, inputs, "function", target="torch.Tensor.expand_as")
+
     def visit_cat(self, node):
         operands = list(node.args[0])
         for group in self.layout[node]:

@@ -22,6 +22,9 @@ from pamfx.ir import FEATURES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Fe
 
 # op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
 KEEPS_SPACE = ("batchnorm", "channelwise", "mean", "depthwise", "softmax")
+# op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
+# how an error message says what the node does with an operand)
+JOINS = {"add": "adds", "mul": "multiplies by", "expand_as": "is expanded as"}
 
 
 def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
@@ -69,14 +72,13 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
             parent[node] = find(tensor_inputs[0])
         elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
-        elif kind in ("add", "mul"):
+        elif kind in JOINS:
             operands = tensor_inputs
             for operand in operands:
                 if operand not in parent:
                     raise UnsupportedOpError(
-                        f"node '{node.name}' {'adds' if kind == 'add' else 'multiplies by'} '{operand.name}', which "
-                        "holds flattened or concatenated features; pamfx supports residual adds and gates of plain "
-                        "channel tensors")
+                        f"node '{node.name}' {JOINS[kind]} '{operand.name}', which holds flattened or concatenated "
+                        "features; pamfx supports residual adds and gates of plain channel tensors")
             parent[node] = find(operands[0])
             for operand in operands[1:]:
                 parent[find(operand)] = parent[node]
@@ -101,7 +103,7 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
                 f"node '{mixing[0].name}' takes a softmax over the channels of '{group[0].name}', which is not a "
                 "task's output: it would mix units of different groups; pamfx supports softmax / log_softmax only "
                 "over a head's classes, after the last layer")
-        joins = [n for n in group if n.meta[OP] in ("add", "mul")]
+        joins = [n for n in group if n.meta[OP] in JOINS]
         if kind == "input" and len(group) > 1 and joins:
             verb = "adds the network input to" if joins[0].meta[OP] == "add" else "multiplies the network input by"
             raise UnsupportedOpError(f"node '{joins[0].name}' {verb} a hidden tensor; pamfx needs the input to stay "
@@ -119,7 +121,7 @@ def _widths(group: list[fx.Node]) -> list[int]:
     for node in group:
         got = [shape[1] for shape in node.meta[SHAPES]]
         if got != widths:
-            joins = [n.name for n in group if n.meta[OP] in ("add", "mul")]
+            joins = [n.name for n in group if n.meta[OP] in JOINS]
             joined = (f" (the space is joined at {', '.join(repr(j) for j in joins)}, whose operands need the same "
                       "channels: broadcasting over channels is not supported)") if joins else ""
             raise UnsupportedOpError(f"node '{node.name}' has {got} channels per model where its channel space "
