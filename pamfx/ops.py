@@ -14,8 +14,8 @@ Kinds:
     channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
                 LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
                 torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
-                F.dropout/dropout2d with training=self.training), nn.Identity, and +, -, *, / with a Python scalar
-                (x * 0.5 + 1, 3 - x, x / 6); never with a tensor operand
+                F.dropout/dropout2d with training=self.training), nn.Identity, -x, and +, -, *, /, ** with a Python
+                scalar (x * 0.5 + 1, 3 - x, x / 6, x ** 2); never with a tensor operand
     flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
                 x.size() or constants): each channel owns its block of H*W features. A reshape between [B, C] and
                 [B, C, 1, 1] (flatten, view, reshape, unsqueeze, y[:, :, None, None]) keeps the channel space
@@ -61,6 +61,8 @@ CHANNELWISE_FUNCTIONS = {
     F.softplus: "torch.nn.functional.softplus",
     F.mish: "torch.nn.functional.mish",
     torch.clamp: "torch.clamp",
+    operator.neg: "torch.neg",
+    torch.neg: "torch.neg",
     torch.sigmoid: "torch.sigmoid",
     torch.tanh: "torch.tanh",
     F.max_pool2d: "torch.nn.functional.max_pool2d",
@@ -68,7 +70,8 @@ CHANNELWISE_FUNCTIONS = {
     F.adaptive_avg_pool2d: "torch.nn.functional.adaptive_avg_pool2d",
     F.adaptive_max_pool2d: "torch.nn.functional.adaptive_max_pool2d",
 }
-CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "clamp": "torch.clamp"}
+CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "clamp": "torch.clamp",
+                       "neg": "torch.neg"}
 
 # NOTE: fx bakes `training=self.training` into the graph as a constant (False: models are traced in eval mode),
 # so the merged network runs a functional dropout as the module that does the same, which follows train/eval mode
@@ -82,8 +85,9 @@ SCALAR_FUNCTIONS = {
     operator.sub: "torch.sub", torch.sub: "torch.sub",
     operator.mul: "torch.mul", torch.mul: "torch.mul",
     operator.truediv: "torch.div", torch.div: "torch.div",
+    operator.pow: "torch.pow", torch.pow: "torch.pow",
 }
-SCALAR_METHODS = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div"}
+SCALAR_METHODS = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div", "pow": "torch.pow"}
 REVERSED = {"torch.add": "torch.add", "torch.mul": "torch.mul", "torch.sub": "torch.rsub"}
 
 SOFTMAX_FUNCTIONS = {torch.softmax: "torch.softmax", F.softmax: "torch.softmax",
@@ -140,7 +144,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
-             "dropout, +, -, *, / with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
+             "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
              "residual add and squeeze-excitation product of two tensors, torch.cat on channels, and "
              "softmax/log_softmax over a head's classes")
 
@@ -175,8 +179,9 @@ def _classify_arithmetic(node: fx.Node) -> str:
     target = _arithmetic_target(node)
     if len(tensors) == 1 and all(isinstance(arg, (int, float)) for arg in operands if arg is not tensors[0]):
         if operands[0] is not tensors[0] and target not in REVERSED:
-            raise UnsupportedOpError(f"node '{node.name}' divides a scalar by a tensor ({operands[0]!r} / "
-                                     f"'{tensors[0].name}'); pamfx supports x / scalar only")
+            raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)} of {operands[0]!r}, "
+                                     f"'{tensors[0].name}') takes the tensor as its second operand; pamfx supports "
+                                     "x / scalar and x ** scalar only")
         _check_constant_arguments(node, skip=operands)
         return "channelwise"
     if len(tensors) == 2 and target == "torch.add":

@@ -2,8 +2,8 @@
 
 Each conv/linear output starts a space; BatchNorm, per-channel ops, spatial means and depthwise convs keep their
 input's space, and so do a reshape between [B, C, 1, 1] and [B, C] and a softmax over a head's classes; a residual
-add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their channels are
-features of the spaces below (each conv channel owns its H*W block after a flatten).
+add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their
+channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
 
 Writes node.meta["pamfx.space"] on every node that holds exactly one space and node.meta["pamfx.features"]
 (the merged tensor's channels, every model's side by side) on every node with a channel dimension.

@@ -156,6 +156,7 @@ def test_modules_whose_repr_leaves_settings_out_are_written_in_full(tmp_path):
     x = torch.randn(4, 1, 12, 12)
     network = build_random(models, 0, example=x[:2])
     path = pamfx.codegen(network, tmp_path / "merged.py")
-    assert "nn.AvgPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False" in path.read_text()
+    source = path.read_text()
+    assert "nn.AvgPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False" in source
     generated = load_generated(path, "gen_avg_pool").load()
     assert_equivalent(lambda x: network(x), generated, x, all_combinations(TASKS))

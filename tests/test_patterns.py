@@ -280,6 +280,7 @@ ONE_OPS = {
     "3 - x": lambda x: 3 - x,
     "x / 6": lambda x: x / 6,
     "2 * x": lambda x: 2 * x,
+    "-x, x ** 2, x.pow(3), torch.neg, x.neg()": lambda x: torch.neg(-x ** 2).pow(3).neg() + torch.pow(x, 2),
     "torch.mul / sub / div / add": lambda x: torch.add(torch.div(torch.sub(torch.mul(x, 2), 1), 4), 0.5),
     "x.mul(2).add(1).sub(0.5).div(3)": lambda x: x.mul(2).add(1).sub(0.5).div(3),
     "torch.sub(x, other=1, alpha=2), x.div(4, rounding_mode='floor')":
@@ -343,8 +344,9 @@ class Gated(nn.Module):
     (lambda x, gate: x - gate, r"node 'sub' \(sub of 'conv', 'sigmoid'\) needs a Python scalar"),
     (lambda x, gate: x / gate, r"node 'truediv' \(truediv of 'conv', 'sigmoid'\) needs a Python scalar"),
     (lambda x, gate: torch.clamp(x, min=gate), r"node 'clamp' \(clamp\) takes the tensor 'sigmoid' as a further"),
-    (lambda x, gate: 6 / x, r"node 'truediv' divides a scalar by a tensor"),
-], ids=["x - gate", "x / gate", "clamp(x, min=gate)", "6 / x"])
+    (lambda x, gate: 6 / x, r"node 'truediv' \(truediv of 6, 'conv'\) takes the tensor as its second operand"),
+    (lambda x, gate: 2 ** x, r"node 'pow_1' \(pow of 2, 'conv'\) takes the tensor as its second operand"),
+], ids=["x - gate", "x / gate", "clamp(x, min=gate)", "6 / x", "2 ** x"])
 def test_a_tensor_operand_is_refused_by_node_name(op, message):
     models = {t: Gated(op, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
@@ -458,8 +460,9 @@ def test_each_flatten_spelling_reproduces_the_originals(flatten):
 
 
 @pytest.mark.parametrize("flatten, message", [
-    (lambda x: torch.cat([x[:, :2], x[:, 2:]], 1).flatten(1), r"node 'getitem' indexes 'max_pool2d' with \(slice\(None, None, None\), "
-                                    r"slice\(None, 2, None\)\): pamfx follows indexing of sizes only \(x.shape\[0\]"),
+    (lambda x: torch.cat([x[:, :2], x[:, 2:]], 1).flatten(1),
+     r"node 'getitem' indexes 'max_pool2d' with \(slice\(None, None, None\), slice\(None, 2, None\)\): pamfx "
+     r"follows indexing of sizes only \(x.shape\[0\]"),
     (lambda x: x.view(x.shape[0], x.shape[1], -1).flatten(1), r"node 'view' reshapes \(2, 4, 5, 5\) to \(2, 4, 25\)"),
 ], ids=["slice", "view-3d"])
 def test_a_reshape_pamfx_cannot_follow_is_named(flatten, message):
