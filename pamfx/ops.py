@@ -144,8 +144,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
-             "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial mean, "
-             "residual add and squeeze-excitation product of two tensors, torch.cat on channels, and "
+             "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
+             "mean, residual add and squeeze-excitation product of two tensors, torch.cat on channels, and "
              "softmax/log_softmax over a head's classes")
 
 

@@ -170,9 +170,51 @@ class CatThenMean(nn.Module):
         return self.head(F.relu(x).mean((2, 3)))
 
 
+class SqueezeExcitation(nn.Module):
+    """torchvision.ops.SqueezeExcitation, as MobileNetV3 uses it."""
+
+    def __init__(self, channels, squeezed):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeezed, 1)
+        self.fc2 = nn.Conv2d(squeezed, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, input):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(input)))))
+        return scale * input
+
+
+class MobileNetV3Block(nn.Module):
+    """A MobileNetV3 inverted residual (expand, depthwise, SE, project, `result += x`) between a stem and a
+    Hardswish / Dropout classifier, the way torchvision writes them."""
+    through = ("stem_0", "block_expand_0", "block_se_fc1", "classifier_0")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.block = nn.Module()
+        self.block.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.block.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                                             nn.BatchNorm2d(16), nn.Hardswish())
+        self.block.se = SqueezeExcitation(16, 4)
+        self.block.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(8, 16), nn.Hardswish(inplace=True), nn.Dropout(0.2, inplace=True),
+                                        nn.Linear(16, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        result = self.block.project(self.block.se(self.block.depthwise(self.block.expand(x))))
+        result += x
+        return self.classifier(torch.flatten(self.avgpool(result), 1))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
-            "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean}
+            "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
+            "mobilenet_v3_block": MobileNetV3Block}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
