@@ -115,6 +115,8 @@ def _statement_source(statement: Statement) -> str:
     inputs = list(statement.inputs)
     if statement.call == "concat":
         return f"{statement.out} = torch.cat([{', '.join(inputs)}], 1)"
+    if statement.call == "select":
+        return f"{statement.out} = {inputs[0]}[:, {list(statement.args[0])}]"
     if statement.call == "module":
         joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], 1)"
         return f"{statement.out} = self.{statement.target}({joined})"

@@ -23,7 +23,8 @@ class Statement:
 
     call: "module" runs the registered module `target` on the inputs concatenated along channels;
           "function" calls the torch function named `target` as target(*inputs, *args, **kwargs);
-          "concat" is torch.cat(inputs, 1).
+          "concat" is torch.cat(inputs, 1);
+          "select" picks the channels args[0] (a tuple of indices) of its one input: inputs[0][:, [i, j, ...]].
     gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
     """
     out: str
@@ -78,6 +79,8 @@ class GatedNetwork(nn.Module):
         tensors = [values[name] for name in statement.inputs]
         if statement.call == "concat":
             return torch.cat(tensors, 1)
+        if statement.call == "select":
+            return tensors[0][:, list(statement.args[0])]
         if statement.call == "module":
             joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
             return self._modules[statement.target](joined)

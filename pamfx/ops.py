@@ -27,6 +27,10 @@ Kinds:
     cat         torch.cat on dim 1: the operands' channels side by side
     softmax     softmax / log_softmax over the classes (dim 1) of a task's head output: mixes that head's units only,
                 so it is allowed in an output space (channel_spaces refuses it anywhere else)
+    split       x.chunk(n, dim=1), torch.split(x, sizes, dim=1): a tuple of channel pieces, read by getitem
+    select      one piece of a split, or x[:, a:b]: picks channels of each model (find_channel_spaces routes them)
+    transpose   x.transpose(1, 2) inside a channel shuffle (view to [B, g, C/g, H, W], transpose(1, 2),
+                optional contiguous(), view back to [B, C, H, W]); find_channel_spaces refuses it anywhere else
     shape       x.size(...), x.shape, x.shape[0] and arithmetic on sizes: only feeds the arguments of a flatten
 """
 import operator
@@ -71,7 +75,7 @@ CHANNELWISE_FUNCTIONS = {
     F.adaptive_max_pool2d: "torch.nn.functional.adaptive_max_pool2d",
 }
 CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "clamp": "torch.clamp",
-                       "neg": "torch.neg"}
+                       "neg": "torch.neg", "contiguous": "torch.Tensor.contiguous"}
 
 # NOTE: fx bakes `training=self.training` into the graph as a constant (False: models are traced in eval mode),
 # so the merged network runs a functional dropout as the module that does the same, which follows train/eval mode
@@ -94,6 +98,11 @@ SOFTMAX_FUNCTIONS = {torch.softmax: "torch.softmax", F.softmax: "torch.softmax",
                      torch.log_softmax: "torch.log_softmax", F.log_softmax: "torch.log_softmax"}
 SOFTMAX_METHODS = {"softmax": "torch.softmax", "log_softmax": "torch.log_softmax"}
 
+SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+SPLIT_METHODS = {"chunk", "split"}
+# Arithmetic on sizes (x.size(1) // groups) is followed like the sizes themselves.
+SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod}
+
 FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.unsqueeze}
 FLATTEN_METHODS = {"view", "reshape", "flatten", "unsqueeze"}
 MEAN_FUNCTIONS = {torch.mean}
@@ -108,6 +117,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "output"
     if node.op == "call_module":
         return _classify_module(node, modules[node.target])
+    if _is_size_arithmetic(node):
+        return "shape"   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
     if _is_arithmetic(node):
         return _classify_arithmetic(node)
     if node.op == "call_function":
@@ -121,6 +132,10 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "mean"
         if node.target in CAT_FUNCTIONS:
             return "cat"
+        if node.target in SPLIT_FUNCTIONS:
+            return "split"
+        if node.target is torch.transpose:
+            return "transpose"
         if node.target is getattr and node.args[1] == "shape":
             return "shape"
         if node.target is operator.getitem:
@@ -138,6 +153,10 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "shape"
         if node.target == "expand_as":
             return "expand_as"
+        if node.target in SPLIT_METHODS:
+            return "split"
+        if node.target == "transpose":
+            return "transpose"
     raise UnsupportedOpError(
         f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
         f"supported: {SUPPORTED}")
@@ -145,8 +164,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
              "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
-             "mean, residual add and squeeze-excitation product of two tensors, torch.cat on channels, and "
-             "softmax/log_softmax over a head's classes")
+             "mean, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, split, x[:, a:b] "
+             "and channel shuffle on channels, and softmax/log_softmax over a head's classes")
 
 
 def _classify_getitem(node: fx.Node) -> str:
@@ -155,14 +174,55 @@ def _classify_getitem(node: fx.Node) -> str:
     if isinstance(source, fx.Node) and source.meta.get(OP) == "shape":
         return "shape"
     index = node.args[1]
+    if isinstance(source, fx.Node) and source.meta.get(OP) == "split" and isinstance(index, int):
+        return "select"
+    if isinstance(source, fx.Node) and channel_slice(node) is not None:
+        return "select"
     if isinstance(source, fx.Node) and isinstance(index, tuple) and len(index) > 2 and \
             all(i == slice(None) for i in index[:2]) and all(i is None for i in index[2:]):
         return "flatten"   # y[:, :, None, None]: a reshape that channel_spaces checks keeps the channels
     what = f"'{source.name}'" if isinstance(source, fx.Node) else repr(source)
     raise UnsupportedOpError(
-        f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes only (x.shape[0], "
-        "x.size()[0]) and y[:, :, None, None]; slicing a tensor or picking from a module's tuple output has no "
-        "channel rule")
+        f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes (x.shape[0], "
+        "x.size()[0]), channel slices (x[:, a:b]), pieces of x.chunk / torch.split on channels and "
+        "y[:, :, None, None]; other indexing of a tensor, or picking from a module's tuple output, has no channel rule")
+
+
+def channel_slice(node: fx.Node) -> slice | None:
+    """The slice of x[:, a:b] (also x[:, a:b, :, :]) on channels; None for any other index."""
+    index = node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
+    if not isinstance(index, tuple) or len(index) < 2 or index[0] != slice(None) or not isinstance(index[1], slice):
+        return None
+    if any(i != slice(None) for i in index[2:]) or any(isinstance(v, fx.Node) for v in
+                                                        (index[1].start, index[1].stop, index[1].step)):
+        return None
+    return index[1]
+
+
+def check_split(node: fx.Node) -> None:
+    """Raises UnsupportedOpError unless the chunk / split node cuts along dim 1 (channels)."""
+    dim = _argument(node, 2, "dim", 0)
+    if dim != 1:
+        raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)}) splits along dim {dim}; pamfx follows "
+                                 "splits on channels (dim=1) only")
+
+
+def split_pieces(node: fx.Node, channels: int) -> list[list[int]]:
+    """The channels 0..channels-1 of a split node's input cut into its pieces, as the model cuts them; raises
+    UnsupportedOpError unless the split is along dim 1."""
+    check_split(node)
+    how = _argument(node, 1, "chunks", None) if _target_name(node) == "chunk" else \
+        _argument(node, 1, "split_size_or_sections", node.kwargs.get("split_size"))
+    indices = torch.arange(channels)
+    pieces = indices.chunk(how) if _target_name(node) == "chunk" else indices.split(how)
+    return [piece.tolist() for piece in pieces]
+
+
+def _is_size_arithmetic(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in SIZE_ARITHMETIC:
+        tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
+        return bool(tensors) and all(arg.meta.get(OP) == "shape" for arg in tensors)
+    return False
 
 
 def _is_arithmetic(node: fx.Node) -> bool:
@@ -174,8 +234,6 @@ def _classify_arithmetic(node: fx.Node) -> str:
     """`tensor <op> scalar` is per-channel, `tensor + tensor` a residual add; anything else is refused."""
     operands = arithmetic_operands(node)
     tensors = [arg for arg in operands if isinstance(arg, fx.Node)]
-    if tensors and all(arg.meta.get(OP) == "shape" for arg in tensors):
-        return "shape"   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
     target = _arithmetic_target(node)
     if len(tensors) == 1 and all(isinstance(arg, (int, float)) for arg in operands if arg is not tensors[0]):
         if operands[0] is not tensors[0] and target not in REVERSED:

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
-from pamfx.ir import (FEATURES, MODULES, OP, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
+from pamfx.ir import (FEATURES, MODULES, OP, ROUTE, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
                        Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
 from pamfx.passes.rules import readable
@@ -37,6 +37,7 @@ def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groupi
 class _Builder:
     def __init__(self, aligned, spaces, grouping, weights):
         self.tasks = aligned.tasks
+        self.nodes = {node.name: node for node in aligned.graph.nodes}
         self.spaces = spaces
         self.grouping = grouping
         self.weights = weights
@@ -61,15 +62,30 @@ class _Builder:
     # -- one visit per node kind -----------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
         kind = node.meta[OP]
-        if kind == "shape":
-            return
         if kind == "output":
             return self.visit_output(node)
+        if FEATURES not in node.meta:   # sizes, a split's tuple, the middle of a channel shuffle
+            return
         self.layout[node] = self.split(node)
         if kind == "input":
             self.values[node] = {group: INPUT for group in self.layout[node]}
             return
+        if ROUTE in node.meta:
+            return self.visit_route(node)
         getattr(self, f"visit_{kind}")(node)
+
+    def visit_route(self, node):
+        """Channels picked or reordered from another tensor (find_channel_spaces): each group's slice is picked
+        from the same group's slice there, and is that slice itself when it holds the same channels in order."""
+        source = self.nodes[node.meta[ROUTE]]
+        features, source_features = node.meta[FEATURES], source.meta[FEATURES]
+        for group, indices in self.layout[node].items():
+            position = {source_features[i]: p for p, i in enumerate(self.layout[source][group])}
+            picked = tuple(position[features[i]] for i in indices)
+            if picked == tuple(range(len(self.layout[source][group]))):
+                self.values.setdefault(node, {})[group] = self.values[source][group]
+            else:
+                self.emit(node, group, [self.values[source][group]], "select", args=(picked,))
 
     def visit_conv(self, node):
         self.visit_layer(node)

@@ -175,14 +175,18 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
 
 
 def _matching_columns(features, space, units) -> list[tuple[int, int]]:
-    """(survivor column, partner column) for every feature of a partner in `space`, position by position."""
+    """(survivor column, partner column) for every feature of a partner in `space`, position by position.
+
+    NOTE: a tensor that picks channels model by model (a chunk, x[:, a:b], a channel shuffle) may hold a partner
+    but not its survivor; its consumers then lose the partner's input (the partner is dropped), and fine-tuning
+    recovers."""
     columns_of: dict[int, dict[int, int]] = {}   # unit -> position -> column
     for column, feature in enumerate(features):
         if feature.space == space:
             columns_of.setdefault(feature.unit, {})[feature.position] = column
     return [(columns_of[unit][position], column)
             for unit, partner in units if partner in columns_of
-            for position, column in columns_of[partner].items()]
+            for position, column in columns_of[partner].items() if position in columns_of.get(unit, {})]
 
 
 def _layer_inputs(tuned, node, calibration: dict) -> dict[str, torch.Tensor]:

@@ -211,10 +211,41 @@ class MobileNetV3Block(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(result), 1))
 
 
+def channel_shuffle(x, groups):
+    """torchvision's shufflenetv2.channel_shuffle."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, -1, height, width)
+
+
+class ShuffleNetV2Block(nn.Module):
+    """ShuffleNetV2's units: a downsampling unit (two branches, concat, shuffle), then a basic unit (chunk in two,
+    one half through a branch, concat, shuffle), written as torchvision writes them."""
+    through = ("stem_0", "down_left_1", "down_right_0", "basic_0", "basic_4")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.down_left = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8, bias=False), nn.Conv2d(8, 6, 1), nn.ReLU())
+        self.down_right = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 6, 3, 2, 1, groups=6), nn.ReLU())
+        self.basic = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                                   nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 6, 1), nn.ReLU())
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = channel_shuffle(torch.cat((self.down_left(x), self.down_right(x)), dim=1), 2)
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((x1, self.basic(x2)), dim=1), 2)
+        return self.head(x.mean([2, 3]))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
-            "mobilenet_v3_block": MobileNetV3Block}
+            "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -502,9 +533,9 @@ def test_each_flatten_spelling_reproduces_the_originals(flatten):
 
 
 @pytest.mark.parametrize("flatten, message", [
-    (lambda x: torch.cat([x[:, :2], x[:, 2:]], 1).flatten(1),
-     r"node 'getitem' indexes 'max_pool2d' with \(slice\(None, None, None\), slice\(None, 2, None\)\): pamfx "
-     r"follows indexing of sizes only \(x.shape\[0\]"),
+    (lambda x: torch.cat([x[:, :, :2], x[:, :, 2:]], 2).flatten(1),
+     r"node 'getitem' indexes 'max_pool2d' with \(slice\(None, None, None\), slice\(None, None, None\), "
+     r"slice\(None, 2, None\)\): pamfx follows indexing of sizes \(x.shape\[0\]"),
     (lambda x: x.view(x.shape[0], x.shape[1], -1).flatten(1), r"node 'view' reshapes \(2, 4, 5, 5\) to \(2, 4, 25\)"),
 ], ids=["slice", "view-3d"])
 def test_a_reshape_pamfx_cannot_follow_is_named(flatten, message):
@@ -674,5 +705,61 @@ class GateOfFlattened(Gate):
 ], ids=["other-width", "flattened"])
 def test_a_gate_pamfx_cannot_follow_is_named(model_class, message):
     models = {t: model_class(HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+class Picks(nn.Module):
+    """conv -> `pick` (channels picked or reordered) -> conv -> mean -> head."""
+
+    def __init__(self, pick, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.pick = pick
+        self.mix = nn.Conv2d(6, 5, 1)
+        self.head = nn.Linear(5, classes)
+
+    def forward(self, x):
+        return self.head(self.mix(self.pick(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+PICKS = {
+    "torch.cat([x[:, 4:], x[:, :4]], 1)": lambda x: torch.cat([x[:, 4:], x[:, :4]], 1),
+    "x[:, ::2] and x[:, 1::2, :, :]": lambda x: torch.cat([x[:, 1::2, :, :], F.relu(x[:, ::2])], 1),
+    "torch.split(x, 2, dim=1)": lambda x: (lambda p: torch.cat([p[2], p[0], p[1]], 1))(torch.split(x, 2, dim=1)),
+    "x.split([1, 5], 1)": lambda x: torch.cat([x.split([1, 5], 1)[1], x.split([1, 5], 1)[0]], 1),
+    "torch.chunk(x, 3, 1)": lambda x: torch.cat([torch.chunk(x, 3, 1)[2], torch.chunk(x, 3, 1)[0] * 2,
+                                                 torch.chunk(x, 3, 1)[1]], 1),
+    "channel_shuffle(x, 3)": lambda x: channel_shuffle(x, 3),
+    "shuffle by reshape, transpose(2, 1), flatten(1, 2)":
+        lambda x: x.reshape(x.shape[0], 2, 3, x.shape[2], x.shape[3]).transpose(2, 1).flatten(1, 2),
+}
+
+
+@pytest.mark.parametrize("pick", sorted(PICKS))
+def test_each_channel_pick_reproduces_the_originals_and_generates_the_same_network(pick, tmp_path):
+    torch.manual_seed(6)
+    models = {t: randomised(Picks(PICKS[pick], HEADS[t]), i) for i, t in enumerate(TASKS)}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    aligned, spaces = compile_parts(models, inputs(2))
+    network = build_network(aligned, spaces, random_grouping(aligned, spaces, 2), stack_weights(aligned, spaces))[0]
+    assert_rules(network)
+    assert_generated_matches(network.eval(), tmp_path, f"pick_{sorted(PICKS).index(pick)}")
+
+
+@pytest.mark.parametrize("pick, message", [
+    (lambda x: torch.cat(x.chunk(2, dim=2), 2), r"node 'chunk' \(chunk\) splits along dim 2; pamfx follows splits on "
+                                                r"channels \(dim=1\) only"),
+    (lambda x: torch.cat(x.chunk(2, dim=1), 1), r"node 'cat' \(cat\) reads 'chunk', whose channels pamfx cannot follow: "
+                                                r"it is the tuple of a split; pamfx follows its pieces"),
+    (lambda x: x.transpose(2, 3), r"node 'transpose' transposes dims \(2, 3\); pamfx follows a transpose only inside "
+                                  r"a channel shuffle"),
+    (lambda x: x.view(x.size(0), 2, 3, 10, 10).mean((3, 4)).view(x.size(0), 6, 1, 1),
+     r"node 'mean' \(mean\) reads 'view', whose channels pamfx cannot follow: a transpose or 5-D view is followed "
+     r"only inside a channel shuffle"),
+], ids=["chunk-dim-2", "split-tuple", "transpose", "5d-view"])
+def test_a_pick_pamfx_cannot_follow_is_named(pick, message):
+    models = {t: Picks(pick, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
