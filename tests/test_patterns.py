@@ -751,8 +751,9 @@ def test_each_channel_pick_reproduces_the_originals_and_generates_the_same_netwo
 @pytest.mark.parametrize("pick, message", [
     (lambda x: torch.cat(x.chunk(2, dim=2), 2), r"node 'chunk' \(chunk\) splits along dim 2; pamfx follows splits on "
                                                 r"channels \(dim=1\) only"),
-    (lambda x: torch.cat(x.chunk(2, dim=1), 1), r"node 'cat' \(cat\) reads 'chunk', whose channels pamfx cannot follow: "
-                                                r"it is the tuple of a split; pamfx follows its pieces"),
+    (lambda x: torch.cat(x.chunk(2, dim=1), 1),
+     r"node 'cat' \(cat\) reads 'chunk', whose channels pamfx cannot follow: it is the tuple of a split; pamfx "
+     r"follows its pieces"),
     (lambda x: x.transpose(2, 3), r"node 'transpose' transposes dims \(2, 3\); pamfx follows a transpose only inside "
                                   r"a channel shuffle"),
     (lambda x: x.view(x.size(0), 2, 3, 10, 10).mean((3, 4)).view(x.size(0), 6, 1, 1),
