@@ -764,3 +764,36 @@ def test_a_pick_pamfx_cannot_follow_is_named(pick, message):
     models = {t: Picks(pick, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+class Widths(nn.Module):
+    """An SE gate from Linear layers, a chunk, a depthwise branch and a channel shuffle, `width` channels wide."""
+
+    def __init__(self, classes, width):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width, width)
+        self.fc2 = nn.Linear(width, 2 * width)
+        self.depthwise = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        b, c, _, _ = x.size()
+        x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3)))))).view(b, c, 1, 1)
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat([x1, self.depthwise(x2)], 1), 2)
+        return F.log_softmax(self.head(x.mean((2, 3))), dim=1)
+
+
+def test_models_of_different_widths_merge_through_gates_chunks_and_shuffles(tmp_path):
+    """Each model's gate, halves and shuffle act on its own channels, whatever its width."""
+    torch.manual_seed(7)
+    models = {t: Widths(HEADS[t], width).eval() for t, width in zip(TASKS, (4, 6, 2))}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    pruned = pamfx.optimize(models, random_data(TASKS, n=96, shape=SHAPE), merge="mtz", prune="taylor", tolerance=1.0,
+                            mtz=MTZ, finetune=TUNE, pruning=TINY, progress=False)
+    assert pruned.model.macs() < pruned.report.row(TASKS).merged_macs
+    assert_rules(pruned.model)
+    assert_generated_matches(pruned.model, tmp_path, "widths")
