@@ -119,6 +119,8 @@ def _statement_source(statement: Statement) -> str:
         return f"{statement.out} = {inputs[0]}[:, {list(statement.args[0])}]"
     if statement.call == "module":
         joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], 1)"
+        if statement.args:
+            joined += f"[:, {list(statement.args[0])}]"
         return f"{statement.out} = self.{statement.target}({joined})"
     arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
     return f"{statement.out} = {statement.target}({', '.join(arguments)})"

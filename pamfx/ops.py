@@ -7,7 +7,9 @@ builder reads it). An op that is not in this file raises UnsupportedOpError nami
 Kinds:
     input       the network input (shared by every group)
     output      the model's result (one tensor: the task's head)
-    conv        nn.Conv2d with groups == 1: a new channel space; MACs = out * in * kh * kw * H_out * W_out
+    conv        nn.Conv2d with groups == 1: a new channel space; MACs = out * in * kh * kw * H_out * W_out. A grouped
+                conv (groups g > 1, not depthwise) too: each unit reads only the input channels of its block
+                (passes/rules.py `blocks`); MACs = out * in / g * kh * kw * H_out * W_out
     depthwise   nn.Conv2d with groups == in == out channels: keeps its input's channel space; MACs = C * kh * kw * H * W
     linear      nn.Linear on a [batch, features] tensor: a new channel space; MACs = out * in
     batchnorm   nn.BatchNorm1d/2d: per-channel parameters, keeps the channel space
@@ -162,7 +164,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         f"supported: {SUPPORTED}")
 
 
-SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
+SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
              "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
              "mean, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, split, x[:, a:b] "
              "and channel shuffle on channels, and softmax/log_softmax over a head's classes")
@@ -340,9 +342,7 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
             return "conv"
         if module.groups == module.in_channels == module.out_channels:
             return "depthwise"
-        raise UnsupportedOpError(
-            f"node '{node.name}': {module!r} is a grouped convolution; pamfx supports groups=1 and depthwise "
-            "(groups == in_channels == out_channels) only")
+        return "conv"   # grouped: passes/rules.py `blocks` says which inputs each unit reads
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -372,9 +372,9 @@ def signature(node: fx.Node, module: nn.Module | None) -> tuple:
     if module is None:
         return (node.op, node.target)
     if isinstance(module, nn.Conv2d):
-        depthwise = module.groups != 1
+        depthwise = module.groups == module.in_channels == module.out_channels != 1
         return (type(module), module.kernel_size, module.stride, module.padding, module.dilation,
-                module.padding_mode, depthwise, module.bias is not None)
+                module.padding_mode, "depthwise" if depthwise else module.groups, module.bias is not None)
     if isinstance(module, nn.Linear):
         return (type(module), module.bias is not None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -17,7 +17,7 @@ from pamfx.errors import GroupingError, UnsupportedOpError
 from pamfx.ir import (FEATURES, MODULES, OP, ROUTE, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
                        Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
-from pamfx.passes.rules import readable
+from pamfx.passes.rules import blocks, readable
 
 
 def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
@@ -97,25 +97,40 @@ class _Builder:
         self.visit_layer(node)
 
     def visit_layer(self, node):
-        """One module per output group, reading every input group that contains it (rule 2)."""
+        """One module per output group, reading every input group that contains it (rule 2); a grouped conv's
+        group is cut into runs of units of one block, each a module reading its block's inputs (rules.blocks)."""
         source = node.all_input_nodes[0]
         stacked = self.weights[node.name]
         template = node.meta[MODULES][0]
+        row_blocks, column_blocks = blocks(node, self.spaces)
         for group, rows in self.layout[node].items():
             inputs = readable(group, self.layout[source])
             if not inputs:
                 raise GroupingError(
                     f"layer '{node.name}': group {sorted(group)} has units but no input it may read: rule 2 lets "
                     f"it read only groups containing it, and '{source.name}' holds {[sorted(g) for g in self.layout[source]]}")
-            columns = [i for g in inputs for i in self.layout[source][g]]
-            module = _resized(template, len(columns), len(rows))
-            with torch.no_grad():
-                module.weight.copy_(stacked["weight"][rows][:, columns])
-                if module.bias is not None:
-                    module.bias.copy_(stacked["bias"][rows])
-            macs = (ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs)(module, node.meta[SHAPES][0])
-            self.emit(node, group, [self.values[source][g] for g in inputs], "module", module=module, macs=macs)
-            self.origins[self.values[node][group]] = Origin(node.name, tuple(rows), tuple(columns))
+            runs = _runs(rows, row_blocks)
+            pieces = []
+            for index, (block, run) in enumerate(runs):
+                joined = [i for g in inputs for i in self.layout[source][g]]
+                picked = [p for p, i in enumerate(joined) if column_blocks[i] == block]
+                if not picked:
+                    raise GroupingError(f"layer '{node.name}': group {sorted(group)} has units in block {block} of "
+                                        "its grouped convolution but no input of that block it may read")
+                columns = [joined[p] for p in picked]
+                module = _resized(template, len(columns), len(run))
+                with torch.no_grad():
+                    module.weight.copy_(stacked["weight"][run][:, columns])
+                    if module.bias is not None:
+                        module.bias.copy_(stacked["bias"][run])
+                macs = (ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs)(module, node.meta[SHAPES][0])
+                pick = () if len(picked) == len(joined) else (tuple(picked),)
+                self.emit(node, group, [self.values[source][g] for g in inputs], "module", module=module, macs=macs,
+                          args=pick, suffix="" if len(runs) == 1 else f"_{index}")
+                self.origins[self.values[node][group]] = Origin(node.name, tuple(run), tuple(columns))
+                pieces.append(self.values[node][group])
+            if len(pieces) > 1:
+                self.emit(node, group, pieces, "concat")
 
     def visit_depthwise(self, node):
         self.visit_per_feature(node, ("weight", "bias"))
@@ -224,8 +239,8 @@ class _Builder:
             self.outputs[task] = self.values[head][frozenset([task])]
 
     # -- recording -------------------------------------------------------------------------------------------
-    def emit(self, node, group, inputs, call, *, module=None, target="", args=(), kwargs=None, macs=0):
-        out = f"{node.name}_{self.names[group]}"
+    def emit(self, node, group, inputs, call, *, module=None, target="", args=(), kwargs=None, macs=0, suffix=""):
+        out = f"{node.name}_{self.names[group]}{suffix}"
         if module is not None:
             target = out if isinstance(module, _PARAMETRISED) else node.name
             self.modules[target] = module
@@ -237,10 +252,23 @@ class _Builder:
 _PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[int]]]:
+    """(block, rows) for each maximal run of consecutive rows in one block (one run for an ungrouped layer)."""
+    runs: list[tuple[int, list[int]]] = []
+    for row in rows:
+        if runs and runs[-1][0] == row_blocks[row]:
+            runs[-1][1].append(row)
+        else:
+            runs.append((row_blocks[row], [row]))
+    return runs
+
+
 def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
-    """A fresh module like `template` but with the given channel counts."""
+    """A fresh module like `template` but with the given channel counts (a depthwise conv stays depthwise; the
+    blocks of a grouped conv are built as ungrouped modules)."""
     if isinstance(template, nn.Conv2d):
-        groups = 1 if template.groups == 1 else in_size
+        depthwise = template.groups == template.in_channels == template.out_channels != 1
+        groups = in_size if depthwise else 1
         return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
                          template.dilation, groups, template.bias is not None, template.padding_mode)
     if isinstance(template, nn.Linear):

@@ -44,14 +44,30 @@ def _stack_layer(name, modules, owners, rows) -> dict[str, torch.Tensor]:
     bias = torch.zeros(num_rows, dtype=first.dtype) if modules[0].bias is not None else None
     for model, module in enumerate(modules):
         columns = [i for i, owner in enumerate(owners) if owner in (model, None)]
-        if len(columns) != module.weight.shape[1]:
-            raise UnsupportedOpError(f"node '{name}': model {model} has {module.weight.shape[1]} input channels "
+        dense = _dense_weight(module)
+        if len(columns) != dense.shape[1]:
+            raise UnsupportedOpError(f"node '{name}': model {model} has {dense.shape[1]} input channels "
                                      f"but its input tensor carries {len(columns)}")
         row_index = torch.tensor(rows[model])
-        weight[row_index.unsqueeze(1), torch.tensor(columns)] = module.weight.detach()
+        weight[row_index.unsqueeze(1), torch.tensor(columns)] = dense
         if bias is not None:
             bias[row_index] = module.bias.detach()
     return {"weight": weight, "bias": bias} if bias is not None else {"weight": weight}
+
+
+def _dense_weight(module) -> torch.Tensor:
+    """The layer's weight over all its input channels: a grouped conv's blocks on the diagonal, zero elsewhere (the
+    builder never builds those zeros: a unit reads only its block, passes/rules.py `blocks`)."""
+    weight = module.weight.detach()
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return weight
+    out_size, in_size = module.out_channels // groups, module.in_channels // groups
+    dense = torch.zeros((module.out_channels, module.in_channels) + tuple(weight.shape[2:]), dtype=weight.dtype)
+    for block in range(groups):
+        rows, columns = slice(block * out_size, (block + 1) * out_size), slice(block * in_size, (block + 1) * in_size)
+        dense[rows, columns] = weight[rows]
+    return dense
 
 
 def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:

@@ -82,22 +82,6 @@ def test_an_unsupported_op_is_named():
                                                         for t in TASKS})
 
 
-def test_a_grouped_conv_is_named():
-    class Grouped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
-            self.grouped = nn.Conv2d(4, 4, 3, groups=2)
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(self.grouped(self.conv(x)).mean((2, 3)))
-
-    with pytest.raises(pamfx.UnsupportedOpError, match="node 'grouped'.*grouped convolution"):
-        optimize({"a": Grouped(), "b": Grouped()}, {t: (torch.randn(8, 1, 28, 28), torch.zeros(8).long())
-                                                    for t in TASKS})
-
-
 def test_unknown_task_at_inference_is_named():
     result = optimize()
     with pytest.raises(KeyError, match="unknown task 'nope'"):

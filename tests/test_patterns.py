@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pamfx
-from pamfx.ir import all_combinations
+from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.build import build_network
+from pamfx.passes.rules import drop_unreadable
 from pamfx.passes.stack import stack_weights
 
 from conftest import HEADS, assert_equivalent, compile_parts, random_data, random_grouping, randomised
@@ -242,10 +243,31 @@ class ShuffleNetV2Block(nn.Module):
         return self.head(x.mean([2, 3]))
 
 
+class GroupedConvs(nn.Module):
+    """A ResNeXt bottleneck (1x1, grouped 3x3, 1x1, residual add) and a depthwise conv with a channel multiplier."""
+    through = ("stem", "reduce", "grouped", "stem", "widen")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.reduce = nn.Conv2d(8, 8, 1, bias=False)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 8, 1)
+        self.widen = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        out = F.relu(self.bn(self.grouped(F.relu(self.reduce(x)))))
+        x = F.relu(self.expand(out) + x)
+        return self.head(F.relu(self.widen(x)).mean((2, 3)))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
-            "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block}
+            "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -289,7 +311,8 @@ def test_random_groupings_keep_rule_2_and_generate_the_same_network(pattern, see
     aligned, spaces = compile_parts(models_of(pattern), inputs(2))
     for name in PATTERNS[pattern].through:
         assert spaces[name].kind == "hidden"
-    network = build_network(aligned, spaces, random_grouping(aligned, spaces, seed), stack_weights(aligned, spaces))[0]
+    grouping = Grouping(drop_unreadable(aligned, spaces, random_grouping(aligned, spaces, seed).groups))
+    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0]
     network.eval()
     assert_rules(network)
     x = inputs()
@@ -797,3 +820,24 @@ def test_models_of_different_widths_merge_through_gates_chunks_and_shuffles(tmp_
     assert pruned.model.macs() < pruned.report.row(TASKS).merged_macs
     assert_rules(pruned.model)
     assert_generated_matches(pruned.model, tmp_path, "widths")
+
+
+class GroupedOnInput(nn.Module):
+    """A grouped conv straight on a 2-channel input, one input channel per block."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, groups=2)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_grouped_conv_of_the_network_input_reads_its_blocks(tmp_path):
+    torch.manual_seed(8)
+    models = {t: GroupedOnInput(HEADS[t]).eval() for t in TASKS}
+    x = torch.randn(6, 2, 12, 12)
+    result = pamfx.optimize(models, random_data(TASKS, shape=(2, 12, 12)), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, x, all_combinations(TASKS))
+    assert result.model.macs(["a"]) == counted_macs(lambda: models["a"](x[:1]))
