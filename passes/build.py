@@ -123,7 +123,8 @@ class _Builder:
                     module.weight.copy_(stacked["weight"][run][:, columns])
                     if module.bias is not None:
                         module.bias.copy_(stacked["bias"][run])
-                macs = (ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs)(module, node.meta[SHAPES][0])
+                count_macs = ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs
+                macs = count_macs(module, node.meta[SHAPES][0])
                 pick = () if len(picked) == len(joined) else (tuple(picked),)
                 self.emit(node, group, [self.values[source][g] for g in inputs], "module", module=module, macs=macs,
                           args=pick, suffix="" if len(runs) == 1 else f"_{index}")
