@@ -13,6 +13,8 @@ Kinds:
     depthwise   nn.Conv2d with groups == in == out channels: keeps its input's channel space; MACs = C * kh * kw * H * W
     linear      nn.Linear on a [batch, features] tensor: a new channel space; MACs = out * in
     batchnorm   nn.BatchNorm1d/2d: per-channel parameters, keeps the channel space
+    prelu       nn.PReLU: per-channel slopes (one shared slope becomes one per channel, equal at the start), keeps
+                the channel space
     channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
                 LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
                 torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
@@ -164,7 +166,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         f"supported: {SUPPORTED}")
 
 
-SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, per-channel activations, clamp, pooling and "
+SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, PReLU, per-channel activations, clamp, pooling and "
              "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
              "mean, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, split, x[:, a:b] "
              "and channel shuffle on channels, and softmax/log_softmax over a head's classes")
@@ -355,6 +357,8 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
         return "channelwise"
     if isinstance(module, nn.Flatten):
         return "flatten"
+    if isinstance(module, nn.PReLU):
+        return "prelu"
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
         if module.dim is None:
             raise UnsupportedOpError(f"node '{node.name}': {module!r} has no dim; pass dim=1 (the classes)")
@@ -379,6 +383,8 @@ def signature(node: fx.Node, module: nn.Module | None) -> tuple:
         return (type(module), module.bias is not None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return (type(module), module.eps, module.momentum)
+    if isinstance(module, nn.PReLU):
+        return (type(module), module.num_parameters == 1)
     return (type(module), repr(module))
 
 

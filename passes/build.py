@@ -139,6 +139,9 @@ class _Builder:
     def visit_batchnorm(self, node):
         self.visit_per_feature(node, ("weight", "bias", "running_mean", "running_var"))
 
+    def visit_prelu(self, node):
+        self.visit_per_feature(node, ("weight",))
+
     def visit_per_feature(self, node, tensor_names):
         """A module with one parameter entry per channel, cut to each group's channels."""
         source = node.all_input_nodes[0]
@@ -250,7 +253,7 @@ class _Builder:
         self.values.setdefault(node, {})[group] = out
 
 
-_PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+_PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
 
 
 def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[int]]]:
@@ -274,5 +277,7 @@ def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
                          template.dilation, groups, template.bias is not None, template.padding_mode)
     if isinstance(template, nn.Linear):
         return nn.Linear(in_size, out_size, template.bias is not None)
+    if isinstance(template, nn.PReLU):
+        return nn.PReLU(out_size)
     return type(template)(out_size, eps=template.eps, momentum=template.momentum)
 

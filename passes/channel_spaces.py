@@ -21,7 +21,7 @@ from pamfx.errors import UnsupportedOpError
 from pamfx.ir import FEATURES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 
 # op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
-KEEPS_SPACE = ("batchnorm", "channelwise", "mean", "depthwise", "softmax")
+KEEPS_SPACE = ("batchnorm", "prelu", "channelwise", "mean", "depthwise", "softmax")
 # op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
 # how an error message says what the node does with an operand)
 JOINS = {"add": "adds", "mul": "multiplies by", "expand_as": "is expanded as"}
@@ -149,7 +149,7 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
                if source.meta[OP] == "split" else "a transpose or 5-D view is followed only inside a channel shuffle")
         raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
                                  f"follow: {why}")
-    if kind in ("channelwise", "batchnorm", "depthwise", "mean"):
+    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean"):
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == "flatten":
         return _flattened(node, inputs[0])

@@ -190,7 +190,7 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
     `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
-        if kind not in ("conv", "linear", "batchnorm", "depthwise") or node.name not in weights:
+        if kind not in ("conv", "linear", "batchnorm", "prelu", "depthwise") or node.name not in weights:
             continue
         columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
         if not columns:

@@ -17,9 +17,10 @@ BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dict[str, dict[str, torch.Tensor]]:
-    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear and BatchNorm node."""
+    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm and PReLU
+    node."""
     stacked = {}
-    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm"):
+    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu"):
         source = node.all_input_nodes[0]
         features = source.meta[FEATURES]
         owners = [spaces[f.space].units[f.unit].model for f in features]
@@ -31,7 +32,7 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
             if None in owners:
                 raise UnsupportedOpError(f"node '{node.name}' has per-model parameters on the shared network "
                                          "input; pamfx needs the input to reach the first conv or linear unchanged")
-            names = BATCHNORM_TENSORS if node.meta[OP] == "batchnorm" else ("weight", "bias")
+            names = {"batchnorm": BATCHNORM_TENSORS, "prelu": ("weight",)}.get(node.meta[OP], ("weight", "bias"))
             stacked[node.name] = _stack_per_feature(modules, owners, names)
     return stacked
 
@@ -80,7 +81,8 @@ def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
         taken = [0] * len(modules)
         pieces = []
         for owner in owners:
-            pieces.append(per_model[owner][taken[owner]].detach())
+            shared = per_model[owner].numel() == 1   # PReLU's one slope serves all the model's channels
+            pieces.append(per_model[owner][0 if shared else taken[owner]].detach())
             taken[owner] += 1
         stacked[tensor_name] = torch.stack(pieces)
     return stacked

@@ -264,10 +264,31 @@ class GroupedConvs(nn.Module):
         return self.head(F.relu(self.widen(x)).mean((2, 3)))
 
 
+class PReLUs(nn.Module):
+    """A PReLU with one slope per channel after a conv and one shared slope after a Linear layer."""
+    through = ("conv1", "fc1")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.act1 = nn.PReLU(6)
+        self.fc1 = nn.Linear(6 * 5 * 5, 12)
+        self.act2 = nn.PReLU(init=0.1)
+        self.head = nn.Linear(12, classes)
+        with torch.no_grad():   # slopes that differ by channel and by model
+            self.act1.weight.uniform_(-0.5, 0.5)
+            self.act2.weight.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.act1(self.conv1(x)), 2)
+        return self.head(self.act2(self.fc1(torch.flatten(x, 1))))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
-            "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs}
+            "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs,
+            "prelu": PReLUs}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
