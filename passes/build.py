@@ -110,9 +110,9 @@ class _Builder:
                     f"layer '{node.name}': group {sorted(group)} has units but no input it may read: rule 2 lets "
                     f"it read only groups containing it, and '{source.name}' holds {[sorted(g) for g in self.layout[source]]}")
             runs = _runs(rows, row_blocks)
+            joined = [i for g in inputs for i in self.layout[source][g]]   # the module's input, before a pick
             pieces = []
             for index, (block, run) in enumerate(runs):
-                joined = [i for g in inputs for i in self.layout[source][g]]
                 picked = [p for p, i in enumerate(joined) if column_blocks[i] == block]
                 if not picked:
                     raise GroupingError(f"layer '{node.name}': group {sorted(group)} has units in block {block} of "

@@ -3,6 +3,7 @@
 The builder, the network's own check, both merges and the prune pass call these; none re-derives them.
 
     may_read(frozenset({"a"}), frozenset({"a", "b"}))      # True: rule 2, {a, b} is computed whenever {a} is
+    rows, columns = blocks(node, spaces)                    # a grouped conv's units read only their block
     groups = drop_unreadable(aligned, spaces, groups)       # units left with nothing to read are dropped
     check_paths(aligned, spaces, groups)                    # GroupingError if a task no longer reaches its head
 """
