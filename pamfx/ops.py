@@ -18,8 +18,8 @@ Kinds:
     channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
                 LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
                 torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
-                F.dropout/dropout2d with training=self.training), nn.Identity, -x, and +, -, *, /, ** with a Python
-                scalar (x * 0.5 + 1, 3 - x, x / 6, x ** 2); never with a tensor operand
+                F.dropout/dropout2d with training=self.training), nn.Identity, x.contiguous(), -x, and +, -, *, /, **
+                with a Python scalar (x * 0.5 + 1, 3 - x, x / 6, x ** 2); never with a tensor operand
     flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
                 x.size() or constants): each channel owns its block of H*W features. A reshape between [B, C] and
                 [B, C, 1, 1] (flatten, view, reshape, unsqueeze, y[:, :, None, None]) keeps the channel space
@@ -29,8 +29,9 @@ Kinds:
                 one channel space, like a residual add; the gate's layer then makes units of that space
     expand_as   gate.expand_as(x) (before x * gate): both share one channel space, like mul
     cat         torch.cat on dim 1: the operands' channels side by side
-    softmax     softmax / log_softmax over the classes (dim 1) of a task's head output: mixes that head's units only,
-                so it is allowed in an output space (channel_spaces refuses it anywhere else)
+    softmax     softmax / log_softmax (functions, methods, nn.Softmax / nn.LogSoftmax) over the classes (dim 1) of a
+                task's head output: mixes that head's units only, so it is allowed in an output space
+                (channel_spaces refuses it anywhere else)
     split       x.chunk(n, dim=1), torch.split(x, sizes, dim=1): a tuple of channel pieces, read by getitem
     select      one piece of a split, or x[:, a:b]: picks channels of each model (find_channel_spaces routes them)
     transpose   x.transpose(1, 2) inside a channel shuffle (view to [B, g, C/g, H, W], transpose(1, 2),
