@@ -4,6 +4,7 @@ The file defines `MergedNetwork` (submodules with literal sizes, a straight-line
 for the tasks that need them), `load()` reading the weights saved beside it, and `Combination`, the network fixed
 to one combination of tasks (for torch.export). The same network gives the same file, byte for byte.
 """
+import inspect
 import re
 from pathlib import Path
 
@@ -114,23 +115,42 @@ def _statement_source(statement: Statement) -> str:
     inputs = list(statement.inputs)
     if statement.call == "concat":
         return f"{statement.out} = torch.cat([{', '.join(inputs)}], 1)"
+    if statement.call == "select":
+        return f"{statement.out} = {inputs[0]}[:, {list(statement.args[0])}]"
     if statement.call == "module":
         joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], 1)"
+        if statement.args:
+            joined += f"[:, {list(statement.args[0])}]"
         return f"{statement.out} = self.{statement.target}({joined})"
     arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
     return f"{statement.out} = {statement.target}({', '.join(arguments)})"
 
 
 def _module_source(name: str, module: nn.Module) -> str:
-    """`nn.Conv2d(...)` from the module's repr, checked to rebuild the same module."""
+    """`nn.Conv2d(...)` from the module's repr, or from all its settings where the repr leaves some out
+    (AvgPool2d's ceil_mode and count_include_pad, an activation's inplace), checked to rebuild the same module."""
     source = f"nn.{module!r}"
-    try:
-        rebuilt = eval(source, {"nn": nn})   # noqa: S307 - our own repr of a torch module
-    except Exception as error:
-        raise PamfxError(f"codegen cannot write module '{name}' ({module!r}) as source: {error}") from error
-    if type(rebuilt) is not type(module) or repr(rebuilt) != repr(module):
+    rebuilt = _rebuilt(name, module, source)
+    if _settings(rebuilt) != _settings(module):
+        settings = _settings(module)
+        names = [p for p in inspect.signature(type(module).__init__).parameters if p in settings]
+        source = f"nn.{type(module).__name__}({', '.join(f'{p}={settings[p]!r}' for p in names)})"
+        rebuilt = _rebuilt(name, module, source)
+    if type(rebuilt) is not type(module) or repr(rebuilt) != repr(module) or _settings(rebuilt) != _settings(module):
         raise PamfxError(f"codegen cannot write module '{name}': {source} does not rebuild it")
     return source
+
+
+def _rebuilt(name: str, module: nn.Module, source: str) -> nn.Module:
+    try:
+        return eval(source, {"nn": nn})   # noqa: S307 - our own rendering of a torch module
+    except Exception as error:
+        raise PamfxError(f"codegen cannot write module '{name}' ({module!r}) as source: {error}") from error
+
+
+def _settings(module: nn.Module) -> dict:
+    """A module's constructor settings as it keeps them (public attributes: kernel_size, ceil_mode, inplace...)."""
+    return {key: value for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
 
 
 def _flag_names(tasks: tuple[str, ...]) -> dict[str, str]:

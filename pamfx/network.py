@@ -21,9 +21,11 @@ INPUT = "x"   # the variable holding the network input, shared by every group
 class Statement:
     """`out = <call>(inputs...)` for the units of one group.
 
-    call: "module" runs the registered module `target` on the inputs concatenated along channels;
+    call: "module" runs the registered module `target` on the inputs concatenated along channels (then the
+          channels args[0] of that, if given: a block of a grouped conv);
           "function" calls the torch function named `target` as target(*inputs, *args, **kwargs);
-          "concat" is torch.cat(inputs, 1).
+          "concat" is torch.cat(inputs, 1);
+          "select" picks the channels args[0] (a tuple of indices) of its one input: inputs[0][:, [i, j, ...]].
     gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
     """
     out: str
@@ -78,8 +80,12 @@ class GatedNetwork(nn.Module):
         tensors = [values[name] for name in statement.inputs]
         if statement.call == "concat":
             return torch.cat(tensors, 1)
+        if statement.call == "select":
+            return tensors[0][:, list(statement.args[0])]
         if statement.call == "module":
             joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
+            if statement.args:
+                joined = joined[:, list(statement.args[0])]
             return self._modules[statement.target](joined)
         return self._functions[statement.target](*tensors, *statement.args, **dict(statement.kwargs))
 

@@ -7,16 +7,36 @@ builder reads it). An op that is not in this file raises UnsupportedOpError nami
 Kinds:
     input       the network input (shared by every group)
     output      the model's result (one tensor: the task's head)
-    conv        nn.Conv2d with groups == 1: a new channel space; MACs = out * in * kh * kw * H_out * W_out
+    conv        nn.Conv2d with groups == 1: a new channel space; MACs = out * in * kh * kw * H_out * W_out. A grouped
+                conv (groups g > 1, not depthwise) too: each unit reads only the input channels of its block
+                (passes/rules.py `blocks`); MACs = out * in / g * kh * kw * H_out * W_out
     depthwise   nn.Conv2d with groups == in == out channels: keeps its input's channel space; MACs = C * kh * kw * H * W
     linear      nn.Linear on a [batch, features] tensor: a new channel space; MACs = out * in
     batchnorm   nn.BatchNorm1d/2d: per-channel parameters, keeps the channel space
-    channelwise an op applied to each channel on its own (activations, pooling, dropout): keeps the channel space
-    flatten     [B, C, H, W] -> [B, C*H*W]: each channel owns its block of H*W features
+    prelu       nn.PReLU: per-channel slopes (one shared slope becomes one per channel, equal at the start), keeps
+                the channel space
+    channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
+                LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
+                torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
+                F.dropout/dropout2d with training=self.training), nn.Identity, x.contiguous(), -x, and +, -, *, /, **
+                with a Python scalar (x * 0.5 + 1, 3 - x, x / 6, x ** 2); never with a tensor operand
+    flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
+                x.size() or constants): each channel owns its block of H*W features. A reshape between [B, C] and
+                [B, C, 1, 1] (flatten, view, reshape, unsqueeze, y[:, :, None, None]) keeps the channel space
     mean        a mean over spatial dims: keeps the channel space
     add         residual add: both operands share one channel space
+    mul         x * gate of two tensors (a squeeze-excitation gate, [B, C, 1, 1] or [B, C, H, W]): both operands share
+                one channel space, like a residual add; the gate's layer then makes units of that space
+    expand_as   gate.expand_as(x) (before x * gate): both share one channel space, like mul
     cat         torch.cat on dim 1: the operands' channels side by side
-    shape       x.size(...) / x.shape: only feeds the arguments of a flatten, which pamfx rewrites
+    softmax     softmax / log_softmax (functions, methods, nn.Softmax / nn.LogSoftmax) over the classes (dim 1) of a
+                task's head output: mixes that head's units only, so it is allowed in an output space
+                (channel_spaces refuses it anywhere else)
+    split       x.chunk(n, dim=1), torch.split(x, sizes, dim=1): a tuple of channel pieces, read by getitem
+    select      one piece of a split, or x[:, a:b]: picks channels of each model (find_channel_spaces routes them)
+    transpose   x.transpose(1, 2) inside a channel shuffle (view to [B, g, C/g, H, W], transpose(1, 2),
+                optional contiguous(), view back to [B, C, H, W]); find_channel_spaces refuses it anywhere else
+    shape       x.size(...), x.shape, x.shape[0] and arithmetic on sizes: only feeds the arguments of a flatten
 """
 import operator
 
@@ -25,10 +45,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import UnsupportedOpError
+from .ir import MODULES, OP
 
 # Stateless modules that act on each channel on its own; kept as modules (they carry their settings in repr).
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Mish,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
 )
 
@@ -43,6 +65,13 @@ CHANNELWISE_FUNCTIONS = {
     F.gelu: "torch.nn.functional.gelu",
     F.silu: "torch.nn.functional.silu",
     F.hardswish: "torch.nn.functional.hardswish",
+    F.hardsigmoid: "torch.nn.functional.hardsigmoid",
+    F.hardtanh: "torch.nn.functional.hardtanh",
+    F.softplus: "torch.nn.functional.softplus",
+    F.mish: "torch.nn.functional.mish",
+    torch.clamp: "torch.clamp",
+    operator.neg: "torch.neg",
+    torch.neg: "torch.neg",
     torch.sigmoid: "torch.sigmoid",
     torch.tanh: "torch.tanh",
     F.max_pool2d: "torch.nn.functional.max_pool2d",
@@ -50,11 +79,37 @@ CHANNELWISE_FUNCTIONS = {
     F.adaptive_avg_pool2d: "torch.nn.functional.adaptive_avg_pool2d",
     F.adaptive_max_pool2d: "torch.nn.functional.adaptive_max_pool2d",
 }
-CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh"}
+CHANNELWISE_METHODS = {"relu": "torch.relu", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "clamp": "torch.clamp",
+                       "neg": "torch.neg", "contiguous": "torch.Tensor.contiguous"}
 
-FLATTEN_FUNCTIONS = {torch.flatten}
-FLATTEN_METHODS = {"view", "reshape", "flatten"}
-ADD_FUNCTIONS = {operator.add, torch.add}
+# NOTE: fx bakes `training=self.training` into the graph as a constant (False: models are traced in eval mode),
+# so the merged network runs a functional dropout as the module that does the same, which follows train/eval mode
+# during fine-tuning. A dropout whose training is True even in eval mode (F.dropout's default) is refused.
+DROPOUT_FUNCTIONS = {F.dropout: nn.Dropout, F.dropout2d: nn.Dropout2d}
+
+# Arithmetic that is per-channel when its other operand is a Python scalar, by the torch function computing
+# `tensor <op> scalar`; `scalar <op> tensor` is computed by REVERSED[that function] with the tensor first.
+SCALAR_FUNCTIONS = {
+    operator.add: "torch.add", torch.add: "torch.add",
+    operator.sub: "torch.sub", torch.sub: "torch.sub",
+    operator.mul: "torch.mul", torch.mul: "torch.mul",
+    operator.truediv: "torch.div", torch.div: "torch.div",
+    operator.pow: "torch.pow", torch.pow: "torch.pow",
+}
+SCALAR_METHODS = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div", "pow": "torch.pow"}
+REVERSED = {"torch.add": "torch.add", "torch.mul": "torch.mul", "torch.sub": "torch.rsub"}
+
+SOFTMAX_FUNCTIONS = {torch.softmax: "torch.softmax", F.softmax: "torch.softmax",
+                     torch.log_softmax: "torch.log_softmax", F.log_softmax: "torch.log_softmax"}
+SOFTMAX_METHODS = {"softmax": "torch.softmax", "log_softmax": "torch.log_softmax"}
+
+SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+SPLIT_METHODS = {"chunk", "split"}
+# Arithmetic on sizes (x.size(1) // groups) is followed like the sizes themselves.
+SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod}
+
+FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.unsqueeze}
+FLATTEN_METHODS = {"view", "reshape", "flatten", "unsqueeze"}
 MEAN_FUNCTIONS = {torch.mean}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
@@ -67,34 +122,221 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return "output"
     if node.op == "call_module":
         return _classify_module(node, modules[node.target])
+    if _is_size_arithmetic(node):
+        return "shape"   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
+    if _is_arithmetic(node):
+        return _classify_arithmetic(node)
     if node.op == "call_function":
-        if node.target in CHANNELWISE_FUNCTIONS:
-            return "channelwise"
+        if node.target in CHANNELWISE_FUNCTIONS or node.target in DROPOUT_FUNCTIONS:
+            return _checked_channelwise(node)
         if node.target in FLATTEN_FUNCTIONS:
             return "flatten"
-        if node.target in ADD_FUNCTIONS:
-            return "add"
+        if node.target in SOFTMAX_FUNCTIONS:
+            return _checked_softmax(node)
         if node.target in MEAN_FUNCTIONS:
             return "mean"
         if node.target in CAT_FUNCTIONS:
             return "cat"
+        if node.target in SPLIT_FUNCTIONS:
+            return "split"
+        if node.target is torch.transpose:
+            return "transpose"
         if node.target is getattr and node.args[1] == "shape":
             return "shape"
+        if node.target is operator.getitem:
+            return _classify_getitem(node)
     if node.op == "call_method":
         if node.target in CHANNELWISE_METHODS:
-            return "channelwise"
+            return _checked_channelwise(node)
         if node.target in FLATTEN_METHODS:
             return "flatten"
-        if node.target == "add":
-            return "add"
+        if node.target in SOFTMAX_METHODS:
+            return _checked_softmax(node)
         if node.target == "mean":
             return "mean"
         if node.target == "size":
             return "shape"
+        if node.target == "expand_as":
+            return "expand_as"
+        if node.target in SPLIT_METHODS:
+            return "split"
+        if node.target == "transpose":
+            return "transpose"
     raise UnsupportedOpError(
         f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
-        "supported: Conv2d, Linear, BatchNorm, per-channel activations/pooling/dropout, flatten/view, "
-        "spatial mean, residual add and torch.cat on channels")
+        f"supported: {SUPPORTED}")
+
+
+SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, PReLU, per-channel activations, clamp, pooling and "
+             "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
+             "mean, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, split, x[:, a:b] "
+             "and channel shuffle on channels, and softmax/log_softmax over a head's classes")
+
+
+def _classify_getitem(node: fx.Node) -> str:
+    """x.shape[0], x.size()[2:]: a size, followed like x.size(0); indexing a tensor is refused."""
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source.meta.get(OP) == "shape":
+        return "shape"
+    index = node.args[1]
+    if isinstance(source, fx.Node) and source.meta.get(OP) == "split" and isinstance(index, int):
+        return "select"
+    if isinstance(source, fx.Node) and channel_slice(node) is not None:
+        return "select"
+    if isinstance(source, fx.Node) and isinstance(index, tuple) and len(index) > 2 and \
+            all(i == slice(None) for i in index[:2]) and all(i is None for i in index[2:]):
+        return "flatten"   # y[:, :, None, None]: a reshape that channel_spaces checks keeps the channels
+    what = f"'{source.name}'" if isinstance(source, fx.Node) else repr(source)
+    raise UnsupportedOpError(
+        f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes (x.shape[0], "
+        "x.size()[0]), channel slices (x[:, a:b]), pieces of x.chunk / torch.split on channels and "
+        "y[:, :, None, None]; other indexing of a tensor, or picking from a module's tuple output, has no channel rule")
+
+
+def channel_slice(node: fx.Node) -> slice | None:
+    """The slice of x[:, a:b] (also x[:, a:b, :, :]) on channels; None for any other index."""
+    index = node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
+    if not isinstance(index, tuple) or len(index) < 2 or index[0] != slice(None) or not isinstance(index[1], slice):
+        return None
+    if any(i != slice(None) for i in index[2:]) or any(isinstance(v, fx.Node) for v in
+                                                        (index[1].start, index[1].stop, index[1].step)):
+        return None
+    return index[1]
+
+
+def check_split(node: fx.Node) -> None:
+    """Raises UnsupportedOpError unless the chunk / split node cuts along dim 1 (channels)."""
+    dim = _argument(node, 2, "dim", 0)
+    if dim != 1:
+        raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)}) splits along dim {dim}; pamfx follows "
+                                 "splits on channels (dim=1) only")
+
+
+def split_pieces(node: fx.Node, channels: int) -> list[list[int]]:
+    """The channels 0..channels-1 of a split node's input cut into its pieces, as the model cuts them; raises
+    UnsupportedOpError unless the split is along dim 1."""
+    check_split(node)
+    how = _argument(node, 1, "chunks", None) if _target_name(node) == "chunk" else \
+        _argument(node, 1, "split_size_or_sections", node.kwargs.get("split_size"))
+    indices = torch.arange(channels)
+    pieces = indices.chunk(how) if _target_name(node) == "chunk" else indices.split(how)
+    return [piece.tolist() for piece in pieces]
+
+
+def _is_size_arithmetic(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in SIZE_ARITHMETIC:
+        tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
+        return bool(tensors) and all(arg.meta.get(OP) == "shape" for arg in tensors)
+    return False
+
+
+def _is_arithmetic(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in SCALAR_FUNCTIONS)
+            or (node.op == "call_method" and node.target in SCALAR_METHODS))
+
+
+def _classify_arithmetic(node: fx.Node) -> str:
+    """`tensor <op> scalar` is per-channel, `tensor + tensor` a residual add; anything else is refused."""
+    operands = arithmetic_operands(node)
+    tensors = [arg for arg in operands if isinstance(arg, fx.Node)]
+    target = _arithmetic_target(node)
+    if len(tensors) == 1 and all(isinstance(arg, (int, float)) for arg in operands if arg is not tensors[0]):
+        if operands[0] is not tensors[0] and target not in REVERSED:
+            raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)} of {operands[0]!r}, "
+                                     f"'{tensors[0].name}') takes the tensor as its second operand; pamfx supports "
+                                     "x / scalar and x ** scalar only")
+        _check_constant_arguments(node, skip=operands)
+        return "channelwise"
+    if len(tensors) == 2 and target == "torch.add":
+        return "add"
+    if len(tensors) == 2 and target == "torch.mul":
+        return "mul"
+    others = ", ".join(f"'{arg.name}'" if isinstance(arg, fx.Node) else repr(arg) for arg in operands)
+    raise UnsupportedOpError(
+        f"node '{node.name}' ({_target_name(node)} of {others}) needs a Python scalar as its other operand: pamfx "
+        "supports +, -, *, / of a tensor and a scalar (each channel on its own), and + and * of two tensors of one "
+        "channel space (a residual add, a squeeze-excitation gate)")
+
+
+def arithmetic_operands(node: fx.Node) -> list:
+    """The two operands of +, -, *, /, whether given by position or as other=."""
+    return list(node.args[:2]) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
+
+
+def _arithmetic_target(node: fx.Node) -> str:
+    return SCALAR_FUNCTIONS[node.target] if node.op == "call_function" else SCALAR_METHODS[node.target]
+
+
+def _checked_channelwise(node: fx.Node) -> str:
+    _check_constant_arguments(node, skip=node.args[:1])
+    if node.target in DROPOUT_FUNCTIONS and _argument(node, 2, "training", True):
+        raise UnsupportedOpError(
+            f"node '{node.name}' calls {_target_name(node)} with training=True even in eval mode (its default); "
+            f"pass training=self.training, or use nn.{DROPOUT_FUNCTIONS[node.target].__name__} in __init__")
+    return "channelwise"
+
+
+def _checked_softmax(node: fx.Node) -> str:
+    _check_constant_arguments(node, skip=node.args[:1])
+    if softmax_dim(node) is None:
+        raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)}) has no dim; pass dim=1 (the classes)")
+    return "softmax"
+
+
+def softmax_dim(node: fx.Node):
+    """The dim a softmax node normalises over, as written (None if not given)."""
+    if node.op == "call_module":
+        return node.meta[MODULES][0].dim
+    return _argument(node, 1, "dim", None)
+
+
+def softmax_call(node: fx.Node) -> tuple[str, dict]:
+    """How the task-gated network computes a softmax node on one task's head: (dotted function, keyword arguments
+    besides dim)."""
+    table = SOFTMAX_METHODS if node.op == "call_method" else SOFTMAX_FUNCTIONS
+    dtype = _argument(node, 3 if node.op == "call_function" and node.target in (F.softmax, F.log_softmax) else 2,
+                      "dtype", None)
+    return table[node.target], ({} if dtype is None else {"dtype": dtype})
+
+
+def _check_constant_arguments(node: fx.Node, skip) -> None:
+    """A per-channel op reads one tensor; every other argument must be a constant."""
+    for value in list(node.args) + list(node.kwargs.values()):
+        if isinstance(value, fx.Node) and not any(value is s for s in skip):
+            if value.meta.get(OP) == "shape":
+                raise UnsupportedOpError(
+                    f"node '{node.name}' ({_target_name(node)}) takes a size read off a tensor ('{value.name}') as "
+                    "an argument; pamfx needs a constant there: write the number (e.g. the pool's kernel size), or "
+                    "use an adaptive pool")
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({_target_name(node)}) takes the tensor '{value.name}' as a further argument; "
+                "pamfx supports per-channel ops whose other arguments are Python scalars")
+
+
+def _argument(node: fx.Node, position: int, name: str, default):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def channelwise_call(node: fx.Node) -> tuple[str, tuple, dict]:
+    """How the task-gated network computes a per-channel function or method node on each group's slice:
+    (dotted torch function, constant arguments after the tensor, keyword arguments)."""
+    if _is_arithmetic(node):
+        target = _arithmetic_target(node)
+        first, second = arithmetic_operands(node)
+        kwargs = {key: value for key, value in node.kwargs.items() if key != "other"}   # alpha, rounding_mode
+        if isinstance(first, fx.Node):
+            return target, (second,), kwargs
+        return REVERSED[target], (first,), kwargs
+    table = CHANNELWISE_METHODS if node.op == "call_method" else CHANNELWISE_FUNCTIONS
+    kwargs = {key: value for key, value in node.kwargs.items() if key != "inplace"}   # each slice is a fresh tensor
+    return table[node.target], tuple(node.args[1:]), kwargs
+
+
+def dropout_module(node: fx.Node) -> nn.Module | None:
+    """The module that a functional dropout node runs as in the merged network (None: not a dropout function)."""
+    if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
+        return None
+    return DROPOUT_FUNCTIONS[node.target](_argument(node, 1, "p", 0.5))
 
 
 def _classify_module(node: fx.Node, module: nn.Module) -> str:
@@ -103,9 +345,7 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
             return "conv"
         if module.groups == module.in_channels == module.out_channels:
             return "depthwise"
-        raise UnsupportedOpError(
-            f"node '{node.name}': {module!r} is a grouped convolution; pamfx supports groups=1 and depthwise "
-            "(groups == in_channels == out_channels) only")
+        return "conv"   # grouped: passes/rules.py `blocks` says which inputs each unit reads
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -118,6 +358,12 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
         return "channelwise"
     if isinstance(module, nn.Flatten):
         return "flatten"
+    if isinstance(module, nn.PReLU):
+        return "prelu"
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        if module.dim is None:
+            raise UnsupportedOpError(f"node '{node.name}': {module!r} has no dim; pass dim=1 (the classes)")
+        return "softmax"
     raise UnsupportedOpError(
         f"node '{node.name}' calls {type(module).__name__}, a module pamfx has no channel rule for: {module!r}")
 
@@ -131,13 +377,15 @@ def signature(node: fx.Node, module: nn.Module | None) -> tuple:
     if module is None:
         return (node.op, node.target)
     if isinstance(module, nn.Conv2d):
-        depthwise = module.groups != 1
+        depthwise = module.groups == module.in_channels == module.out_channels != 1
         return (type(module), module.kernel_size, module.stride, module.padding, module.dilation,
-                module.padding_mode, depthwise, module.bias is not None)
+                module.padding_mode, "depthwise" if depthwise else module.groups, module.bias is not None)
     if isinstance(module, nn.Linear):
         return (type(module), module.bias is not None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return (type(module), module.eps, module.momentum)
+    if isinstance(module, nn.PReLU):
+        return (type(module), module.num_parameters == 1)
     return (type(module), repr(module))
 
 

@@ -6,10 +6,11 @@ kernel/stride/padding/groups: only channel widths (and the heads' output counts)
     aligned = align(trace(models, example))
     node.meta["pamfx.modules"]   # (conv1 of model 0, conv1 of model 1, ...)
 """
+import torch
 from torch import fx
 
 from pamfx import ops
-from pamfx.errors import AlignmentError
+from pamfx.errors import AlignmentError, UnsupportedOpError
 from pamfx.ir import MODULES, OP, SHAPES, AlignedGraph
 
 
@@ -17,11 +18,13 @@ def align(traced: dict[str, fx.GraphModule]) -> AlignedGraph:
     """Checks that all traced models share one topology and annotates the first model's graph.
 
     Raises AlignmentError naming both models and the node where they differ, UnsupportedOpError for an op
-    pamfx does not understand.
+    pamfx does not understand or a module with weights called at more than one place.
     """
     tasks = tuple(traced)
     graphs = [list(traced[t].graph.nodes) for t in tasks]
     modules = [dict(traced[t].named_modules()) for t in tasks]
+    for task, nodes, named in zip(tasks, graphs, modules):
+        _check_called_once(task, nodes, named)
     first = tasks[0]
     for other, nodes in zip(tasks[1:], graphs[1:]):
         _check_same_topology(first, graphs[0], modules[0], other, nodes, modules[tasks.index(other)])
@@ -32,6 +35,25 @@ def align(traced: dict[str, fx.GraphModule]) -> AlignedGraph:
             node.meta[MODULES] = tuple(mods[peer.target] for mods, peer in zip(modules, peers))
         node.meta[SHAPES] = tuple(_shape(peer) for peer in peers)
     return AlignedGraph(tasks=tasks, graph=traced[first].graph, modules=tuple(traced[t] for t in tasks))
+
+
+def _check_called_once(task: str, nodes: list[fx.Node], modules: dict) -> None:
+    """A module with parameters or buffers called at two places shares its weights between them; the task-gated
+    network builds one module per node, which would untie them silently. Stateless modules (ReLU, pooling) may
+    be called anywhere."""
+    callers: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            callers.setdefault(node.target, []).append(node.name)
+    for target, names in callers.items():
+        module = modules[target]
+        if len(names) > 1 and (any(True for _ in module.parameters()) or any(True for _ in module.buffers())):
+            quoted = [f"'{name}'" for name in names]
+            places = ", ".join(quoted[:-1]) + " and " + quoted[-1]
+            raise UnsupportedOpError(
+                f"model '{task}' calls module '{target}' ({module!r}) at {len(names)} nodes, {places}: its weights "
+                "are shared between those calls, and pamfx would untie them into separate copies. Fix: declare one "
+                "module per call in __init__ (tied weights are not supported)")
 
 
 def _shape(node: fx.Node):
@@ -67,7 +89,8 @@ def _wiring(node: fx.Node, index: dict) -> tuple:
 
 def _sizes_may_differ(node: fx.Node) -> bool:
     """view/reshape name the flattened width as a constant, which differs with the channel widths."""
-    return node.op == "call_method" and node.target in ("view", "reshape")
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or \
+        (node.op == "call_function" and node.target is torch.reshape)
 
 
 def _constants(node: fx.Node) -> tuple:

@@ -1,7 +1,8 @@
 """find_channel_spaces(aligned) -> {name: ChannelSpace}: which tensors share a channel dimension.
 
 Each conv/linear output starts a space; BatchNorm, per-channel ops, spatial means and depthwise convs keep their
-input's space; a residual add joins both operands' spaces into one. Flatten and cat do not start spaces: their
+input's space, and so do a reshape between [B, C, 1, 1] and [B, C] and a softmax over a head's classes; a residual
+add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their
 channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
 
 Writes node.meta["pamfx.space"] on every node that holds exactly one space and node.meta["pamfx.features"]
@@ -15,11 +16,15 @@ import math
 
 from torch import fx
 
+from pamfx import ops
 from pamfx.errors import UnsupportedOpError
-from pamfx.ir import FEATURES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
+from pamfx.ir import FEATURES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 
-# op kinds whose output is in the same space as their (first) input
-KEEPS_SPACE = ("batchnorm", "channelwise", "mean", "depthwise")
+# op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
+KEEPS_SPACE = ("batchnorm", "prelu", "channelwise", "mean", "depthwise", "softmax")
+# op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
+# how an error message says what the node does with an operand)
+JOINS = {"add": "adds", "mul": "multiplies by", "expand_as": "is expanded as"}
 
 
 def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
@@ -62,14 +67,18 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
         if kind in ("input", "conv", "linear"):
             parent[node] = node
         elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
+            if kind == "softmax":
+                _check_softmax_dim(node)
             parent[node] = find(tensor_inputs[0])
-        elif kind == "add":
+        elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
+            parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
+        elif kind in JOINS:
             operands = tensor_inputs
             for operand in operands:
                 if operand not in parent:
                     raise UnsupportedOpError(
-                        f"node '{node.name}' adds '{operand.name}', which holds flattened or concatenated "
-                        "features; pamfx supports residual adds of plain channel tensors")
+                        f"node '{node.name}' {JOINS[kind]} '{operand.name}', which holds flattened or concatenated "
+                        "features; pamfx supports residual adds and gates of plain channel tensors")
             parent[node] = find(operands[0])
             for operand in operands[1:]:
                 parent[find(operand)] = parent[node]
@@ -88,9 +97,17 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
         kind = "input" if first.meta[OP] == "input" else "hidden"
         if any(node in heads for node in group):
             kind = "output"
-        if kind == "input" and len(group) > 1 and any(n.meta[OP] == "add" for n in group):
-            raise UnsupportedOpError(f"node '{group[-1].name}' adds the network input to a hidden tensor; "
-                                     "pamfx needs the input to stay shared by all tasks")
+        mixing = [n for n in group if n.meta[OP] == "softmax"]
+        if mixing and kind != "output":
+            raise UnsupportedOpError(
+                f"node '{mixing[0].name}' takes a softmax over the channels of '{group[0].name}', which is not a "
+                "task's output: it would mix units of different groups; pamfx supports softmax / log_softmax only "
+                "over a head's classes, after the last layer")
+        joins = [n for n in group if n.meta[OP] in JOINS]
+        if kind == "input" and len(group) > 1 and joins:
+            verb = "adds the network input to" if joins[0].meta[OP] == "add" else "multiplies the network input by"
+            raise UnsupportedOpError(f"node '{joins[0].name}' {verb} a hidden tensor; pamfx needs the input to stay "
+                                     "shared by all tasks")
         widths = _widths(group)
         units = tuple(Unit(None if kind == "input" else m, c) for m, width in enumerate(widths) for c in range(width))
         name = "input" if kind == "input" else group[0].name
@@ -104,8 +121,11 @@ def _widths(group: list[fx.Node]) -> list[int]:
     for node in group:
         got = [shape[1] for shape in node.meta[SHAPES]]
         if got != widths:
+            joins = [n.name for n in group if n.meta[OP] in JOINS]
+            joined = (f" (the space is joined at {', '.join(repr(j) for j in joins)}, whose operands need the same "
+                      "channels: broadcasting over channels is not supported)") if joins else ""
             raise UnsupportedOpError(f"node '{node.name}' has {got} channels per model where its channel space "
-                                     f"'{first.name}' has {widths}")
+                                     f"'{first.name}' has {widths}{joined}")
     if first.meta[OP] == "input":
         return widths[:1]   # one shared input
     return widths
@@ -115,11 +135,22 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
     kind = node.meta[OP]
     if SPACE in node.meta:
         return tuple(Feature(node.meta[SPACE], i) for i in range(len(spaces[node.meta[SPACE]].units)))
-    if kind in ("shape", "output"):
-        return None
+    if kind == "split":
+        ops.check_split(node)
+        return None   # a tuple: its pieces (select nodes) carry the channels
+    if kind in ("shape", "output") or _inside_shuffle(node):
+        return None   # a shuffle is followed where it ends
+    if kind == "select" or (kind == "flatten" and _shuffle_source(node) is not None):
+        return _routed(node, spaces)
     inputs = [arg.meta[FEATURES] for arg in node.all_input_nodes if FEATURES in arg.meta]
-    if kind in ("channelwise", "batchnorm", "depthwise"):
-        return inputs[0]   # per-feature ops on flattened or concatenated features
+    if not inputs:
+        source = node.all_input_nodes[0]
+        why = ("it is the tuple of a split; pamfx follows its pieces (x1, x2 = x.chunk(2, dim=1))"
+               if source.meta[OP] == "split" else "a transpose or 5-D view is followed only inside a channel shuffle")
+        raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
+                                 f"follow: {why}")
+    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean"):
+        return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == "flatten":
         return _flattened(node, inputs[0])
     if kind == "cat":
@@ -129,6 +160,106 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
         return tuple(feature for features in inputs for feature in features)
     raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads flattened or concatenated features, "
                              "which pamfx cannot follow there")
+
+
+def _routed(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, ...]:
+    """The channels a select or a channel shuffle picks from its source, model by model (each model's channels in
+    that model's order: a model's tensor is its own channels of the merged one). Writes node.meta[ROUTE]."""
+    if node.meta[OP] == "select":
+        picked = node.args[0]
+        source = picked.args[0] if picked.meta[OP] == "split" else picked
+    else:
+        source = _shuffle_source(node)
+    features = source.meta.get(FEATURES)
+    if features is None:
+        raise UnsupportedOpError(f"node '{node.name}' picks channels of '{source.name}', whose channels pamfx cannot "
+                                 "follow")
+    owners = [spaces[f.space].units[f.unit].model for f in features]
+    if None in owners:
+        raise UnsupportedOpError(f"node '{node.name}' picks channels of the network input; pamfx needs the input to "
+                                 "reach the first conv or linear whole")
+    routed = []
+    for model, shape in enumerate(node.meta[SHAPES]):
+        own = [i for i, owner in enumerate(owners) if owner == model]
+        order = _picked_channels(node, source, model, len(own))
+        if len(order) != shape[1]:
+            raise UnsupportedOpError(f"node '{node.name}' gives model {model} {shape[1]} channels where pamfx counts "
+                                     f"{len(order)}")
+        routed += [features[own[channel]] for channel in order]
+    node.meta[ROUTE] = source.name
+    return tuple(routed)
+
+
+def _picked_channels(node: fx.Node, source: fx.Node, model: int, channels: int) -> list[int]:
+    """Which of a model's `channels` source channels `node` holds, in order."""
+    if node.meta[OP] == "flatten":   # the end of a channel shuffle into `groups` groups
+        groups = _shuffle_start(node).meta[SHAPES][model][1]
+        per_group = channels // groups
+        return [group * per_group + i for i in range(per_group) for group in range(groups)]
+    picked = node.args[0]
+    if picked.meta[OP] == "split":
+        return ops.split_pieces(picked, channels)[node.args[1]]
+    return list(range(channels))[ops.channel_slice(node)]
+
+
+def _shuffle_start(node: fx.Node) -> fx.Node | None:
+    """For the view that ends a channel shuffle, the view that starts it: x.view(b, g, c // g, h, w), transpose(1, 2),
+    optional contiguous(), view(b, c, h, w) (reshape or flatten(1, 2) alike)."""
+    inner = node.all_input_nodes[0] if node.all_input_nodes else None
+    if inner is not None and inner.op == "call_method" and inner.target == "contiguous":
+        inner = inner.all_input_nodes[0]
+    if inner is None or inner.meta[OP] != "transpose" or not _swaps_1_and_2(inner):
+        return None
+    start = inner.all_input_nodes[0]
+    return start if _splits_channels(start) else None
+
+
+def _shuffle_source(node: fx.Node) -> fx.Node | None:
+    """The 4-D tensor a channel shuffle ending at `node` reorders (None if `node` does not end one)."""
+    start = _shuffle_start(node)
+    if start is None:
+        return None
+    source = start.all_input_nodes[0]
+    if [tuple(s) for s in node.meta[SHAPES]] != [tuple(s) for s in source.meta[SHAPES]]:
+        raise UnsupportedOpError(f"node '{node.name}' ends a channel shuffle with shape {tuple(node.meta[SHAPES][0])}; "
+                                 f"pamfx needs the shape it started from, {tuple(source.meta[SHAPES][0])}")
+    return source
+
+
+def _inside_shuffle(node: fx.Node) -> bool:
+    """The 5-D view, the transpose and the contiguous() in the middle of a channel shuffle: no channel dim."""
+    if node.meta[OP] == "transpose":
+        if not (_swaps_1_and_2(node) and _splits_channels(node.all_input_nodes[0])):
+            raise UnsupportedOpError(f"node '{node.name}' transposes dims {tuple(node.args[1:])}; pamfx follows a "
+                                     "transpose only inside a channel shuffle (view to [B, g, C/g, H, W], "
+                                     "transpose(1, 2), view back)")
+        return True
+    if node.op == "call_method" and node.target == "contiguous":
+        source = node.all_input_nodes[0]
+        return source.meta[OP] == "transpose" and _inside_shuffle(source)
+    return node.meta[OP] == "flatten" and _splits_channels(node)
+
+
+def _splits_channels(node: fx.Node) -> bool:
+    """A view of [B, C, H, W] as [B, g, C/g, H, W] in every model."""
+    if node.meta[OP] != "flatten" or not node.all_input_nodes:
+        return False
+    source = node.all_input_nodes[0]
+    return all(len(into) == 4 and len(out) == 5 and out[0] == into[0] and out[1] * out[2] == into[1]
+               and out[3:] == into[2:] for into, out in zip(source.meta[SHAPES], node.meta[SHAPES]))
+
+
+def _swaps_1_and_2(node: fx.Node) -> bool:
+    dims = tuple(node.args[1:3]) if len(node.args) >= 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
+    rank = len(node.meta[SHAPES][0])
+    return sorted(d % rank for d in dims if isinstance(d, int)) == [1, 2]
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A reshape between [B, C] and [B, C, 1, 1] (after global pooling, or before a gate) in every model."""
+    source = node.all_input_nodes[0]
+    return all(len(out) >= 2 and out[:2] == into[:2] and math.prod(into[2:]) == 1 == math.prod(out[2:])
+               for into, out in zip(source.meta[SHAPES], node.meta[SHAPES]))
 
 
 def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
@@ -143,6 +274,14 @@ def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, .
     if any(feature.position for feature in features):
         raise UnsupportedOpError(f"node '{node.name}' flattens features that were already flattened")
     return tuple(Feature(f.space, f.unit, p) for f in features for p in range(block))
+
+
+def _check_softmax_dim(node: fx.Node) -> None:
+    rank = len(node.meta[SHAPES][0])
+    dim = ops.softmax_dim(node)
+    if dim % rank != 1:
+        raise UnsupportedOpError(f"node '{node.name}' takes a softmax over dim {dim} of a tensor of rank {rank}; "
+                                 "pamfx supports softmax over the classes (dim=1, or dim=-1 of [batch, classes])")
 
 
 def _cat_dim(node: fx.Node) -> int:

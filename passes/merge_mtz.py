@@ -19,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
-from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
+from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.passes.activations import calibration_indices
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.merge_none import merge_none
-from pamfx.passes.rules import may_read
+from pamfx.passes.rules import blocks, may_read
 from pamfx.passes.stack import stack_weights
 
 
@@ -84,7 +84,11 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
     if (name, model) in zipped:
         units = zipped[(name, model)]
     else:
-        base = [u for u, g in enumerate(groups[name]) if g == base_group]
+        # NOTE: in a grouped conv a unit reads only its block; a survivor must have something of the zipped tasks
+        # there to read (rule 2), or it could not be computed.
+        row_blocks, column_blocks = blocks(node, spaces)
+        served = {column_blocks[f] for f in readable}
+        base = [u for u, g in enumerate(groups[name]) if g == base_group and row_blocks[u] in served]
         incoming = [u for u, g in enumerate(groups[name]) if g == incoming_group]
         units = []
         count = int(degree * min(len(base), len(incoming)))
@@ -92,7 +96,8 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
             joint, _ = _compensation(inputs, readable, base_group, tasks[model])
             a = _rows(weights[node.name]["weight"], base, readable)   # [base, readable, kernel positions]
             b = _rows(weights[node.name]["weight"], incoming, readable)
-            units = [(base[i], incoming[j]) for i, j in _cheapest_pairs(a, b, joint, count)]
+            allowed = _same_blocks(aligned, spaces, node, base, incoming)
+            units = [(base[i], incoming[j]) for i, j in _cheapest_pairs(a, b, joint, count, allowed)]
         zipped[(name, model)] = units
         share = len(base_group) / (len(base_group) + 1)
         for unit, partner in units:
@@ -136,8 +141,32 @@ def _merge_rows(stacked, units, readable, joint, move, share) -> None:
             stacked["bias"][unit] -= share * (stacked["bias"][unit] - stacked["bias"][partner])
 
 
-def _cheapest_pairs(a: torch.Tensor, b: torch.Tensor, joint: torch.Tensor, count: int) -> list[tuple[int, int]]:
-    """Greedy pairs by increasing cost 1/2 sum_k (a_ik - b_jk)^T joint (a_ik - b_jk), each unit used once."""
+def _same_blocks(aligned, spaces, node, base: list[int], incoming: list[int]) -> torch.Tensor:
+    """[base, incoming] True where two units may be zipped: in the same block of every grouped conv that makes or
+    reads their space (rules.blocks), so that the survivor stands where the partner stood."""
+    name = node.meta[SPACE]
+    allowed = torch.ones(len(base), len(incoming), dtype=torch.bool)
+    for layer in aligned.nodes_of_kind("conv"):
+        if layer.meta[MODULES][0].groups == 1:
+            continue
+        rows, columns = blocks(layer, spaces)
+        if layer.meta[SPACE] == name:
+            block = dict(enumerate(rows))
+        else:
+            block = {}
+            for feature, column in zip(layer.all_input_nodes[0].meta[FEATURES], columns):
+                if feature.space == name:
+                    block.setdefault(feature.unit, column)
+        of_base = torch.tensor([block.get(u, -1) for u in base])
+        of_incoming = torch.tensor([block.get(v, -1) for v in incoming])
+        allowed &= of_base[:, None] == of_incoming[None, :]
+    return allowed
+
+
+def _cheapest_pairs(a: torch.Tensor, b: torch.Tensor, joint: torch.Tensor, count: int,
+                    allowed: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """Greedy pairs by increasing cost 1/2 sum_k (a_ik - b_jk)^T joint (a_ik - b_jk), each unit used once, among the
+    `allowed` pairs (all if None)."""
     a_joint = torch.einsum("prk,rs->psk", a, joint)
     aa = torch.einsum("psk,psk->p", a_joint, a)
     bb = torch.einsum("qrk,rs,qsk->q", b, joint, b)
@@ -145,6 +174,8 @@ def _cheapest_pairs(a: torch.Tensor, b: torch.Tensor, joint: torch.Tensor, count
     used_a, used_b, pairs = set(), set(), []
     for flat in torch.argsort(cost.flatten()).tolist():
         i, j = divmod(flat, cost.shape[1])
+        if allowed is not None and not allowed[i, j]:
+            continue
         if i not in used_a and j not in used_b:
             used_a.add(i)
             used_b.add(j)
@@ -159,7 +190,7 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
     `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
-        if kind not in ("conv", "linear", "batchnorm", "depthwise") or node.name not in weights:
+        if kind not in ("conv", "linear", "batchnorm", "prelu", "depthwise") or node.name not in weights:
             continue
         columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
         if not columns:
@@ -175,14 +206,18 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
 
 
 def _matching_columns(features, space, units) -> list[tuple[int, int]]:
-    """(survivor column, partner column) for every feature of a partner in `space`, position by position."""
+    """(survivor column, partner column) for every feature of a partner in `space`, position by position.
+
+    NOTE: a tensor that picks channels model by model (a chunk, x[:, a:b], a channel shuffle) may hold a partner
+    but not its survivor; its consumers then lose the partner's input (the partner is dropped), and fine-tuning
+    recovers."""
     columns_of: dict[int, dict[int, int]] = {}   # unit -> position -> column
     for column, feature in enumerate(features):
         if feature.space == space:
             columns_of.setdefault(feature.unit, {})[feature.position] = column
     return [(columns_of[unit][position], column)
             for unit, partner in units if partner in columns_of
-            for position, column in columns_of[partner].items()]
+            for position, column in columns_of[partner].items() if position in columns_of.get(unit, {})]
 
 
 def _layer_inputs(tuned, node, calibration: dict) -> dict[str, torch.Tensor]:

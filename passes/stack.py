@@ -17,9 +17,10 @@ BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dict[str, dict[str, torch.Tensor]]:
-    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear and BatchNorm node."""
+    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm and PReLU
+    node."""
     stacked = {}
-    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm"):
+    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu"):
         source = node.all_input_nodes[0]
         features = source.meta[FEATURES]
         owners = [spaces[f.space].units[f.unit].model for f in features]
@@ -31,7 +32,7 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
             if None in owners:
                 raise UnsupportedOpError(f"node '{node.name}' has per-model parameters on the shared network "
                                          "input; pamfx needs the input to reach the first conv or linear unchanged")
-            names = BATCHNORM_TENSORS if node.meta[OP] == "batchnorm" else ("weight", "bias")
+            names = {"batchnorm": BATCHNORM_TENSORS, "prelu": ("weight",)}.get(node.meta[OP], ("weight", "bias"))
             stacked[node.name] = _stack_per_feature(modules, owners, names)
     return stacked
 
@@ -44,14 +45,30 @@ def _stack_layer(name, modules, owners, rows) -> dict[str, torch.Tensor]:
     bias = torch.zeros(num_rows, dtype=first.dtype) if modules[0].bias is not None else None
     for model, module in enumerate(modules):
         columns = [i for i, owner in enumerate(owners) if owner in (model, None)]
-        if len(columns) != module.weight.shape[1]:
-            raise UnsupportedOpError(f"node '{name}': model {model} has {module.weight.shape[1]} input channels "
+        dense = _dense_weight(module)
+        if len(columns) != dense.shape[1]:
+            raise UnsupportedOpError(f"node '{name}': model {model} has {dense.shape[1]} input channels "
                                      f"but its input tensor carries {len(columns)}")
         row_index = torch.tensor(rows[model])
-        weight[row_index.unsqueeze(1), torch.tensor(columns)] = module.weight.detach()
+        weight[row_index.unsqueeze(1), torch.tensor(columns)] = dense
         if bias is not None:
             bias[row_index] = module.bias.detach()
     return {"weight": weight, "bias": bias} if bias is not None else {"weight": weight}
+
+
+def _dense_weight(module) -> torch.Tensor:
+    """The layer's weight over all its input channels: a grouped conv's blocks on the diagonal, zero elsewhere (the
+    builder never builds those zeros: a unit reads only its block, passes/rules.py `blocks`)."""
+    weight = module.weight.detach()
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return weight
+    out_size, in_size = module.out_channels // groups, module.in_channels // groups
+    dense = torch.zeros((module.out_channels, module.in_channels) + tuple(weight.shape[2:]), dtype=weight.dtype)
+    for block in range(groups):
+        rows, columns = slice(block * out_size, (block + 1) * out_size), slice(block * in_size, (block + 1) * in_size)
+        dense[rows, columns] = weight[rows]
+    return dense
 
 
 def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
@@ -64,7 +81,8 @@ def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
         taken = [0] * len(modules)
         pieces = []
         for owner in owners:
-            pieces.append(per_model[owner][taken[owner]].detach())
+            shared = per_model[owner].numel() == 1   # PReLU's one slope serves all the model's channels
+            pieces.append(per_model[owner][0 if shared else taken[owner]].detach())
             taken[owner] += 1
         stacked[tensor_name] = torch.stack(pieces)
     return stacked

@@ -24,7 +24,11 @@ def trace(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, fx.G
         if not isinstance(model, nn.Module):
             raise TypeError(f"model '{name}' is a {type(model).__name__}, not a torch.nn.Module")
         try:
-            module = fx.symbolic_trace(copy.deepcopy(model))
+            # NOTE: traced in eval mode, the mode pamfx runs the originals in: fx bakes `self.training` into the
+            # graph as a constant (F.dropout(x, p, training=self.training) becomes training=False).
+            module = _trace(copy.deepcopy(model).eval())
+        except _BuiltInForward as error:
+            raise TraceError(_built_in_forward(name, error.module)) from error.__cause__
         except Exception as error:
             raise TraceError(
                 f"model '{name}' cannot be traced by torch.fx ({type(error).__name__}: {error}). "
@@ -48,6 +52,36 @@ def trace(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, fx.G
                              f"{tuple(example.shape)} ({type(cause).__name__}: {cause}); {hint}") from error
         traced[name] = module
     return traced
+
+
+def _built_in_forward(name: str, module: nn.Module) -> str:
+    kind = type(module).__name__
+    constructor = f"nn.{kind}" if type(module).__module__.startswith("torch.nn") else kind
+    function = "torch.flatten(x, 1)" if isinstance(module, nn.Flatten) else "torch.nn.functional"
+    return (f"model '{name}' calls {module!r}, a module it creates inside forward(): torch.fx can only follow modules "
+            f"that are attributes of the model. Fix: create it once in __init__ (self.{kind.lower()} = "
+            f"{constructor}(...)) and call that, or call its function form ({function})")
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace, with a module built inside forward() reported as such."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+class _BuiltInForward(Exception):
+    def __init__(self, module: nn.Module):
+        super().__init__(repr(module))
+        self.module = module
+
+
+class _Tracer(fx.Tracer):
+    def path_of_module(self, mod: nn.Module) -> str:
+        try:
+            return super().path_of_module(mod)
+        except NameError as error:   # fx's "module is not installed as a submodule"
+            raise _BuiltInForward(mod) from error
 
 
 class _Shapes(ShapeProp):

@@ -131,3 +131,32 @@ def test_the_network_pickles_with_torch_save(tmp_path):
     torch.save(network, tmp_path / "network.pt")
     loaded = torch.load(tmp_path / "network.pt", weights_only=False)
     assert_equivalent(lambda x: network(x), loaded, torch.randn(3, 1, 28, 28), all_combinations(TASKS))
+
+
+def test_modules_whose_repr_leaves_settings_out_are_written_in_full(tmp_path):
+    """AvgPool2d's repr omits ceil_mode, count_include_pad and divisor_override, Hardsigmoid's its inplace: the
+    generated module must still compute what the network does."""
+    from torch import nn
+    from conftest import HEADS, randomised
+
+    class Pooled(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.pool = nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False)
+            self.pool_by = nn.AvgPool2d(2, divisor_override=3)
+            self.act = nn.Hardsigmoid(inplace=True)
+            self.head = nn.Linear(4 * 3 * 3, classes)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.pool_by(self.act(self.pool(self.conv(x)))), 1))
+
+    torch.manual_seed(0)
+    models = {t: randomised(Pooled(HEADS[t]), i) for i, t in enumerate(TASKS)}
+    x = torch.randn(4, 1, 12, 12)
+    network = build_random(models, 0, example=x[:2])
+    path = pamfx.codegen(network, tmp_path / "merged.py")
+    source = path.read_text()
+    assert "nn.AvgPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False" in source
+    generated = load_generated(path, "gen_avg_pool").load()
+    assert_equivalent(lambda x: network(x), generated, x, all_combinations(TASKS))
