@@ -22,8 +22,8 @@ from pamfx.passes.rules import readable
 
 def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
                   weights: dict[str, dict[str, torch.Tensor]]) -> tuple[GatedNetwork, Layout]:
-    """Builds the task-gated network and its layout (where each tensor and each module's weights came from,
-    for passes that rebuild it); raises GroupingError when a group would have nothing it may read."""
+    """Builds the task-gated network, on the device of `weights`, and its layout (where each tensor and each
+    module's weights came from, for passes that rebuild it); raises GroupingError when a group would have nothing it may read."""
     grouping.check(aligned.tasks, spaces)
     builder = _Builder(aligned, spaces, grouping, weights)
     for node in aligned.graph.nodes:
@@ -92,7 +92,7 @@ class _Builder:
                     f"layer '{node.name}': group {sorted(group)} has units but no input it may read: rule 2 lets "
                     f"it read only groups containing it, and '{source.name}' holds {[sorted(g) for g in self.layout[source]]}")
             columns = [i for g in inputs for i in self.layout[source][g]]
-            module = _resized(template, len(columns), len(rows))
+            module = _resized(template, len(columns), len(rows), stacked["weight"].device)
             with torch.no_grad():
                 module.weight.copy_(stacked["weight"][rows][:, columns])
                 if module.bias is not None:
@@ -113,7 +113,7 @@ class _Builder:
         stacked = self.weights[node.name]
         template = node.meta[MODULES][0]
         for group, features in self.layout[node].items():
-            module = _resized(template, len(features), len(features))
+            module = _resized(template, len(features), len(features), next(iter(stacked.values())).device)
             with torch.no_grad():
                 for name in tensor_names:
                     if name in stacked:
@@ -194,15 +194,15 @@ class _Builder:
 _PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
-    """A fresh module like `template` but with the given channel counts."""
+def _resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
+    """A fresh module like `template` but with the given channel counts, on `device` (the stacked weights')."""
     if isinstance(template, nn.Conv2d):
         groups = 1 if template.groups == 1 else in_size
         return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
-                         template.dilation, groups, template.bias is not None, template.padding_mode)
+                         template.dilation, groups, template.bias is not None, template.padding_mode, device=device)
     if isinstance(template, nn.Linear):
-        return nn.Linear(in_size, out_size, template.bias is not None)
-    return type(template)(out_size, eps=template.eps, momentum=template.momentum)
+        return nn.Linear(in_size, out_size, template.bias is not None, device=device)
+    return type(template)(out_size, eps=template.eps, momentum=template.momentum, device=device)
 
 
 def _constant_args(node: fx.Node) -> tuple[tuple, dict]:
