@@ -55,6 +55,12 @@ def to_device(device: torch.device, *tensors: torch.Tensor):
     return moved[0] if len(moved) == 1 else moved
 
 
+def forked_rng(device: torch.device):
+    """torch.random.fork_rng for work on `device`: the CPU's random state and, on CUDA, that device's are restored
+    afterwards (dropout and noise on CUDA draw from the device's generator)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def _parse(device) -> torch.device:
     if isinstance(device, str):
         try:

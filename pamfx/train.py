@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pamfx.checks import check_pair
-from pamfx.devices import device_of, to_device
+from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.errors import PamfxError
 
 # Bump when training changes in a way that should invalidate cached models.
@@ -52,8 +52,8 @@ def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, 
     model.train()
     running_loss = None
     device = device_of(model)
-    with torch.random.fork_rng(devices=[]), tqdm(total=epochs * steps_per_epoch, desc=desc,
-                                                 disable=not progress, leave=False) as bar:
+    with forked_rng(device), tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress,
+                                  leave=False) as bar:
         torch.manual_seed(seed)
         for _ in range(epochs):
             order = torch.randperm(n, generator=shuffle)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pamfx.devices import device_of, to_device
+from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, Layout
 from pamfx.network import GatedNetwork
 from pamfx.passes.build import build_network
@@ -54,7 +54,7 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
     The result depends only on the inputs and `seed` (dropout and VIB noise draw from a forked, seeded RNG).
     The data may live anywhere: each batch moves to the network's device (batch indices are drawn on the CPU).
     """
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(device_of(network)):
         torch.manual_seed(seed)
         return _train(copy.deepcopy(network), data, config, seed, progress, desc, extra_loss, frozen)
 
