@@ -10,11 +10,11 @@ from .passes.merge_mtz import MtzConfig
 from .passes.merge_pam import PamConfig
 from .passes.prune import PruneConfig
 from .codegen import codegen
-from .errors import (AlignmentError, DataError, DatasetMissingError, GroupingError, PamfxError,
+from .errors import (AlignmentError, DataError, DatasetMissingError, DeviceError, GroupingError, PamfxError,
                      PamfxWarning, TraceError, UnsupportedOpError)
 from .network import GatedNetwork
 
 __all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "PruneConfig", "GatedNetwork",
            "PamfxError", "PamfxWarning", "TraceError", "AlignmentError", "UnsupportedOpError", "GroupingError",
-           "DataError", "DatasetMissingError"]
+           "DataError", "DatasetMissingError", "DeviceError"]
 __version__ = "0.1.0"

@@ -22,13 +22,14 @@ import torch
 import pamfx
 from pamfx.checks import MERGES, PRUNERS
 from pamfx.data import LabelFunction, load_fashion_mnist, paper_split, task_data
-from pamfx.errors import DataError, DatasetMissingError, GroupingError
+from pamfx.devices import device_of, resolve_device
+from pamfx.errors import DataError, DatasetMissingError, DeviceError, GroupingError
 from pamfx.ir import all_combinations
 from pamfx.train import accuracy, evaluate, train_or_load
 from pamfx.zoo import lenet5
 
 # Errors that a user fixes (install the dataset, pick another option or path): their message, no traceback.
-USER_ERRORS = (DatasetMissingError, FileExistsError, DataError, GroupingError)
+USER_ERRORS = (DatasetMissingError, FileExistsError, DataError, DeviceError, GroupingError)
 EXIT_USER_ERROR = 2
 EXIT_MISMATCH = 1
 
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="pruner passed to optimize; 'none' prunes nothing (default: %(default)s)")
     demo.add_argument("--tolerance", type=float, default=0.01,
                       help="largest drop of a task's accuracy on the guard data (default: %(default)s)")
+    demo.add_argument("--device", default=None,
+                      help="where optimize runs: 'cpu', 'cuda', 'cuda:1' (default: where the models are, the CPU)")
     demo.add_argument("--quiet", action="store_true", help="print results only, no progress")
     demo.set_defaults(run=run_demo)
     return parser
@@ -89,6 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     progress = not args.quiet
     _check_out_is_free(args.out, args.overwrite)                   # fail before minutes of work, not after
+    resolve_device(args.device, {})                                # an unknown or missing device, too
     if (args.alpha_conv is None) != (args.alpha_linear is None):
         raise DataError("give both --alpha-conv and --alpha-linear, or neither (to choose them under the guard)")
     tasks = paper_split()
@@ -97,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
     data = train_data if args.train_images is None else training_subset(train_data, args.train_images, args.seed)
     result = pamfx.optimize(models, data, eval_data=guard_data, merge=args.merge,
                             prune=None if args.prune == "none" else args.prune, tolerance=args.tolerance,
-                            seed=args.seed, progress=progress,
+                            seed=args.seed, progress=progress, device=args.device,
                             pam=pamfx.PamConfig(alpha_conv=args.alpha_conv, alpha_linear=args.alpha_linear,
                                                 relative=not args.alpha_in_nats),
                             finetune=pamfx.FinetuneConfig(epochs=args.finetune_epochs))
@@ -149,11 +153,13 @@ def training_subset(train_data: dict, size: int, seed: int) -> dict:
 
 def check_generated(path: Path, network: pamfx.GatedNetwork, images: torch.Tensor) -> bool:
     """Imports the generated file from `path`, runs it and `network` on `images` for every combination of
-    tasks and prints the largest absolute difference; returns whether it is within CHECK_TOLERANCE."""
+    tasks and prints the largest absolute difference; returns whether it is within CHECK_TOLERANCE. The generated
+    module loads on the CPU and runs on the network's device, as do the images."""
     spec = importlib.util.spec_from_file_location(f"pamfx_generated_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    generated = module.load()
+    device = device_of(network)
+    generated, images = module.load().to(device), images.to(device)
     combinations = all_combinations(network.tasks)
     with torch.no_grad():
         difference = max((generated(images, tasks=list(c))[t] - network(images, tasks=list(c))[t]).abs().max().item()

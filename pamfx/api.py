@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .checks import check_configs, check_data, check_labels, check_models, check_options
+from .devices import resolve_device
 from .errors import DataError, PamfxWarning
 from .ir import OP, SHAPES, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
@@ -48,7 +49,7 @@ class Result:
 
 
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
-             tolerance: float = 0.01, seed: int = 0, progress: bool = True, pam: PamConfig = PamConfig(),
+             tolerance: float = 0.01, seed: int = 0, progress: bool = True, device=None, pam: PamConfig = PamConfig(),
              mtz: MtzConfig = MtzConfig(), finetune: FinetuneConfig = FinetuneConfig(),
              pruning: PruneConfig = PruneConfig()) -> Result:
     """Merges N single-task models of one architecture into one task-gated network and prunes it (DESIGN.md 6).
@@ -58,29 +59,36 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     steps, stops) keeps each task's accuracy on it >= its original model's minus `tolerance`; without it a seeded
     share `pruning.guard_fraction` of `data` is held out as the guard and never trained on (the report says how
     many samples). merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None.
+    device: None runs where the models are (all on one device); "cpu", "cuda", "cuda:1" or a torch.device runs
+    every stage on copies of the models there. Data stays where it is; each batch moves to the device when used.
+    The result's network lives on that device.
     pam / mtz / finetune / pruning: each stage's settings (`finetune` is the budget after a merge; none is
     lossless and is not fine-tuned).
-    Raises ValueError/TypeError for bad arguments, TraceError, AlignmentError or UnsupportedOpError for models
-    pamfx cannot merge, DataError for bad data, GroupingError when a merge leaves a task no path to its head.
+    Raises ValueError/TypeError for bad arguments (DeviceError for a device unknown or missing here, or models
+    on the meta device or, with device=None, on several devices), TraceError, AlignmentError or
+    UnsupportedOpError for models pamfx cannot merge, DataError for bad data, GroupingError when a merge leaves a
+    task no path to its head.
     """
     tasks = check_models(models)
     check_options(merge, prune, tolerance, seed)
     check_configs(pam=(pam, PamConfig), mtz=(mtz, MtzConfig), finetune=(finetune, FinetuneConfig),
                   pruning=(pruning, PruneConfig))
+    device = resolve_device(device, models)
     in_training = [t for t, model in models.items() if model.training]
     data = check_data(data, tasks, "data")
     guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data")
     say = print if progress else (lambda *_: None)
 
-    say(f"[pamfx] tracing and aligning {len(tasks)} models")
+    say(f"[pamfx] tracing and aligning {len(tasks)} models on {device}")
     example = next(iter(data.values()))[0][:2]
-    aligned = align(trace(models, example))                          # one graph, every model's modules per node
+    aligned = align(trace(models, example, device))                  # one graph, copies of the models on device
     if guard is None:
         data, guard = hold_out(data, pruning.guard_fraction, seed)   # the guard is never trained on
         notes = [f"guard: {len(next(iter(guard.values()))[0])} samples per task held out of data "
                  f"({pruning.guard_fraction:.0%}, seed {seed}), never trained on"]
     else:
         notes = [f"guard: eval_data, {len(next(iter(guard.values()))[0])} samples per task"]
+    notes.append(f"device: {device} (the data stays where it is; each batch moves there when used)")
     if in_training:
         notes.append(f"models given in train mode were used in eval mode (BatchNorm statistics, no dropout): "
                      f"{', '.join(in_training)}")

@@ -19,7 +19,8 @@ VERSION = "0.1.0"
 
 
 def codegen(network: GatedNetwork, path, overwrite: bool = False) -> Path:
-    """Writes `path` (a .py file) and its weights beside it (same name, .pt); returns the path.
+    """Writes `path` (a .py file) and its weights beside it (same name, .pt); returns the path. The weights are
+    saved from the CPU whatever the network's device, so the file is the same and loads anywhere.
 
     Raises FileExistsError if either file exists and overwrite is False; ValueError if path is not a .py file.
     """
@@ -33,7 +34,10 @@ def codegen(network: GatedNetwork, path, overwrite: bool = False) -> Path:
     source = render(network, weights.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source)
-    torch.save(network.state_dict(), weights)
+    state = network.state_dict()                  # a fresh dict (with torch's version metadata): moving its values
+    for name, tensor in state.items():            # leaves the network where it is
+        state[name] = tensor.detach().cpu()
+    torch.save(state, weights)
     return path
 
 

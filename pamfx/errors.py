@@ -25,6 +25,10 @@ class DataError(PamfxError, ValueError):
     """Task data is missing, empty, mismatched or not finite."""
 
 
+class DeviceError(PamfxError, ValueError):
+    """A device that torch does not know or this machine lacks, or models that are not on one usable device."""
+
+
 class DatasetMissingError(PamfxError, FileNotFoundError):
     """A dataset's files are not on disk."""
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pamfx.checks import check_pair
+from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.errors import PamfxError
 
 # Bump when training changes in a way that should invalidate cached models.
@@ -50,14 +51,16 @@ def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, 
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
     running_loss = None
-    with torch.random.fork_rng(devices=[]), tqdm(total=epochs * steps_per_epoch, desc=desc,
-                                                 disable=not progress, leave=False) as bar:
+    device = device_of(model)
+    with forked_rng(device), tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress,
+                                  leave=False) as bar:
         torch.manual_seed(seed)
         for _ in range(epochs):
             order = torch.randperm(n, generator=shuffle)
             for start in range(0, n, batch_size):
                 batch = order[start:start + batch_size]
-                loss = F.cross_entropy(model(inputs[batch]), labels[batch])
+                x, y = to_device(device, inputs[batch], labels[batch])
+                loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -81,7 +84,7 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
     was_training = model.training
     model.eval()
     try:
-        return _top1(model, inputs, labels, batch_size)
+        return _top1(model, inputs, labels, batch_size, device_of(model))
     finally:
         model.train(was_training)
 
@@ -89,24 +92,27 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
 @torch.no_grad()
 def evaluate(network: nn.Module, data: dict, batch_size: int = 1024) -> dict[str, float]:
     """{task: top-1 accuracy} of a multitask `network` (called as network(x, tasks=[task]) -> {task: logits})
-    on data {task: (inputs, labels)}, each task run alone; in eval mode, then back to the mode it was in."""
+    on data {task: (inputs, labels)}, each task run alone; in eval mode, then back to the mode it was in.
+    The data may live anywhere: each batch moves to the network's device."""
     was_training = network.training
     network.eval()
     try:
-        return {task: _top1(lambda x, task=task: network(x, tasks=[task])[task], inputs, labels, batch_size)
+        device = device_of(network)
+        return {task: _top1(lambda x, task=task: network(x, tasks=[task])[task], inputs, labels, batch_size, device)
                 for task, (inputs, labels) in data.items()}
     finally:
         network.train(was_training)
 
 
-def _top1(predict, inputs: Tensor, labels: Tensor, batch_size: int) -> float:
+def _top1(predict, inputs: Tensor, labels: Tensor, batch_size: int, device: torch.device) -> float:
     correct = 0
     for start in range(0, len(inputs), batch_size):
-        logits = predict(inputs[start:start + batch_size])
+        x, y = to_device(device, inputs[start:start + batch_size], labels[start:start + batch_size])
+        logits = predict(x)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise TypeError(f"accuracy needs a model returning logits [B, C], got "
                             f"{type(logits).__name__}; pick one task's output first")
-        correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
+        correct += int((logits.argmax(1) == y).sum())
     return correct / len(inputs)
 
 

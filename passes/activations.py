@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from pamfx.devices import device_of, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace
 
 
@@ -24,7 +25,8 @@ class Calibration:
 
 def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, samples: int = 128,
                             batch_size: int = 64, seed: int = 0) -> Calibration:
-    """Every hidden space's activations on a seeded random subset of `samples` inputs of each task."""
+    """Every hidden space's activations on a seeded random subset of `samples` inputs of each task, and its labels,
+    both on the models' device (the inputs move there a batch at a time)."""
     positions = {node.name: i for i, node in enumerate(aligned.graph.nodes)}
     readout = {name: positions[space.nodes[-1]] for name, space in spaces.items() if space.kind == "hidden"}
     activations, labels = {}, {}
@@ -36,7 +38,7 @@ def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpac
         else:
             per_model = [_run(module, inputs[chosen], readout, batch_size) for module in aligned.modules]
             activations[task] = {name: torch.cat([acts[name] for acts in per_model], 1) for name in readout}
-        labels[task] = task_labels[chosen]
+        labels[task] = to_device(device_of(aligned.modules[0]), task_labels[chosen])
     return Calibration(activations=activations, labels=labels)
 
 
@@ -52,9 +54,11 @@ def _run(module: fx.GraphModule, inputs: torch.Tensor, readout: dict[str, int], 
     wanted = {nodes[position]: name for position, name in at_position.items()}
     collected = {name: [] for name in readout}
     module.eval()
+    device = device_of(module)
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
-            for name, value in _Readout(module, wanted).run(inputs[start:start + batch_size]).items():
+            batch = to_device(device, inputs[start:start + batch_size])
+            for name, value in _Readout(module, wanted).run(batch).items():
                 collected[name].append(value)
     return {name: torch.cat(chunks) for name, chunks in collected.items()}
 

@@ -22,8 +22,8 @@ from pamfx.passes.rules import blocks, readable
 
 def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
                   weights: dict[str, dict[str, torch.Tensor]]) -> tuple[GatedNetwork, Layout]:
-    """Builds the task-gated network and its layout (where each tensor and each module's weights came from,
-    for passes that rebuild it); raises GroupingError when a group would have nothing it may read."""
+    """Builds the task-gated network, on the device of `weights`, and its layout (where each tensor and each
+    module's weights came from, for passes that rebuild it); raises GroupingError when a group would have nothing it may read."""
     grouping.check(aligned.tasks, spaces)
     builder = _Builder(aligned, spaces, grouping, weights)
     for node in aligned.graph.nodes:
@@ -118,7 +118,7 @@ class _Builder:
                     raise GroupingError(f"layer '{node.name}': group {sorted(group)} has units in block {block} of "
                                         "its grouped convolution but no input of that block it may read")
                 columns = [joined[p] for p in picked]
-                module = _resized(template, len(columns), len(run))
+                module = _resized(template, len(columns), len(run), stacked["weight"].device)
                 with torch.no_grad():
                     module.weight.copy_(stacked["weight"][run][:, columns])
                     if module.bias is not None:
@@ -148,7 +148,7 @@ class _Builder:
         stacked = self.weights[node.name]
         template = node.meta[MODULES][0]
         for group, features in self.layout[node].items():
-            module = _resized(template, len(features), len(features))
+            module = _resized(template, len(features), len(features), next(iter(stacked.values())).device)
             with torch.no_grad():
                 for name in tensor_names:
                     if name in stacked:
@@ -267,17 +267,17 @@ def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[
     return runs
 
 
-def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
-    """A fresh module like `template` but with the given channel counts (a depthwise conv stays depthwise; the
-    blocks of a grouped conv are built as ungrouped modules)."""
+def _resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
+    """A fresh module like `template` but with the given channel counts, on `device` (the stacked weights'); a
+    depthwise conv stays depthwise, the blocks of a grouped conv are built as ungrouped modules."""
     if isinstance(template, nn.Conv2d):
         depthwise = template.groups == template.in_channels == template.out_channels != 1
         groups = in_size if depthwise else 1
         return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
-                         template.dilation, groups, template.bias is not None, template.padding_mode)
+                         template.dilation, groups, template.bias is not None, template.padding_mode, device=device)
     if isinstance(template, nn.Linear):
-        return nn.Linear(in_size, out_size, template.bias is not None)
+        return nn.Linear(in_size, out_size, template.bias is not None, device=device)
     if isinstance(template, nn.PReLU):
-        return nn.PReLU(out_size)
-    return type(template)(out_size, eps=template.eps, momentum=template.momentum)
+        return nn.PReLU(out_size, device=device)
+    return type(template)(out_size, eps=template.eps, momentum=template.momentum, device=device)
 

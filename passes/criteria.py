@@ -7,6 +7,9 @@ pass ranks units by these scores, alone or per MAC their removal saves (`unit_ma
     scores = CRITERIA["taylor"](aligned, spaces, tuned, data, config, seed)
     scores["conv2"]          # tensor [units of conv2]
 
+Criteria run on the network's device (training batches move there one at a time); the scores they return are on
+the CPU, where the prune pass ranks them.
+
 A unit's value is gated where the rest of the network reads it: at every tensor of its space that a node outside
 the space consumes (after its activation and pooling; for a residual space, each block's output). `UnitGates`
 puts one multiplicative gate per unit there, shared by all those tensors; Taylor reads its gradient, VIB learns it.
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pamfx.devices import device_of, to_device
 from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace
 from pamfx.passes.finetune import FinetuneConfig, finetune
 
@@ -47,10 +51,13 @@ class UnitGates(nn.Module):
     def __init__(self, network, gated: dict[str, tuple[str, torch.Tensor]], sizes: dict[str, int], noisy: bool):
         super().__init__()
         self.network = copy.deepcopy(network).eval().requires_grad_(False)
-        self.gated = gated
+        device = device_of(self.network)
+        self.gated = {variable: (space, units.to(device)) for variable, (space, units) in gated.items()}
         self.noisy = noisy
-        self.mu = nn.ParameterDict({name: nn.Parameter(torch.ones(size)) for name, size in sizes.items()})
-        self.log_d = nn.ParameterDict({name: nn.Parameter(torch.full((size,), -6.0)) for name, size in sizes.items()})
+        self.mu = nn.ParameterDict({name: nn.Parameter(torch.ones(size, device=device))
+                                    for name, size in sizes.items()})
+        self.log_d = nn.ParameterDict({name: nn.Parameter(torch.full((size,), -6.0, device=device))
+                                       for name, size in sizes.items()})
         self.log_d.requires_grad_(noisy)
 
     def train(self, mode: bool = True):
@@ -83,13 +90,14 @@ def taylor(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, t
     gates = _gates(aligned, spaces, tuned, noisy=False)
     scores = {name: torch.zeros_like(mu) for name, mu in gates.mu.items()}
     generators = {t: torch.Generator().manual_seed(seed) for t in data}   # a task's batches are its own
+    device = device_of(gates)
     for _ in range(config.importance_batches):
-        batch = {t: _draw(x, y, config.batch_size, generators[t]) for t, (x, y) in data.items()}
+        batch = {t: to_device(device, *_draw(x, y, config.batch_size, generators[t])) for t, (x, y) in data.items()}
         loss = sum(F.cross_entropy(gates(x, tasks=[t])[t], y) for t, (x, y) in batch.items())
         gradients = torch.autograd.grad(loss, list(gates.mu.values()), materialize_grads=True)
         for name, gradient in zip(gates.mu, gradients):
             scores[name] += gradient.detach() ** 2 / config.importance_batches
-    return scores
+    return {name: score.cpu() for name, score in scores.items()}
 
 
 def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch.Tensor]:
@@ -107,7 +115,7 @@ def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch
             continue
         weight = module.weight.detach()
         rows = torch.tensor(origin.rows)
-        scores[node.meta[SPACE]][rows] += weight.abs().reshape(len(rows), -1).sum(1)
+        scores[node.meta[SPACE]][rows] += weight.abs().reshape(len(rows), -1).sum(1).cpu()
         counts[node.meta[SPACE]][rows] += weight[0].numel()
     return {name: scores[name] / counts[name].clamp(min=1) for name in scores}
 
@@ -121,7 +129,7 @@ def vib(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torc
     trained = finetune(gates, data, tuning, seed=seed, progress=False, desc="vib",
                        extra_loss=lambda model: config.vib_kl * model.kl())
     with torch.no_grad():
-        return {name: trained.mu[name] ** 2 / torch.exp(trained.log_d[name]) for name in trained.mu}
+        return {name: (trained.mu[name] ** 2 / torch.exp(trained.log_d[name])).cpu() for name in trained.mu}
 
 
 CRITERIA = {"taylor": taylor, "l1": l1, "vib": vib}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, Layout
 from pamfx.network import GatedNetwork
 from pamfx.passes.build import build_network
@@ -51,8 +52,9 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
     Tasks whose inputs are the same tensor share each batch's samples and one forward pass; otherwise each task
     draws its batches from its own generator seeded alike, so that a task's batches do not depend on the others.
     The result depends only on the inputs and `seed` (dropout and VIB noise draw from a forked, seeded RNG).
+    The data may live anywhere: each batch moves to the network's device (batch indices are drawn on the CPU).
     """
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(device_of(network)):
         torch.manual_seed(seed)
         return _train(copy.deepcopy(network), data, config, seed, progress, desc, extra_loss, frozen)
 
@@ -67,17 +69,19 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
     largest = max(len(inputs) for inputs, _ in data.values())
     steps = config.total_steps(largest)
     shared = _shared_inputs(data)
+    device = device_of(network)
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for _ in bar:
         if shared is not None:
             index = torch.randint(len(shared), (config.batch_size,), generator=generator)
-            outputs = network(shared[index])
-            loss = sum(F.cross_entropy(outputs[t], labels[index]) for t, (_, labels) in data.items())
+            outputs = network(to_device(device, shared[index]))
+            loss = sum(F.cross_entropy(outputs[t], to_device(device, labels[index])) for t, (_, labels) in data.items())
         else:
             loss = 0
             for task, (inputs, labels) in data.items():
                 index = torch.randint(len(inputs), (config.batch_size,), generator=generators[task])
-                loss = loss + F.cross_entropy(network(inputs[index], tasks=[task])[task], labels[index])
+                x, y = to_device(device, inputs[index], labels[index])
+                loss = loss + F.cross_entropy(network(x, tasks=[task])[task], y)
         if extra_loss is not None:
             loss = loss + extra_loss(network)
         optimizer.zero_grad()

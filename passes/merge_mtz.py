@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pamfx.devices import device_of, to_device
 from pamfx.errors import GroupingError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.passes.activations import calibration_indices
@@ -222,15 +223,17 @@ def _matching_columns(features, space, units) -> list[tuple[int, int]]:
 
 def _layer_inputs(tuned, node, calibration: dict) -> dict[str, torch.Tensor]:
     """Each task's inputs to `node` as the tuned network computes them on the task's data, in the node's input
-    feature order (every group runs, so a unit about to be zipped shows what its own model computes there)."""
+    feature order (every group runs, so a unit about to be zipped shows what its own model computes there), on the
+    network's device."""
     source = node.all_input_nodes[0]
+    device = device_of(tuned.network)
     inputs = {}
     with torch.no_grad():
         for task, x in calibration.items():
-            values = tuned.network.values(x)
+            values = tuned.network.values(to_device(device, x))
             pieces = [(piece.features, values[piece.variable]) for piece in tuned.layout.tensors[source.name].values()
                       if piece.variable in values]
-            full = torch.zeros((len(x), len(source.meta[FEATURES])) + tuple(pieces[0][1].shape[2:]))
+            full = torch.zeros((len(x), len(source.meta[FEATURES])) + tuple(pieces[0][1].shape[2:]), device=device)
             for indices, value in pieces:
                 full[:, list(indices)] = value
             inputs[task] = full

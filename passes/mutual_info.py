@@ -23,7 +23,7 @@ def unit_kernels(activations: torch.Tensor, sigma2: float = SIGMA2, chunk: int =
     """[samples, units] -> [units, samples, samples]: each unit's Gaussian kernel between samples, built in place
     `chunk` units at a time (no temporary larger than one chunk)."""
     samples, units = activations.shape
-    kernels = torch.empty(units, samples, samples, dtype=activations.dtype)
+    kernels = torch.empty(units, samples, samples, dtype=activations.dtype, device=activations.device)
     columns = activations.t().unsqueeze(2)            # [units, samples, 1]
     with _subnormals_flushed():
         for start in range(0, units, chunk):
@@ -52,7 +52,8 @@ def label_entropy(labels: torch.Tensor) -> float:
 
 def irrelevant_units(kernels: torch.Tensor, labels: torch.Tensor, alpha: float, chunk: int = 256) -> list[int]:
     """The greedy irrelevant set for one task: starting empty, repeatedly add the unit that keeps I(Z_S; Y)
-    smallest; stop before it would exceed `alpha` (nats). `kernels` is unit_kernels() of the task's activations.
+    smallest; stop before it would exceed `alpha` (nats). `kernels` is unit_kernels() of the task's activations,
+    `labels` on the same device (the search runs there).
     Returns the chosen unit indices, in the order taken.
 
     NOTE: lazy greedy. Adding units to S can only add information, so a unit's score against a smaller S is a lower
@@ -68,7 +69,7 @@ def irrelevant_units(kernels: torch.Tensor, labels: torch.Tensor, alpha: float, 
         first = torch.cat([_from_class_sums(kernels[i:i + chunk] @ one_hot, labels) for i in range(0, units, chunk)])
         heap = [(score, unit, 0) for unit, score in enumerate(first.tolist())]     # (score, unit, step scored at)
         heapq.heapify(heap)
-        chosen = torch.ones(samples, samples, dtype=kernels.dtype)
+        chosen = torch.ones(samples, samples, dtype=kernels.dtype, device=kernels.device)
         product = torch.empty_like(chosen)
         selected: list[int] = []
         while heap:

@@ -18,7 +18,7 @@ BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dict[str, dict[str, torch.Tensor]]:
     """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm and PReLU
-    node."""
+    node, on the models' device."""
     stacked = {}
     for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu"):
         source = node.all_input_nodes[0]
@@ -41,8 +41,8 @@ def _stack_layer(name, modules, owners, rows) -> dict[str, torch.Tensor]:
     """Block-diagonal weight: row r of model m reads model m's own features (and the shared input)."""
     first = modules[0].weight
     num_rows = sum(len(r) for r in rows)
-    weight = torch.zeros((num_rows, len(owners)) + tuple(first.shape[2:]), dtype=first.dtype)
-    bias = torch.zeros(num_rows, dtype=first.dtype) if modules[0].bias is not None else None
+    weight = torch.zeros((num_rows, len(owners)) + tuple(first.shape[2:]), dtype=first.dtype, device=first.device)
+    bias = torch.zeros(num_rows, dtype=first.dtype, device=first.device) if modules[0].bias is not None else None
     for model, module in enumerate(modules):
         columns = [i for i, owner in enumerate(owners) if owner in (model, None)]
         dense = _dense_weight(module)

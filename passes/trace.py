@@ -14,12 +14,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 from pamfx.errors import TraceError
 
 
-def trace(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, fx.GraphModule]:
+def trace(models: dict[str, nn.Module], example: torch.Tensor, device: torch.device | None = None) \
+        -> dict[str, fx.GraphModule]:
     """Traces each model with torch.fx and records every node's output shape (node.meta['tensor_meta']).
+    With a `device`, the traced copies live there (the example moves there too); else where each model is.
 
     Raises TraceError naming the model, the reason and the fix when a model cannot be traced or run.
     """
     traced = {}
+    example = example if device is None else example.to(device)
     for name, model in models.items():
         if not isinstance(model, nn.Module):
             raise TypeError(f"model '{name}' is a {type(model).__name__}, not a torch.nn.Module")
@@ -35,7 +38,7 @@ def trace(models: dict[str, nn.Module], example: torch.Tensor) -> dict[str, fx.G
                 "Fix: make forward() free of data-dependent control flow (no `if` or loops on tensor values), "
                 "or move such code out of the model; see https://pytorch.org/docs/stable/fx.html#limitations"
             ) from error
-        module.eval()
+        module = module.eval() if device is None else module.to(device).eval()
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
         if dtypes and example.dtype not in dtypes:
             raise TraceError(f"model '{name}' has {'/'.join(sorted(map(str, dtypes)))} parameters but the data's inputs "
