@@ -166,7 +166,7 @@ def results_of(scenario: Scenario) -> dict:
                 if cached(scenario, method, seed).exists()]
         if not runs:
             continue
-        folded[method] = {**runs[0], "seeds": len(runs),
+        folded[method] = {**runs[0], "seeds": len(runs), "seed0_macs": runs[0]["macs"],
                           "macs": {c: _median([r["macs"][c] for r in runs]) for c in runs[0]["macs"]},
                           "all_task_macs": [r["macs"][_key(tuple(runs[0]["test"]))] for r in runs],
                           "test": {t: min(r["test"][t] for r in runs) for t in runs[0]["test"]},
@@ -258,14 +258,15 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
     lines = ["## Latency of the generated networks", "",
              "Median seconds per call of the generated module (pytest-benchmark, one thread) for each combination, "
              "and the speed-up over the separately pruned networks (none+taylor's per task, run one after another) "
-             "beside the MACs ratio. Measured in one run: `bench/latency.py`.", "",
+             "beside the MACs ratio, for the networks of seed 0. Measured in one run: `bench/latency.py`; other "
+             "processes sharing the 2 cores make single rows noisy.", "",
              "| method | combination | batch | ms | separate ms | speed-up | MACs ratio |", "|---|---|---|---|---|---|---|"]
-    none = results.get("none+taylor", {}).get("macs", {})
+    none = results.get("none+taylor", {}).get("seed0_macs", {})     # the timed networks are seed 0's
     for (method, combination, batch), seconds in sorted(latency.items()):
         if method == "separate":
             continue
         separate = latency.get(("separate", combination, batch))
-        macs = results.get(method, {}).get("macs", {})
+        macs = results.get(method, {}).get("seed0_macs", {})
         macs_ratio = none[combination] / macs[combination] if combination in none and combination in macs else None
         lines.append(f"| {method} | {{{combination.replace(',', ', ')}}} | {batch} | {1000 * seconds:.3f} | "
                      + (f"{1000 * separate:.3f} | {separate / seconds:.2f}x" if separate else "| ") + " | "
