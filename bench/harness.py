@@ -330,10 +330,11 @@ def write_summary() -> None:
              f"The paper reports up to {PAPER_MACS_RATIO}x less computation than pruning each network separately and "
              f"up to {PAPER_MTZ_RATIO}x less than MTZ then pruning. Here, per scenario: the all-task ratio none/pam, "
              "the best none/pam and mtz/pam ratio over every combination, the combinations where pam+taylor costs "
-             "more than none+taylor or mtz+taylor, and the worst test drop of pam+taylor (tolerance 1 point on the "
-             "guard).", "",
-             "| scenario | all-task none/pam | best none/pam | best mtz/pam | pam dearer than none / mtz | "
-             "pam worst test drop |", "|---|---|---|---|---|---|"]
+             "more than none+taylor or mtz+taylor, the worst test drop of pam+taylor (tolerance 1 point on the "
+             "guard), and its wall time and peak memory (median over seeds; how they grow with the number of tasks).",
+             "",
+             "| scenario | tasks | all-task none/pam | best none/pam | best mtz/pam | pam dearer than none / mtz | "
+             "pam worst test drop | pam s | pam peak MB |", "|---|---|---|---|---|---|---|---|---|"]
     for scenario in SCENARIOS.values():
         results = results_of(scenario)
         if not {"pam+taylor", "none+taylor", "mtz+taylor"} <= set(results):
@@ -345,10 +346,11 @@ def write_summary() -> None:
         best_mtz = max(combos, key=lambda c: mtz[c] / pam[c])
         original = results["pam+taylor"]["original_test"]
         drop = max(100 * (original[t] - results["pam+taylor"]["test"][t]) for t in tasks)
-        lines.append(f"| [{scenario.name}]({scenario.name}.md) | {none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
+        lines.append(f"| [{scenario.name}]({scenario.name}.md) | {len(tasks)} | {none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
                      f"{none[best_none] / pam[best_none]:.2f}x | {mtz[best_mtz] / pam[best_mtz]:.2f}x "
                      f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
-                     f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt |")
+                     f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "
+                     f"{results['pam+taylor']['seconds']:.0f} | {results['pam+taylor']['peak_rss_mb']:.0f} |")
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 
