@@ -1,7 +1,9 @@
 """Multi-label attribute tasks: labels [n, k] of 0/1 (or -1/+1) for a head of k outputs. The loss is binary
 cross-entropy, accuracy the mean per-attribute accuracy, PAM's MI the sum over the attribute columns; checked against
 hand computations, the original models and the generated code, alone and mixed with class-label tasks."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,7 +201,8 @@ def test_greedy_on_attributes_takes_what_a_plain_greedy_on_summed_columns_takes(
 # ---- bad labels ----
 
 @pytest.mark.parametrize("labels, message", [
-    (torch.full((20, 5), 2), r"data\['m'\]: multi-label attributes \[n, k\] must be all 0/1 or all -1/\+1, got values \[2\]"),
+    (torch.full((20, 5), 2),
+     r"data\['m'\]: multi-label attributes \[n, k\] must be all 0/1 or all -1/\+1, got values \[2\]"),
     (torch.tensor([[-1, 0, 1, 1, 1]] * 20), r"data\['m'\]: .* got values \[-1, 0, 1\]"),
     (torch.full((20, 5), 0.5), r"data\['m'\]: multi-label attributes"),
     (torch.zeros(20, 3, dtype=torch.long), r"data\['m'\]: labels hold 3 attribute columns but model 'm' has 5 outputs"),
@@ -212,3 +215,42 @@ def test_bad_attribute_labels_name_the_task(labels, message):
     data["m"] = (data["m"][0], labels)
     with pytest.raises(pamfx.DataError, match=message):
         run(models, data, data)
+
+
+# ---- attribute tasks from Fashion-MNIST classes (the bench's "attributes" scenario) ----
+
+def test_attribute_task_labels_images_with_their_classes_attributes():
+    from pamfx.data import attribute_task, task_data
+    task = attribute_task([[0, 2], [1]], num_source_classes=3)
+    assert task.multilabel and task.num_classes == 2
+    assert torch.equal(task(torch.tensor([2, 1, 0])), torch.tensor([[1, 0], [0, 1], [1, 0]]))
+    images = torch.randn(3, 1, 28, 28)
+    labelled = task_data(images, torch.tensor([2, 1, 0]), {"t": task})
+    assert labelled["t"][0] is images and labelled["t"][1].shape == (3, 2)
+    with pytest.raises(pamfx.DataError, match="task 'bad' returned shape \\(3,\\).*2 attributes per sample"):
+        task_data(images, torch.tensor([2, 1, 0]), {"bad": type(task)(2, lambda y: y, multilabel=True)})
+
+
+def test_the_bench_attributes_scenario_derives_attributes_from_classes():
+    path = Path(__file__).parents[1] / "bench" / "scenarios.py"
+    spec = importlib.util.spec_from_file_location("bench_scenarios", path)
+    scenarios = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scenarios)
+    scenario = scenarios.SCENARIOS["attributes"]
+    assert scenario.methods == ("none+taylor", "mtz+taylor", "pam+taylor")
+    tasks = scenario.tasks()
+    coat, sandal = torch.tensor([4]), torch.tensor([5])
+    garment = dict(zip(scenarios.ATTRIBUTE_TASKS["garment"], tasks["garment"](coat)[0].tolist()))
+    wear = dict(zip(scenarios.ATTRIBUTE_TASKS["wear"], tasks["wear"](sandal)[0].tolist()))
+    assert garment == {"upper_body": 1, "lower_body": 0, "has_sleeves": 1, "long_sleeves": 1, "opens_in_front": 1}
+    assert wear["footwear"] == 1 and wear["for_warm_weather"] == 1 and wear["for_cold_weather"] == 0
+    assert scenario.architecture(tasks["wear"].num_classes).fc3.out_features == len(scenarios.ATTRIBUTE_TASKS["wear"])
+
+
+def test_attribute_labels_come_through_a_data_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+    from pamfx.checks import check_data
+    x, attributes = torch.randn(10, 1, 28, 28), torch.randint(0, 2, (10, 5))
+    loader = DataLoader(TensorDataset(x, 2 * attributes - 1), batch_size=4)
+    inputs, labels = check_data({"m": loader}, ("m",))["m"]
+    assert torch.equal(inputs, x) and torch.equal(labels, attributes)
