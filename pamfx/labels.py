@@ -56,7 +56,8 @@ def check_head(labels: torch.Tensor, width: int, what: str, model: str) -> None:
     if is_multilabel(labels):
         if labels.shape[1] != width:
             raise DataError(f"{what}: labels hold {labels.shape[1]} attribute columns but model '{model}' has "
-                            f"{width} outputs; a multi-label task needs one output per attribute")
+                            f"{width} outputs; a multi-label task needs one output per attribute (class indices are a "
+                            "1-D tensor [n])")
     elif int(labels.max()) >= width:
         raise DataError(f"{what}: labels span {int(labels.min())}..{int(labels.max())} but model '{model}' has "
                         f"{width} outputs")

@@ -122,16 +122,17 @@ def test_the_guard_holds_on_mean_attribute_accuracy(merge):
         assert result.model.macs() < result.report.row(tuple(heads)).merged_macs     # it did prune
 
 
-@pytest.mark.parametrize("merge, heads", [
-    ("pam", {"m": ATTRIBUTES["m"], "n": ATTRIBUTES["n"]}),
-    ("mtz", {"m": ATTRIBUTES["m"], "n": ATTRIBUTES["n"]}),
-    ("pam", {"a": 6, "m": ATTRIBUTES["m"], "c": 3}),              # class-label and multi-label tasks together
+@pytest.mark.parametrize("merge, heads, criterion", [
+    ("pam", {"m": ATTRIBUTES["m"], "n": ATTRIBUTES["n"]}, "taylor"),
+    ("mtz", {"m": ATTRIBUTES["m"], "n": ATTRIBUTES["n"]}, "taylor"),
+    ("pam", {"a": 6, "m": ATTRIBUTES["m"], "c": 3}, "taylor"),    # class-label and multi-label tasks together
+    ("none", {"a": 6, "m": ATTRIBUTES["m"]}, "vib"),               # VIB's gates learn on the tasks' own losses
 ])
-def test_merges_prune_and_generate_code_on_attribute_tasks(merge, heads, tmp_path):
+def test_merges_prune_and_generate_code_on_attribute_tasks(merge, heads, criterion, tmp_path):
     models = models_for(heads, seed=5)
     data, guard = attribute_data(heads, 96, seed=1), attribute_data(heads, 64, seed=2)
     tolerance = 0.5
-    result = run(models, data, guard, merge=merge, prune="taylor", tolerance=tolerance)
+    result = run(models, data, guard, merge=merge, prune=criterion, tolerance=tolerance)
     final = evaluate(result.model, guard)
     for task in heads:
         assert final[task] == result.report.row([task]).accuracy[task]
@@ -139,7 +140,8 @@ def test_merges_prune_and_generate_code_on_attribute_tasks(merge, heads, tmp_pat
         assert not [w for w in result.warnings if f"task '{task}'" in w]
     assert result.report.multilabel == tuple(t for t in heads if t in ATTRIBUTES)
     assert result.model.macs() < result.report.row(tuple(heads)).merged_macs
-    generated = load_generated(pamfx.codegen(result.model, tmp_path / "merged.py"), f"multilabel_{merge}_{len(heads)}")
+    path = pamfx.codegen(result.model, tmp_path / "merged.py")
+    generated = load_generated(path, f"multilabel_{merge}_{criterion}_{len(heads)}")
     assert_equivalent(lambda x: result.model(x), generated.load(), guard["m"][0][:6], all_combinations(tuple(heads)))
 
 
