@@ -196,7 +196,8 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
              f"{scenario.architecture_name} per task ({', '.join(tasks)}) trained {scenario.train_epochs} epochs on "
              f"the training split minus a seeded {GUARD_SIZE:,}-image guard; tolerance {TOLERANCE} on the guard; "
              f"fine-tuning after a merge {FINETUNE}; pruning {PRUNING}. Test accuracy (10,000 images) "
-             "of the originals: " + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + ".", ""]
+             "of the originals: " + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + "."
+             + _attribute_note(scenario), ""]
     if len(tasks) <= 3:
         columns = [(("{" + ", ".join(c) + "}"), [c]) for c in combos]
     else:
@@ -226,6 +227,12 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
         if result.get("notes"):
             lines += [f"## Notes: {method}", "", *[f"- {n}" for n in result["notes"]], ""]
     return "\n".join(lines)
+
+
+def _attribute_note(scenario: Scenario) -> str:
+    multilabel = [t for t, fn in scenario.tasks().items() if fn.multilabel]
+    return (f" Multi-label tasks ({', '.join(multilabel)}): accuracy is the mean attribute accuracy (logit > 0 vs "
+            "label, averaged over attributes and images)." if multilabel else "")
 
 
 def ratio_lines(results: dict, tasks: tuple, columns: list) -> list[str]:

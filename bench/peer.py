@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pamfx.labels import task_loss
 from pamfx.train import accuracy
 
 # Torch-Pruning 1.4+ calls its pruner BasePruner and keeps MetaPruner as a deprecated alias; older ones have only
@@ -103,7 +103,7 @@ def _finetune(model: nn.Module, train: tuple[Tensor, Tensor], steps: int, budget
     model.train()
     for _ in range(steps):
         x, y = _batch(train, budget.batch_size, generator)
-        loss = F.cross_entropy(model(x), y)
+        loss = task_loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -128,7 +128,7 @@ def _prune_step(model: nn.Module, fraction: float, train: tuple[Tensor, Tensor],
     model.zero_grad(set_to_none=True)
     for _ in range(budget.importance_batches):
         x, y = _batch(train, budget.batch_size, generator)
-        F.cross_entropy(model(x), y).backward()
+        task_loss(model(x), y).backward()
     pruner.step()
     model.zero_grad(set_to_none=True)
     for name, m in model.named_modules():

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from pamfx.data import LabelFunction, class_group_task, paper_split, partition_task
+from pamfx.data import LabelFunction, attribute_task, class_group_task, paper_split, partition_task
 from pamfx.zoo import lenet5, resnet_small, vgg_bn
 
 GUARD_SIZE = 6000
@@ -55,6 +55,26 @@ def partitions(count: int = 10, seed: int = 0) -> dict[str, LabelFunction]:
     return tasks
 
 
+# Binary attributes of the ten Fashion-MNIST classes (0 T-shirt/top, 1 trouser, 2 pullover, 3 dress, 4 coat,
+# 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 ankle boot): attribute -> the classes that have it.
+ATTRIBUTES = {
+    "upper_body": (0, 2, 3, 4, 6), "lower_body": (1, 3), "has_sleeves": (0, 2, 4, 6), "long_sleeves": (2, 4, 6),
+    "opens_in_front": (4, 6), "footwear": (5, 7, 9), "for_cold_weather": (2, 4, 9), "for_warm_weather": (0, 3, 5),
+    "covers_the_ankle": (1, 9), "sporty": (0, 7), "accessory": (8,),
+}
+# Two multi-label tasks of correlated attributes, as the PAM paper's CelebA / LFW tasks are groups of attributes.
+ATTRIBUTE_TASKS = {
+    "garment": ("upper_body", "lower_body", "has_sleeves", "long_sleeves", "opens_in_front"),
+    "wear": ("footwear", "for_cold_weather", "for_warm_weather", "covers_the_ankle", "sporty", "accessory"),
+}
+
+
+def attributes() -> dict[str, LabelFunction]:
+    """Two multi-label tasks of binary attributes derived from the ten classes (ATTRIBUTES, ATTRIBUTE_TASKS): one head
+    output per attribute (5 and 6), binary cross-entropy, accuracy the mean per-attribute accuracy."""
+    return {task: attribute_task([ATTRIBUTES[name] for name in names]) for task, names in ATTRIBUTE_TASKS.items()}
+
+
 def one_vs_rest() -> dict[str, LabelFunction]:
     """Ten binary tasks, class c against the rest: partial sharing."""
     return {f"class_{c}": class_group_task([c]) for c in range(10)}
@@ -70,6 +90,8 @@ SCENARIOS = {scenario.name: scenario for scenario in [
     Scenario("ovr10", "ten one-vs-rest tasks", lenet5, one_vs_rest),
     Scenario("vgg", "the paper's split on VGG-BN", vgg_bn, paper_split),
     Scenario("resnet", "the paper's split on the residual net", resnet_small, paper_split),
+    Scenario("attributes", "two multi-label tasks of Fashion-MNIST attributes", lenet5, attributes,
+             ("none+taylor", "mtz+taylor", "pam+taylor")),
 ]}
 
 

@@ -25,6 +25,7 @@ from pamfx.data import LabelFunction, load_fashion_mnist, paper_split, task_data
 from pamfx.devices import device_of, resolve_device
 from pamfx.errors import DataError, DatasetMissingError, DeviceError, GroupingError
 from pamfx.ir import all_combinations
+from pamfx.labels import accuracy_name
 from pamfx.train import accuracy, evaluate, train_or_load
 from pamfx.zoo import lenet5
 
@@ -108,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(result.report.to_markdown())
     tested = evaluate(result.model, test_data)
     print("test accuracy (never used for a decision): " + ", ".join(
-        f"{t} {accuracy(models[t], *test_data[t]):.4f} -> {tested[t]:.4f}" for t in tasks))
+        f"{t} {_named(test_data[t][1])}{accuracy(models[t], *test_data[t]):.4f} -> {tested[t]:.4f}" for t in tasks))
     out = pamfx.codegen(result.model, args.out, overwrite=args.overwrite)
     print(f"wrote {out} and {out.with_suffix('.pt')}")
     matches = check_generated(out, result.model, next(iter(test_data.values()))[0][:CHECK_IMAGES])
@@ -139,7 +140,8 @@ def train_models(tasks: dict[str, LabelFunction], train_data: dict, test_data: d
         make_model = functools.partial(lenet5, label_fn.num_classes)
         models[task] = train_or_load(f"lenet5-{task}", make_model, *train_data[task],
                                      cache_dir=cache_dir, epochs=epochs, seed=seed, progress=progress)
-        print(f"{task}: LeNet-5 test accuracy {accuracy(models[task], *test_data[task]):.4f} "
+        score = accuracy(models[task], *test_data[task])
+        print(f"{task}: LeNet-5 test {accuracy_name(test_data[task][1])} {score:.4f} "
               f"({time.perf_counter() - started:.1f} s to train or load)")
     return models
 
@@ -175,6 +177,11 @@ def _check_out_is_free(out: Path, overwrite: bool) -> None:
     for target in (out, out.with_suffix(".pt")):
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+
+
+def _named(labels: torch.Tensor) -> str:
+    """'' for class labels; 'mean attribute accuracy ' for a multi-label task, whose accuracy means that."""
+    return "" if accuracy_name(labels) == "accuracy" else f"{accuracy_name(labels)} "
 
 
 def _positive_int(text: str) -> int:

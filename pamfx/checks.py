@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
+from .labels import canonical, check_head
 
 MERGES = ("pam", "mtz", "none")
 PRUNERS = ("taylor", "l1", "vib", None)
@@ -69,11 +70,10 @@ def check_data(data, tasks: tuple[str, ...], argument: str = "data") -> dict[str
 
 
 def check_labels(data: dict, widths: dict[str, int], argument: str = "data") -> None:
-    """Raises DataError if a task's labels fall outside its head's outputs."""
+    """Raises DataError if a task's labels do not fit its head: class indices beyond its outputs, or attribute
+    columns [n, k] with k not its number of outputs."""
     for task, (_, labels) in data.items():
-        if labels.min() < 0 or labels.max() >= widths[task]:
-            raise DataError(f"{argument}['{task}']: labels span {int(labels.min())}..{int(labels.max())} but "
-                            f"model '{task}' has {widths[task]} outputs")
+        check_head(labels, widths[task], f"{argument}['{task}']", task)
 
 
 def _materialise(value, task, argument):
@@ -103,18 +103,20 @@ def _split_loader(loader, argument) -> dict:
 
 def _check_pair(pair, task, argument):
     inputs, labels = pair
-    check_pair(inputs, labels, f"{argument}['{task}']")
+    labels = check_pair(inputs, labels, f"{argument}['{task}']")
     if not inputs.is_floating_point():
         raise DataError(f"{argument}['{task}']: inputs must be floating point, got {inputs.dtype}")
-    return inputs.float(), labels.long()
+    return inputs.float(), labels
 
 
-def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str) -> None:
-    """Check that (inputs, labels) can be trained or evaluated on.
+def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str) -> torch.Tensor:
+    """Check that (inputs, labels) can be trained or evaluated on; returns the labels in canonical form
+    (pamfx.labels.canonical: int64 class indices [n], or int64 0/1 attributes [n, k]).
 
     Takes input and label tensors and `what`, a name for the data used in messages (a task, a desc).
     Raises TypeError when they are not tensors, DataError when the data is empty, the lengths differ,
-    the labels are not integer class indices >= 0, or the inputs hold NaN or infinity.
+    the labels are neither integer class indices >= 0 nor 0/1 (or -1/+1) attributes [n, k], or the inputs hold
+    NaN or infinity.
     """
     if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"{what}: inputs and labels must be tensors, got "
@@ -123,11 +125,8 @@ def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str) -> None:
         raise DataError(f"{what}: no samples; pass at least one (inputs, label) pair")
     if len(inputs) != len(labels):
         raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per input")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dim() != 1:
-        raise DataError(f"{what}: labels must be a 1-D integer tensor of class indices, got "
-                        f"{labels.dtype} of shape {tuple(labels.shape)}")
-    if int(labels.min()) < 0:
-        raise DataError(f"{what}: labels must be >= 0, got {int(labels.min())}")
+    labels = canonical(labels, what)
     if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
         bad = int((~torch.isfinite(inputs)).reshape(len(inputs), -1).any(1).nonzero()[0])
         raise DataError(f"{what}: inputs hold NaN or infinity (first at sample {bad}); clean the data")
+    return labels

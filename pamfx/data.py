@@ -160,14 +160,18 @@ def _read_split(stamps: tuple[tuple[str, int, int], ...]) -> tuple[np.ndarray, n
 
 @dataclass(frozen=True)
 class LabelFunction:
-    """How one task labels the images: maps Fashion-MNIST labels [N] to task labels in 0..num_classes-1."""
+    """How one task labels the images: maps Fashion-MNIST labels [N] to task labels in 0..num_classes-1, or with
+    `multilabel` to 0/1 attributes [N, num_classes] (num_classes is then the number of attributes: the head's width).
+    """
 
     num_classes: int
     fn: Callable[[Tensor], Tensor]
+    multilabel: bool = False
 
     def __post_init__(self):
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"a task needs num_classes >= 2 (an int), got {self.num_classes!r}")
+        least = 1 if self.multilabel else 2
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < least:
+            raise ValueError(f"a task needs num_classes >= {least} (an int), got {self.num_classes!r}")
         if not callable(self.fn):
             raise TypeError(f"LabelFunction.fn must be callable, got {type(self.fn).__name__}")
 
@@ -217,6 +221,23 @@ def partition_task(blocks: Iterable[Iterable[int]], num_source_classes: int = le
     return LabelFunction(num_classes=len(blocks), fn=functools.partial(_relabel, table=table))
 
 
+def attribute_task(attributes: Iterable[Iterable[int]], num_source_classes: int = len(CLASS_NAMES)) -> LabelFunction:
+    """A multi-label task of binary attributes: attribute k is 1 for the source classes in attributes[k], else 0.
+
+    Returns a LabelFunction (multilabel=True) with one output per attribute, mapping labels [N] to 0/1 [N, k].
+    Raises ValueError for no attributes or a class outside 0..num_source_classes-1.
+    Example: attribute_task([[0, 2], [1]], 3)(tensor([2, 1])) == tensor([[1, 0], [0, 1]]).
+    """
+    attributes = [frozenset(classes) for classes in attributes]
+    if not attributes:
+        raise ValueError("attribute_task needs at least one attribute")
+    outside = sorted(c for classes in attributes for c in classes if not 0 <= c < num_source_classes)
+    if outside:
+        raise ValueError(f"classes {outside} are outside 0..{num_source_classes - 1}")
+    table = tuple(tuple(int(c in classes) for classes in attributes) for c in range(num_source_classes))
+    return LabelFunction(num_classes=len(attributes), fn=functools.partial(_relabel, table=table), multilabel=True)
+
+
 def paper_split() -> dict[str, LabelFunction]:
     """The PAM paper's scenario: "classes_0_4" and "classes_5_9", each a 6-way task (its five classes or 'other').
 
@@ -235,19 +256,23 @@ def task_data(images: Tensor, labels: Tensor,
     Takes images [N, ...], source labels [N] and task name -> LabelFunction.
     Returns task name -> (images, task labels); the images tensor is shared, not copied.
     Raises DataError when images and labels differ in length, or a label function returns labels of
-    another length or outside 0..num_classes-1 (naming the task).
+    another shape or outside 0..num_classes-1 (0/1 for a multi-label task), naming the task.
     """
     if len(images) != len(labels):
         raise DataError(f"task_data got {len(images)} images but {len(labels)} labels; pass one label per image")
     data = {}
     for name, label_fn in label_fns.items():
         task_labels = label_fn(labels)
-        if task_labels.shape != labels.shape:
+        multilabel = label_fn.multilabel
+        shape = (len(labels), label_fn.num_classes) if multilabel else tuple(labels.shape)
+        if tuple(task_labels.shape) != shape:
+            wanted = f"{label_fn.num_classes} attributes per sample" if multilabel else "one label per sample"
             raise DataError(f"label function of task '{name}' returned shape {tuple(task_labels.shape)} "
-                            f"for labels of shape {tuple(labels.shape)}; it must return one label per sample")
-        if task_labels.numel() and (int(task_labels.min()) < 0 or int(task_labels.max()) >= label_fn.num_classes):
+                            f"for labels of shape {tuple(labels.shape)}; it must return {wanted}")
+        top = 2 if multilabel else label_fn.num_classes
+        if task_labels.numel() and (int(task_labels.min()) < 0 or int(task_labels.max()) >= top):
             raise DataError(f"label function of task '{name}' returned labels "
                             f"{int(task_labels.min())}..{int(task_labels.max())}, outside "
-                            f"0..{label_fn.num_classes - 1}; fix the function or its num_classes")
+                            f"0..{top - 1}; fix the function or its num_classes")
         data[name] = (images, task_labels.long())
     return data

@@ -3,6 +3,7 @@ from dataclasses import dataclass, replace
 
 from . import ops
 from .ir import MODULES, OP, SHAPES, AlignedGraph, all_combinations
+from .labels import is_multilabel
 from .train import evaluate
 
 
@@ -12,7 +13,7 @@ class Row:
     macs: int
     params: int
     separate_macs: int           # running the original models of the combination one after another
-    accuracy: dict               # task -> top-1 accuracy in [0, 1] on the guard data
+    accuracy: dict               # task -> top-1 (multi-label: mean attribute) accuracy in [0, 1] on the guard data
     merged_macs: int | None = None   # after merging, before pruning (None: not pruned)
 
 
@@ -22,6 +23,7 @@ class Report:
     rows: tuple[Row, ...]
     original_accuracy: dict      # task -> top-1 accuracy of the original model on the guard data
     notes: tuple[str, ...] = ()  # extra tables later passes add (e.g. a merge's group counts)
+    multilabel: tuple[str, ...] = ()   # tasks with attribute labels: their accuracy is the mean attribute accuracy
 
     def row(self, tasks) -> Row:
         """The row of one combination; raises KeyError naming the combination if the report has no such row."""
@@ -38,7 +40,8 @@ class Report:
         """A markdown table, one row per combination of tasks."""
         pruned = any(row.merged_macs is not None for row in self.rows)
         head = ["combination"] + (["merged MACs"] if pruned else []) + ["MACs", "separate MACs", "saving", "params"]
-        head += [f"acc {t} (orig {self.original_accuracy[t]:.4f})" for t in self.tasks]
+        head += [f"{'mean attribute acc' if t in self.multilabel else 'acc'} {t} (orig {self.original_accuracy[t]:.4f})"
+                 for t in self.tasks]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             cells = ["{" + ", ".join(row.combination) + "}"] + ([f"{row.merged_macs:,}"] if pruned else [])
@@ -46,7 +49,9 @@ class Report:
                       f"{row.params:,}"]
             cells += [f"{row.accuracy[t]:.4f}" if t in row.accuracy else "" for t in self.tasks]
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines + [""] + list(self.notes))
+        legend = [f"mean attribute accuracy ({', '.join(self.multilabel)}): the share of attributes whose logit sign "
+                  "matches the label (logit > 0 vs 1), averaged over attributes and samples"] if self.multilabel else []
+        return "\n".join(lines + [""] + legend + list(self.notes))
 
 
 def make_report(network, aligned: AlignedGraph, guard: dict, original_accuracy: dict, notes=(),
@@ -59,7 +64,8 @@ def make_report(network, aligned: AlignedGraph, guard: dict, original_accuracy: 
                      separate_macs=sum(separate[t] for t in c), accuracy={t: accuracy[t] for t in c},
                      merged_macs=None if merged_macs is None else merged_macs[c])
                  for c in all_combinations(aligned.tasks))
-    return Report(tasks=aligned.tasks, rows=rows, original_accuracy=dict(original_accuracy), notes=tuple(notes))
+    return Report(tasks=aligned.tasks, rows=rows, original_accuracy=dict(original_accuracy), notes=tuple(notes),
+                  multilabel=tuple(t for t in aligned.tasks if is_multilabel(guard[t][1])))
 
 
 def original_macs(aligned: AlignedGraph) -> dict[str, int]:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pamfx.checks import check_pair
 from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.errors import PamfxError
+from pamfx.labels import correct, task_loss
 
 # Bump when training changes in a way that should invalidate cached models.
 _CACHE_FORMAT = 1
@@ -30,15 +30,17 @@ _CACHE_FORMAT = 1
 
 def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, batch_size: int = 128,
           lr: float = 1e-3, seed: int = 0, progress: bool = True, desc: str = "train") -> nn.Module:
-    """Train `model` in place with Adam and cross-entropy on (inputs, labels).
+    """Train `model` in place with Adam and the labels' loss on (inputs, labels) (pamfx.labels.task_loss:
+    cross-entropy for class indices, binary cross-entropy for attributes).
 
-    Takes the model (its forward returns logits [B, C]), inputs [N, ...], labels int [N] in 0..C-1, the
+    Takes the model (its forward returns logits [B, C]), inputs [N, ...], labels int [N] in 0..C-1 or 0/1
+    (or -1/+1) attributes [N, C], the
     number of epochs, batch size, learning rate, the seed of shuffling and dropout, whether to show a
     tqdm bar (its postfix is the running loss), and `desc`, the bar's label and the data's name in errors.
     Returns the same model, in eval mode. Its result depends only on the model's initial weights and `seed`.
     Raises ValueError for bad settings, DataError for bad data (see pamfx.checks.check_pair).
     """
-    check_pair(inputs, labels, desc)
+    labels = check_pair(inputs, labels, desc)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{desc}: {name} must be a positive int, got {value!r}")
@@ -60,7 +62,7 @@ def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, 
             for start in range(0, n, batch_size):
                 batch = order[start:start + batch_size]
                 x, y = to_device(device, inputs[batch], labels[batch])
-                loss = F.cross_entropy(model(x), y)
+                loss = task_loss(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -74,13 +76,14 @@ def train(model: nn.Module, inputs: Tensor, labels: Tensor, *, epochs: int = 1, 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of a single-task `model` on (inputs, labels), in [0, 1].
+    """Top-1 accuracy of a single-task `model` on (inputs, labels), in [0, 1]; for attribute labels [N, C] the
+    mean per-attribute accuracy (pamfx.labels.correct).
 
     Runs in eval mode without gradients and puts the model back in the mode it was in.
     Raises DataError for bad data (see pamfx.checks.check_pair), TypeError when the model does not return a tensor
     of logits [B, C].
     """
-    check_pair(inputs, labels, "accuracy")
+    labels = check_pair(inputs, labels, "accuracy")
     was_training = model.training
     model.eval()
     try:
@@ -91,8 +94,8 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
 
 @torch.no_grad()
 def evaluate(network: nn.Module, data: dict, batch_size: int = 1024) -> dict[str, float]:
-    """{task: top-1 accuracy} of a multitask `network` (called as network(x, tasks=[task]) -> {task: logits})
-    on data {task: (inputs, labels)}, each task run alone; in eval mode, then back to the mode it was in.
+    """{task: top-1 accuracy (mean attribute accuracy for a multi-label task)} of a multitask `network` (called as
+    network(x, tasks=[task]) -> {task: logits}) on data {task: (inputs, labels)}, each task run alone; in eval mode, then back to the mode it was in.
     The data may live anywhere: each batch moves to the network's device."""
     was_training = network.training
     network.eval()
@@ -105,15 +108,15 @@ def evaluate(network: nn.Module, data: dict, batch_size: int = 1024) -> dict[str
 
 
 def _top1(predict, inputs: Tensor, labels: Tensor, batch_size: int, device: torch.device) -> float:
-    correct = 0
+    hits = 0.0
     for start in range(0, len(inputs), batch_size):
         x, y = to_device(device, inputs[start:start + batch_size], labels[start:start + batch_size])
         logits = predict(x)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise TypeError(f"accuracy needs a model returning logits [B, C], got "
                             f"{type(logits).__name__}; pick one task's output first")
-        correct += int((logits.argmax(1) == y).sum())
-    return correct / len(inputs)
+        hits += correct(logits, y)
+    return hits / len(inputs)
 
 
 def _fingerprint(tensor: Tensor) -> str:
@@ -139,7 +142,7 @@ def train_or_load(name: str, make_model: Callable[[], nn.Module], inputs: Tensor
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise ValueError(f"train_or_load name must be non-empty letters, digits, '_', '.', '-', got {name!r}")
-    check_pair(inputs, labels, name)
+    labels = check_pair(inputs, labels, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make_model()

@@ -17,11 +17,11 @@ puts one multiplicative gate per unit there, shared by all those tensors; Taylor
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pamfx.devices import device_of, to_device
 from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace
+from pamfx.labels import task_loss
 from pamfx.passes.finetune import FinetuneConfig, finetune
 
 
@@ -86,14 +86,15 @@ class UnitGates(nn.Module):
 def taylor(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch.Tensor]:
     """First-order Taylor importance (Molchanov et al. 2019): for each batch, s_u = sum over samples and positions
     of activation x dLoss/dactivation at the unit's readouts (the gradient of its gate at 1), with the loss summed
-    over tasks; the score is the mean of s_u^2 over `config.importance_batches` batches of training data."""
+    over tasks (each task's own loss, pamfx.labels.task_loss); the score is the mean of s_u^2 over
+    `config.importance_batches` batches of training data."""
     gates = _gates(aligned, spaces, tuned, noisy=False)
     scores = {name: torch.zeros_like(mu) for name, mu in gates.mu.items()}
     generators = {t: torch.Generator().manual_seed(seed) for t in data}   # a task's batches are its own
     device = device_of(gates)
     for _ in range(config.importance_batches):
         batch = {t: to_device(device, *_draw(x, y, config.batch_size, generators[t])) for t, (x, y) in data.items()}
-        loss = sum(F.cross_entropy(gates(x, tasks=[t])[t], y) for t, (x, y) in batch.items())
+        loss = sum(task_loss(gates(x, tasks=[t])[t], y) for t, (x, y) in batch.items())
         gradients = torch.autograd.grad(loss, list(gates.mu.values()), materialize_grads=True)
         for name, gradient in zip(gates.mu, gradients):
             scores[name] += gradient.detach() ** 2 / config.importance_batches

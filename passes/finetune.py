@@ -9,12 +9,12 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, Layout
+from pamfx.labels import task_loss
 from pamfx.network import GatedNetwork
 from pamfx.passes.build import build_network
 from pamfx.passes.stack import read_back
@@ -45,8 +45,8 @@ class FinetuneConfig:
 def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneConfig(), seed: int = 0,
              progress: bool = True, desc: str = "fine-tune", extra_loss=None, frozen=()) -> nn.Module:
     """Trains a copy of `network` (called as network(x, tasks=...) -> {task: logits}): each step draws one batch
-    per task and minimises the summed cross-entropy, plus `extra_loss(network)` if given (the VIB pruner's KL
-    term). Parameters with requires_grad=False stay as they are; the submodules named in `frozen` stay exactly as
+    per task and minimises the summed task losses (pamfx.labels.task_loss: cross-entropy, or binary cross-entropy
+    for a multi-label task), plus `extra_loss(network)` if given (the VIB pruner's KL term). Parameters with requires_grad=False stay as they are; the submodules named in `frozen` stay exactly as
     they are (weights and BatchNorm statistics).
 
     Tasks whose inputs are the same tensor share each batch's samples and one forward pass; otherwise each task
@@ -75,13 +75,13 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
         if shared is not None:
             index = torch.randint(len(shared), (config.batch_size,), generator=generator)
             outputs = network(to_device(device, shared[index]))
-            loss = sum(F.cross_entropy(outputs[t], to_device(device, labels[index])) for t, (_, labels) in data.items())
+            loss = sum(task_loss(outputs[t], to_device(device, labels[index])) for t, (_, labels) in data.items())
         else:
             loss = 0
             for task, (inputs, labels) in data.items():
                 index = torch.randint(len(inputs), (config.batch_size,), generator=generators[task])
                 x, y = to_device(device, inputs[index], labels[index])
-                loss = loss + F.cross_entropy(network(x, tasks=[task])[task], y)
+                loss = loss + task_loss(network(x, tasks=[task])[task], y)
         if extra_loss is not None:
             loss = loss + extra_loss(network)
         optimizer.zero_grad()
