@@ -240,8 +240,9 @@ def ratio_lines(results: dict, tasks: tuple, columns: list) -> list[str]:
     pam = results["pam+taylor"]["macs"]
     lines = ["## Ratios against pam+taylor", "",
              "Each cell: median (min - max) over the combinations of the column. The perfect-sharing limit is "
-             "none(S) / the dearest separately pruned task of S: no merged network can do better than running its "
-             "dearest task alone.", "",
+             "none(S) / the dearest separately pruned task of S: the ratio of a merged network that costs S no more "
+             "than S's dearest task pruned alone (perfect sharing). Pruning the merged network further than each "
+             "model alone was pruned can beat it.", "",
              "| ratio | " + " | ".join(name for name, _ in columns) + " | combinations where pam costs more |",
              "|---|" + "---|" * (len(columns) + 1)]
     baselines = [m for m in ("none+taylor", "mtz+taylor", "peer") if m in results]
