@@ -268,7 +268,8 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
              "and the speed-up over the separately pruned networks (none+taylor's per task, run one after another) "
              "beside the MACs ratio, for the networks of seed 0. Measured in one run: `bench/latency.py`; other "
              "processes sharing the 2 cores make single rows noisy.", "",
-             "| method | combination | batch | ms | separate ms | speed-up | MACs ratio |", "|---|---|---|---|---|---|---|"]
+             "| method | combination | batch | ms | separate ms | speed-up | MACs ratio |",
+             "|---|---|---|---|---|---|---|"]
     none = results.get("none+taylor", {}).get("seed0_macs", {})     # the timed networks are seed 0's
     for (method, combination, batch), seconds in sorted(latency.items()):
         if method == "separate":
@@ -354,7 +355,8 @@ def write_summary() -> None:
         best_mtz = max(combos, key=lambda c: mtz[c] / pam[c])
         original = results["pam+taylor"]["original_test"]
         drop = max(100 * (original[t] - results["pam+taylor"]["test"][t]) for t in tasks)
-        lines.append(f"| [{scenario.name}]({scenario.name}.md) | {len(tasks)} | {none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
+        lines.append(f"| [{scenario.name}]({scenario.name}.md) | {len(tasks)} | "
+                     f"{none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
                      f"{none[best_none] / pam[best_none]:.2f}x | {mtz[best_mtz] / pam[best_mtz]:.2f}x "
                      f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
                      f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "

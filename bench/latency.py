@@ -51,7 +51,8 @@ def networks():
     return {m: _load(m) for m in METHODS if (FOLDER / f"{m}.py").exists()}
 
 
-@pytest.mark.parametrize("method,combination,batch", _cases(), ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
+@pytest.mark.parametrize("method,combination,batch", _cases(),
+                         ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
 def test_latency(benchmark, networks, method, combination, batch):
     x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     benchmark.extra_info.update(method=method, combination=",".join(combination), batch=batch)

@@ -32,8 +32,8 @@ class PamConfig:
     and still count as irrelevant to it, for spaces made by conv and by linear layers; the reference used 0.01 /
     0.05. None (the default): optimize() chooses them under the guard, trying `search` from the largest pair down.
     relative: read the alphas as fractions of each task's label entropy H(Y_t) (tasks with fewer or unbalanced
-    classes carry fewer nats; a multi-label task's H(Y_t) and MI are sums over its attribute columns); the search always does. samples: calibration inputs per task. sigma2: the noise
-    variance of the entropy estimator. rescale: divide each model's activations in a space by their mean standard
+    classes carry fewer nats; a multi-label task's H(Y_t) and MI are sums over its attribute columns); the search
+    always does. samples: calibration inputs per task. sigma2: the noise variance of the entropy estimator. rescale: divide each model's activations in a space by their mean standard
     deviation first, so that sigma2 means the same in every layer and model (the reference uses raw activations).
     prune_share: the share of the tolerance the search leaves to the prune pass (a trial passes when every task is
     within (1 - prune_share) x tolerance of its original model).
