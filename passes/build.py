@@ -120,7 +120,7 @@ class _Builder:
                 columns = [joined[p] for p in picked]
                 module = _resized(template, len(columns), len(run), stacked["weight"].device)
                 with torch.no_grad():
-                    module.weight.copy_(stacked["weight"][run][:, columns])
+                    module.weight.copy_(stacked["weight"].get(run, columns))
                     if module.bias is not None:
                         module.bias.copy_(stacked["bias"][run])
                 count_macs = ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs

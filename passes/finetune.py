@@ -72,22 +72,30 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
     device = device_of(network)
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for _ in bar:
+        optimizer.zero_grad()
         if shared is not None:
             index = torch.randint(len(shared), (config.batch_size,), generator=generator)
             outputs = network(to_device(device, shared[index]))
             loss = sum(task_loss(outputs[t], to_device(device, labels[index])) for t, (_, labels) in data.items())
+            loss.backward()
+            loss = loss.item()
         else:
-            loss = 0
+            # NOTE: one backward per task, gradients accumulating: the gradient of the summed loss, but only one
+            # task's activations alive at a time. A task's forward may run a network N models wide (a group shared
+            # by all tasks), so keeping every task's graph until one backward would take memory growing as N^2.
+            loss = 0.0
             for task, (inputs, labels) in data.items():
                 index = torch.randint(len(inputs), (config.batch_size,), generator=generators[task])
                 x, y = to_device(device, inputs[index], labels[index])
-                loss = loss + task_loss(network(x, tasks=[task])[task], y)
+                task_part = task_loss(network(x, tasks=[task])[task], y)
+                task_part.backward()
+                loss += task_part.item()
         if extra_loss is not None:
-            loss = loss + extra_loss(network)
-        optimizer.zero_grad()
-        loss.backward()
+            extra = extra_loss(network)
+            extra.backward()
+            loss += extra.item()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     return network.eval()
 
 

@@ -23,6 +23,7 @@ from pamfx.errors import GroupingError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.passes.activations import calibration_indices
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
+from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
 from pamfx.passes.rules import blocks, may_read
 from pamfx.passes.stack import stack_weights
@@ -115,7 +116,11 @@ def _with_partner_rows(tuned: dict, before: dict, later_layers, groups: dict) ->
     for node in later_layers:
         partners = [u for u, group in enumerate(groups[node.meta[SPACE]]) if group is None]
         for name, tensor in tuned[node.name].items():
-            tensor[partners] = before[node.name][name][partners]
+            if isinstance(tensor, LayerWeights):
+                every_column = range(tensor.shape[1])
+                tensor.set(partners, every_column, before[node.name][name].get(partners, every_column))
+            else:
+                tensor[partners] = before[node.name][name][partners]
     return tuned
 
 
@@ -132,12 +137,12 @@ def _compensation(inputs, readable, base_group, incoming_task):
 def _merge_rows(stacked, units, readable, joint, move, share) -> None:
     """Each survivor's row moves toward its partner's by `move`; it keeps only the readable inputs (rule 2)."""
     weight = stacked["weight"]
+    every_column = range(weight.shape[1])
     for unit, partner in units:
         a, b = _rows(weight, [unit], readable)[0], _rows(weight, [partner], readable)[0]
         merged = a - move @ (a - b)
-        row = weight[unit]
-        row.zero_()
-        row[readable] = merged.reshape(row[readable].shape).to(row.dtype)
+        weight.set([unit], every_column, torch.zeros((1,) + weight.shape[1:]))
+        weight.set([unit], readable, merged)
         if "bias" in stacked:
             stacked["bias"][unit] -= share * (stacked["bias"][unit] - stacked["bias"][partner])
 
@@ -199,8 +204,9 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
         kept, gone = (torch.tensor(c, dtype=torch.long) for c in zip(*columns))
         if kind in ("conv", "linear"):
             weight = weights[node.name]["weight"]
-            weight[:, kept] += weight[:, gone]
-            weight[:, gone] = 0
+            every_row = range(weight.shape[0])
+            weight.set(every_row, kept, weight.get(every_row, kept) + weight.get(every_row, gone))
+            weight.set(every_row, gone, torch.zeros((len(every_row), len(gone)) + weight.shape[2:]))
         else:
             for tensor in weights[node.name].values():
                 tensor[kept] -= share * (tensor[kept] - tensor[gone])
@@ -246,9 +252,9 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
     return rows.t() @ rows / len(rows)
 
 
-def _rows(weight: torch.Tensor, units: list[int], columns: list[int]) -> torch.Tensor:
+def _rows(weight: LayerWeights, units: list[int], columns: list[int]) -> torch.Tensor:
     """weight[units][:, columns] as [units, columns, kernel positions] in float64."""
-    picked = weight[units][:, columns].double()
+    picked = weight.get(units, columns).double()
     return picked.reshape(len(units), len(columns), -1)
 
 

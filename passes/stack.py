@@ -1,17 +1,20 @@
 """stack_weights(aligned, spaces) -> every layer's parameters over ALL models' units side by side.
 
-The stacked weight of a conv or linear layer has one row per unit of its output space (all models) and one column
-per feature of its input (all models): the original models sit on its block diagonal and every weight between
-units of different models is zero. A merge may edit these tensors (MTZ moves weights onto zipped units);
-`build_network` then cuts them into one dense tensor per group.
+The stacked weight of a conv or linear layer (a LayerWeights) has one row per unit of its output space (all models)
+and one column per feature of its input (all models): the original models sit on its block diagonal and every
+weight between units of different models is zero. A merge may edit it (MTZ moves weights onto zipped units);
+`build_network` then cuts it into one dense tensor per group. Per-channel parameters (biases, BatchNorm entries,
+depthwise kernels) are plain tensors, one entry per unit.
 
     weights = stack_weights(aligned, spaces)
     weights["fc1"]["weight"].shape   # (120 + 120, (16 + 16) * 25) for two LeNet-5
+    weights["fc1"]["weight"].get(rows, columns)   # the dense weight between those units and input features
 """
 import torch
 
 from pamfx.errors import UnsupportedOpError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Layout
+from pamfx.passes.layer_weights import SHARED, LayerWeights
 
 BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -37,22 +40,25 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
     return stacked
 
 
-def _stack_layer(name, modules, owners, rows) -> dict[str, torch.Tensor]:
+def _stack_layer(name, modules, owners, rows) -> dict:
     """Block-diagonal weight: row r of model m reads model m's own features (and the shared input)."""
     first = modules[0].weight
-    num_rows = sum(len(r) for r in rows)
-    weight = torch.zeros((num_rows, len(owners)) + tuple(first.shape[2:]), dtype=first.dtype, device=first.device)
-    bias = torch.zeros(num_rows, dtype=first.dtype, device=first.device) if modules[0].bias is not None else None
+    row_models = [0] * sum(len(r) for r in rows)
+    for model, model_rows in enumerate(rows):
+        for row in model_rows:
+            row_models[row] = model
+    column_models = [SHARED if owner is None else owner for owner in owners]
+    weight = LayerWeights(row_models, column_models, tuple(first.shape[2:]), first.dtype, first.device)
+    bias = torch.zeros(len(row_models), dtype=first.dtype, device=first.device) if modules[0].bias is not None else None
     for model, module in enumerate(modules):
         columns = [i for i, owner in enumerate(owners) if owner in (model, None)]
         dense = _dense_weight(module)
         if len(columns) != dense.shape[1]:
             raise UnsupportedOpError(f"node '{name}': model {model} has {dense.shape[1]} input channels "
                                      f"but its input tensor carries {len(columns)}")
-        row_index = torch.tensor(rows[model])
-        weight[row_index.unsqueeze(1), torch.tensor(columns)] = dense
+        weight.set(rows[model], columns, dense)
         if bias is not None:
-            bias[row_index] = module.bias.detach()
+            bias[torch.tensor(rows[model], dtype=torch.long)] = module.bias.detach()
     return {"weight": weight, "bias": bias} if bias is not None else {"weight": weight}
 
 
@@ -95,7 +101,7 @@ def read_back(network, layout: Layout, stacked: dict[str, dict[str, torch.Tensor
     task needs it) keeps its weights from `stacked`, which also gives the shapes.
 
     A merge or the prune pass keeps editing stacked weights after fine-tuning through this."""
-    fresh = {node: {name: torch.zeros_like(tensor) for name, tensor in tensors.items()} for node, tensors in stacked.items()}
+    fresh = {node: {name: _zeros_like(tensor) for name, tensor in tensors.items()} for node, tensors in stacked.items()}
     kept = dict(network.named_children())
     with torch.no_grad():
         for module_name, origin in layout.origins.items():
@@ -105,11 +111,14 @@ def read_back(network, layout: Layout, stacked: dict[str, dict[str, torch.Tensor
                 for name, tensor in fresh[origin.node].items():
                     tensor[rows] = getattr(module, name).detach()
                 continue
-            columns = torch.tensor(origin.columns, dtype=torch.long)
-            fresh[origin.node]["weight"][rows.unsqueeze(1), columns] = module.weight.detach()
+            fresh[origin.node]["weight"].set(rows, origin.columns, module.weight.detach())
             if module.bias is not None:
                 fresh[origin.node]["bias"][rows] = module.bias.detach()
     return fresh
+
+
+def _zeros_like(tensor):
+    return tensor.zeros_like() if isinstance(tensor, LayerWeights) else torch.zeros_like(tensor)
 
 
 class _Held:
@@ -118,8 +127,7 @@ class _Held:
     def __init__(self, tensors: dict, origin):
         rows = torch.tensor(origin.rows, dtype=torch.long)
         for name, tensor in tensors.items():
-            picked = tensor[rows] if origin.columns is None or name != "weight" else \
-                tensor[rows][:, torch.tensor(origin.columns, dtype=torch.long)]
+            picked = tensor[rows] if origin.columns is None or name != "weight" else tensor.get(rows, origin.columns)
             setattr(self, name, picked)
         if "bias" not in tensors:
             self.bias = None

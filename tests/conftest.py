@@ -9,6 +9,7 @@ from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.align import align
 from pamfx.passes.build import build_network
 from pamfx.passes.channel_spaces import find_channel_spaces
+from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.stack import stack_weights
 from pamfx.passes.trace import trace
 from pamfx.zoo import ZOO
@@ -90,3 +91,22 @@ def assert_equivalent(reference, model, inputs, combinations, atol=1e-5):
 @pytest.fixture(params=sorted(ZOO))
 def arch(request):
     return request.param
+
+
+def dense(weights: dict, cross_seed=None) -> dict:
+    """The stacked weights with every LayerWeights read out as one dense tensor [all rows, all columns, ...].
+    With `cross_seed`, every weight between units of different models (zero after stack_weights) is first set to a
+    seeded random value, in `weights` too, as fine-tuning a merged network or MTZ would leave it."""
+    out = {}
+    for node, tensors in weights.items():
+        out[node] = dict(tensors)
+        for name, tensor in tensors.items():
+            if isinstance(tensor, LayerWeights):
+                rows, columns = range(tensor.shape[0]), range(tensor.shape[1])
+                value = tensor.get(rows, columns)
+                if cross_seed is not None:
+                    noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(cross_seed))
+                    value = torch.where(value == 0, 0.1 * noise, value)
+                    tensor.set(rows, columns, value)
+                out[node][name] = value
+    return out

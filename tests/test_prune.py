@@ -13,10 +13,11 @@ from pamfx.api import hold_out
 from pamfx.ir import all_combinations
 from pamfx.network import INPUT
 from pamfx.passes.build import build_network
+from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.stack import read_back, stack_weights
 from pamfx.train import accuracy, evaluate
 
-from conftest import HEADS, compile_parts, make_models, random_data, random_grouping, randomised
+from conftest import HEADS, compile_parts, dense, make_models, random_data, random_grouping, randomised
 from test_codegen import load_generated
 from test_macs import counted_macs
 from test_none_merge import Mixed
@@ -233,9 +234,16 @@ def test_read_back_leaves_nothing_stale(arch, seed):
         for tensor in list(network.parameters()) + list(network.buffers()):
             if tensor.is_floating_point():
                 tensor.add_(torch.rand(tensor.shape, generator=generator) + 0.5)   # > 0: variances stay positive
-    old = {node: {name: torch.rand(t.shape, generator=generator) + 1 for name, t in tensors.items()}
-           for node, tensors in stack_weights(aligned, spaces).items()}           # no zero anywhere: stale shows
-    fresh = read_back(network, layout, old)
+    old = stack_weights(aligned, spaces)
+    for tensors in old.values():                                  # no zero anywhere, across models too: stale shows
+        for name, t in tensors.items():
+            if isinstance(t, LayerWeights):
+                t.set(range(t.shape[0]), range(t.shape[1]), torch.rand(t.shape, generator=generator) + 1)
+            else:
+                tensors[name] = torch.rand(t.shape, generator=generator) + 1
+    fresh_weights = read_back(network, layout, old)
+    fresh = dense(fresh_weights)
+    old = dense(old)
     expected = {node: {name: torch.zeros_like(t) for name, t in tensors.items()} for node, tensors in old.items()}
     kept = dict(network.named_children())
     dropped_modules = 0
@@ -258,7 +266,7 @@ def test_read_back_leaves_nothing_stale(arch, seed):
     for node, tensors in expected.items():
         for name, tensor in tensors.items():
             assert torch.equal(fresh[node][name], tensor), f"{node}.{name}"
-    rebuilt = build_network(aligned, spaces, grouping, fresh)[0].eval()
+    rebuilt = build_network(aligned, spaces, grouping, fresh_weights)[0].eval()
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         for combination in all_combinations(tasks):

@@ -1,7 +1,7 @@
 """build_network against a hand-written reference, and every structural error path that no other test fires.
 
-The reference runs the stacked weights (all models' units side by side) as plain dense layers, with rule 2 applied
-as a mask: weight[r, c] is kept iff the group of input feature c contains the group of unit r, and cut when either
+The reference runs the stacked weights (all models' units side by side, read out of each LayerWeights as one dense
+tensor) as plain dense layers, with rule 2 applied as a mask: weight[r, c] is kept iff the group of input feature c contains the group of unit r, and cut when either
 is dropped. Every unit is computed, whatever its group; task t's head reads only units whose groups contain t, and
 those read only what rule 2 allows, so t's head output must equal the task-gated network's.
 """
@@ -19,7 +19,7 @@ from pamfx.passes.merge_pam import merge_pam
 from pamfx.passes.rules import check_paths
 from pamfx.passes.stack import stack_weights
 
-from conftest import HEADS, compile_parts, make_models, random_data, random_grouping, randomised
+from conftest import HEADS, compile_parts, dense, make_models, random_data, random_grouping, randomised
 from test_none_merge import Mixed
 
 TASKS = ("a", "b", "c")
@@ -117,10 +117,11 @@ def test_build_equals_the_masked_dense_reference(arch, seed):
     grouping = random_grouping(aligned, spaces, seed)
     assert any(None in groups for groups in grouping.groups.values())    # some units are dropped
     weights = stack_weights(aligned, spaces)
+    reference_weights = dense(weights, cross_seed=seed)   # cross-model weights too: a merge leaves them
     network = build_network(aligned, spaces, grouping, weights)[0].eval()
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
-        everything = reference(x, weights, unit_groups(spaces, grouping, TASKS))
+        everything = reference(x, reference_weights, unit_groups(spaces, grouping, TASKS))
         for model, task in enumerate(TASKS):
             columns = spaces[head].units_of_model(model)
             torch.testing.assert_close(network(x, tasks=[task])[task], everything[:, columns], atol=1e-5, rtol=0,
@@ -133,7 +134,7 @@ def test_the_reference_is_the_originals_when_nothing_is_merged():
     aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
-        everything = vgg_bn_reference(x, stack_weights(aligned, spaces),
+        everything = vgg_bn_reference(x, dense(stack_weights(aligned, spaces)),
                                       unit_groups(spaces, merge_none(aligned, spaces), TASKS))
         for model, task in enumerate(TASKS):
             torch.testing.assert_close(everything[:, spaces["fc2"].units_of_model(model)], models[task](x),
