@@ -3,7 +3,6 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .checks import check_configs, check_data, check_models, check_options

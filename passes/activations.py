@@ -15,7 +15,7 @@ from torch import fx
 
 from pamfx.devices import device_of, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace
-from pamfx.sources import as_task_data, calibration_indices  # noqa: F401 (calibration_indices: re-exported)
+from pamfx.sources import as_task_data
 
 
 @dataclass(frozen=True)
