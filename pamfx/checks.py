@@ -103,12 +103,9 @@ def check_batch(batch, task: str | None, data: LoaderData, offset: int) -> tuple
         inputs, checked[name] = _check_pair((inputs, task_labels), name, argument, offset)
         if name in data.widths:
             check_head(checked[name], data.widths[name], f"{argument}['{name}']", name)
-    shape = tuple(inputs.shape[1:])
-    if data.shape is None:
-        data.shape = shape
-    elif shape != data.shape:
-        raise DataError(f"{argument}: a batch's inputs have shape {shape} but earlier ones {data.shape}; "
-                        "all models read one input")
+    if data.shape is not None and tuple(inputs.shape[1:]) != data.shape:
+        raise DataError(f"{argument}: a batch's inputs have shape {tuple(inputs.shape[1:])} but the first batch's "
+                        f"{data.shape}; all models read one input")
     return inputs, checked
 
 

@@ -118,14 +118,16 @@ class TensorData(TaskData):
 
 class LoaderData(TaskData):
     """DataLoaders, read a batch at a time: {task: DataLoader of (inputs, labels)} or one DataLoader of
-    (inputs, {task: labels}) for all tasks. Every batch is checked as it is read (pamfx.checks.check_batch)."""
+    (inputs, {task: labels}) for all tasks. Every batch is checked as it is read by `check(batch, task, self,
+    offset)` (pamfx.checks.check_batch, passed in so that the checks stay in one module) against the input shape
+    of the first batch and, once check_heads has told them, the heads' widths."""
 
     def __init__(self, loaders: dict, tasks: tuple[str, ...], argument: str, check):
         # loaders: {task: DataLoader}, or {None: DataLoader} for one loader of all tasks
         self.loaders, self.tasks, self.argument, self.check = loaders, tasks, argument, check
         self.widths: dict[str, int] = {}
-        self.shape = None
-        self.kinds: dict[str, bool] = {}
+        self.shape: tuple | None = None   # of one sample's inputs, from the first batch
+        self.kinds: dict[str, bool] = {}   # task -> multi-label
         # NOTE: fine-tuning and the criteria continue where the last of them stopped reading, so that the many
         # short fine-tunes of the prune pass see the whole dataset rather than its first batches every time.
         self._cycles: dict = {}
@@ -133,6 +135,7 @@ class LoaderData(TaskData):
         for task, loader in loaders.items():
             for x, labels in self._pass(task, loader):
                 first[task] = x
+                self.shape = self.shape or tuple(x.shape[1:])
                 self.kinds.update({t: is_multilabel(y) for t, y in labels.items()})
                 break
             else:

@@ -197,3 +197,13 @@ def test_tensors_and_loaders_cannot_be_mixed():
     data = random_data(("a", "b"))
     with pytest.raises(TypeError, match=r"data\['a'\] is a DataLoader but data\['b'\] is not"):
         pamfx.optimize(models, {"a": DataLoader(TensorDataset(*data["a"])), "b": data["b"]}, progress=False)
+
+
+def test_loaders_of_different_input_shapes_are_refused():
+    models = make_models("lenet5", ("a", "b"))
+    data = random_data(("a", "b"))
+    loaders = {"a": DataLoader(TensorDataset(*data["a"]), batch_size=8),
+               "b": DataLoader(TensorDataset(data["b"][0][:, :, :20], data["b"][1]), batch_size=8)}
+    with pytest.raises(pamfx.DataError, match=r"data: a batch's inputs have shape \(1, 20, 28\) but the first "
+                                              r"batch's \(1, 28, 28\); all models read one input"):
+        pamfx.optimize(models, loaders, progress=False)
