@@ -3,12 +3,11 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .checks import check_configs, check_data, check_labels, check_models, check_options
+from .checks import check_configs, check_data, check_models, check_options
 from .devices import resolve_device
-from .errors import DataError, PamfxWarning
+from .errors import PamfxWarning
 from .ir import OP, SHAPES, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
@@ -22,7 +21,8 @@ from .passes.prune import PruneConfig, prune as prune_network
 from .passes.stack import stack_weights
 from .passes.trace import trace
 from .report import Report, make_report
-from .train import accuracy, evaluate
+from .sources import hold_out  # noqa: F401 (re-exported: the tensors' split)
+from .train import accuracies, evaluate
 
 # merge name -> function(aligned, spaces, data, options) returning (Grouping, stacked weights)
 MERGES = {
@@ -55,10 +55,15 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     """Merges N single-task models of one architecture into one task-gated network and prunes it (DESIGN.md 6).
 
     models: {task: nn.Module}, same topology (widths and head sizes may differ; one model is pruned alone).
-    data / eval_data: {task: (inputs, labels)} or DataLoaders. eval_data is the guard: every decision (pruning
+    data / eval_data: {task: (inputs, labels)} tensors, {task: DataLoader of (inputs, labels)}, or one DataLoader
+    of (inputs, {task: labels}). A DataLoader is streamed, never materialised (pamfx.sources): calibration reads
+    its first batches, fine-tuning iterates it afresh every epoch, evaluation reads it batch by batch, and each
+    batch is checked as it is read. eval_data is the guard: every decision (pruning
     steps, stops) keeps each task's accuracy on it >= its original model's minus `tolerance`; without it a seeded
     share `pruning.guard_fraction` of `data` is held out as the guard and never trained on (the report says how
-    many samples). merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None.
+    many samples): of tensors, those samples; of a DataLoader, those items of its dataset, read through loaders
+    with its settings (torch.utils.data.Subset; a loader over an IterableDataset or with its own sampler needs
+    eval_data). merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | None.
     device: None runs where the models are (all on one device); "cpu", "cuda", "cuda:1" or a torch.device runs
     every stage on copies of the models there. Data stays where it is; each batch moves to the device when used.
     The result's network lives on that device.
@@ -80,23 +85,22 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     say = print if progress else (lambda *_: None)
 
     say(f"[pamfx] tracing and aligning {len(tasks)} models on {device}")
-    example = next(iter(data.values()))[0][:2]
-    aligned = align(trace(models, example, device))                  # one graph, copies of the models on device
+    aligned = align(trace(models, data.example, device))             # one graph, copies of the models on device
     if guard is None:
-        data, guard = hold_out(data, pruning.guard_fraction, seed)   # the guard is never trained on
-        notes = [f"guard: {len(next(iter(guard.values()))[0])} samples per task held out of data "
+        data, guard = data.hold_out(pruning.guard_fraction, seed)    # the guard is never trained on
+        notes = [f"guard: {guard.size()} held out of data "
                  f"({pruning.guard_fraction:.0%}, seed {seed}), never trained on"]
     else:
-        notes = [f"guard: eval_data, {len(next(iter(guard.values()))[0])} samples per task"]
+        notes = [f"guard: eval_data, {guard.size()}"]
     notes.append(f"device: {device} (the data stays where it is; each batch moves there when used)")
     if in_training:
         notes.append(f"models given in train mode were used in eval mode (BatchNorm statistics, no dropout): "
                      f"{', '.join(in_training)}")
     heads = {t: shape[1] for t, shape in zip(tasks, _output_node(aligned).all_input_nodes[0].meta[SHAPES])}
-    check_labels(data, heads, "data")
-    check_labels(guard, heads, "eval_data" if eval_data is not None else "data")
+    data.check_heads(heads)                                          # tensors now; a DataLoader's batches as read
+    guard.check_heads(heads)
     spaces = find_channel_spaces(aligned)                            # which tensors share a channel dimension
-    original = {t: accuracy(module, *guard[t]) for t, module in zip(tasks, aligned.modules)}   # once
+    original = accuracies(dict(zip(tasks, aligned.modules)), guard)   # once
     floors = {t: original[t] - tolerance for t in tasks}
     say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
@@ -149,25 +153,6 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     report = report.with_notes([f"WARNING: {p}" for p in problems])
     return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
                   warnings=tuple(problems))
-
-
-def hold_out(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:
-    """Splits {task: (inputs, labels)} into (the rest, a seeded share `fraction` of each task's samples). Tasks
-    with the same number of samples lose the same indices, so tasks sharing inputs never train on a guard image.
-    Raises DataError when a task has too few samples to hold any out."""
-    rest, held, split_inputs = {}, {}, {}
-    for task, (inputs, labels) in data.items():
-        count = max(1, round(fraction * len(inputs)))
-        if count >= len(inputs):
-            raise DataError(f"data['{task}']: {len(inputs)} samples are too few to hold out {fraction:.0%} as the "
-                            "guard; pass eval_data or more data")
-        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
-        kept, guard = order[count:].sort().values, order[:count].sort().values
-        if id(inputs) not in split_inputs:   # tasks sharing one input tensor keep sharing it (one forward pass)
-            split_inputs[id(inputs)] = (inputs[kept], inputs[guard])
-        kept_inputs, guard_inputs = split_inputs[id(inputs)]
-        rest[task], held[task] = (kept_inputs, labels[kept]), (guard_inputs, labels[guard])
-    return rest, held
 
 
 def _listed(accuracies: dict) -> str:

@@ -3,7 +3,7 @@ from dataclasses import dataclass, replace
 
 from . import ops
 from .ir import MODULES, OP, SHAPES, AlignedGraph, all_combinations
-from .labels import is_multilabel
+from .sources import as_task_data
 from .train import evaluate
 
 
@@ -65,7 +65,7 @@ def make_report(network, aligned: AlignedGraph, guard: dict, original_accuracy: 
                      merged_macs=None if merged_macs is None else merged_macs[c])
                  for c in all_combinations(aligned.tasks))
     return Report(tasks=aligned.tasks, rows=rows, original_accuracy=dict(original_accuracy), notes=tuple(notes),
-                  multilabel=tuple(t for t in aligned.tasks if is_multilabel(guard[t][1])))
+                  multilabel=tuple(t for t in aligned.tasks if as_task_data(guard).multilabel(t)))
 
 
 def original_macs(aligned: AlignedGraph) -> dict[str, int]:

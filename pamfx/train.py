@@ -23,6 +23,7 @@ from pamfx.checks import check_pair
 from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.errors import PamfxError
 from pamfx.labels import correct, task_loss
+from pamfx.sources import as_task_data
 
 # Bump when training changes in a way that should invalidate cached models.
 _CACHE_FORMAT = 1
@@ -84,39 +85,50 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
     of logits [B, C].
     """
     labels = check_pair(inputs, labels, "accuracy")
-    was_training = model.training
-    model.eval()
-    try:
-        return _top1(model, inputs, labels, batch_size, device_of(model))
-    finally:
-        model.train(was_training)
+    return accuracies({"accuracy": model}, {"accuracy": (inputs, labels)}, batch_size)["accuracy"]
 
 
 @torch.no_grad()
-def evaluate(network: nn.Module, data: dict, batch_size: int = 1024) -> dict[str, float]:
+def accuracies(models: dict[str, nn.Module], data, batch_size: int = 1024) -> dict[str, float]:
+    """{task: accuracy of the single-task models[task]} on data ({task: (inputs, labels)} tensors or TaskData,
+    streamed a batch at a time); each model in eval mode, then back to the mode it was in."""
+    modes = {task: model.training for task, model in models.items()}
+    try:
+        predict = {task: model.eval() for task, model in models.items()}
+        return _top1(predict, as_task_data(data), batch_size, device_of(next(iter(models.values()))))
+    finally:
+        for task, model in models.items():
+            model.train(modes[task])
+
+
+@torch.no_grad()
+def evaluate(network: nn.Module, data, batch_size: int = 1024) -> dict[str, float]:
     """{task: top-1 accuracy (mean attribute accuracy for a multi-label task)} of a multitask `network` (called as
-    network(x, tasks=[task]) -> {task: logits}) on data {task: (inputs, labels)}, each task run alone; in eval mode, then back to the mode it was in.
+    network(x, tasks=[task]) -> {task: logits}) on data ({task: (inputs, labels)} tensors or TaskData, streamed a
+    batch at a time), each task run alone; in eval mode, then back to the mode it was in.
     The data may live anywhere: each batch moves to the network's device."""
     was_training = network.training
     network.eval()
     try:
-        device = device_of(network)
-        return {task: _top1(lambda x, task=task: network(x, tasks=[task])[task], inputs, labels, batch_size, device)
-                for task, (inputs, labels) in data.items()}
+        data = as_task_data(data)
+        predict = {task: (lambda x, task=task: network(x, tasks=[task])[task]) for task in data.tasks}
+        return _top1(predict, data, batch_size, device_of(network))
     finally:
         network.train(was_training)
 
 
-def _top1(predict, inputs: Tensor, labels: Tensor, batch_size: int, device: torch.device) -> float:
-    hits = 0.0
-    for start in range(0, len(inputs), batch_size):
-        x, y = to_device(device, inputs[start:start + batch_size], labels[start:start + batch_size])
-        logits = predict(x)
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            raise TypeError(f"accuracy needs a model returning logits [B, C], got "
-                            f"{type(logits).__name__}; pick one task's output first")
-        hits += correct(logits, y)
-    return hits / len(inputs)
+def _top1(predict: dict, data, batch_size: int, device: torch.device) -> dict[str, float]:
+    hits, counts = {task: 0.0 for task in predict}, {task: 0 for task in predict}
+    for inputs, labels in data.batches(batch_size):
+        x = to_device(device, inputs)
+        for task, task_labels in labels.items():
+            logits = predict[task](x)
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                raise TypeError(f"accuracy needs a model returning logits [B, C], got "
+                                f"{type(logits).__name__}; pick one task's output first")
+            hits[task] += correct(logits, to_device(device, task_labels))
+            counts[task] += len(task_labels)
+    return {task: hits[task] / counts[task] for task in predict}
 
 
 def _fingerprint(tensor: Tensor) -> str:

@@ -15,6 +15,7 @@ from torch import fx
 
 from pamfx.devices import device_of, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace
+from pamfx.sources import as_task_data
 
 
 @dataclass(frozen=True)
@@ -25,27 +26,22 @@ class Calibration:
 
 def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, samples: int = 128,
                             batch_size: int = 64, seed: int = 0) -> Calibration:
-    """Every hidden space's activations on a seeded random subset of `samples` inputs of each task, and its labels,
-    both on the models' device (the inputs move there a batch at a time)."""
+    """Every hidden space's activations on `samples` inputs of each task (TaskData.sample: a seeded random subset
+    of tensors, a DataLoader's first batches), and its labels, both on the models' device (the inputs move there
+    a batch at a time)."""
     positions = {node.name: i for i, node in enumerate(aligned.graph.nodes)}
     readout = {name: positions[space.nodes[-1]] for name, space in spaces.items() if space.kind == "hidden"}
     activations, labels = {}, {}
-    for task, (inputs, task_labels) in data.items():
-        chosen = calibration_indices(len(inputs), samples, seed)
-        same_inputs = next((other for other in activations if data[other][0] is inputs), None)
+    sampled = as_task_data(data).sample(samples, seed)
+    for task, (inputs, task_labels) in sampled.items():
+        same_inputs = next((other for other in activations if sampled[other][0] is inputs), None)
         if same_inputs is not None:       # tasks labelling the same inputs: the same activations
             activations[task] = activations[same_inputs]
         else:
-            per_model = [_run(module, inputs[chosen], readout, batch_size) for module in aligned.modules]
+            per_model = [_run(module, inputs, readout, batch_size) for module in aligned.modules]
             activations[task] = {name: torch.cat([acts[name] for acts in per_model], 1) for name in readout}
-        labels[task] = to_device(device_of(aligned.modules[0]), task_labels[chosen])
+        labels[task] = to_device(device_of(aligned.modules[0]), task_labels)
     return Calibration(activations=activations, labels=labels)
-
-
-def calibration_indices(size: int, samples: int, seed: int) -> torch.Tensor:
-    """A seeded random subset of `samples` indices out of `size` (all of them if there are fewer)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(size, generator=generator)[:samples].sort().values
 
 
 def _run(module: fx.GraphModule, inputs: torch.Tensor, readout: dict[str, int], batch_size: int) -> dict:

@@ -23,6 +23,7 @@ from pamfx.devices import device_of, to_device
 from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace
 from pamfx.labels import task_loss
 from pamfx.passes.finetune import FinetuneConfig, finetune
+from pamfx.sources import as_task_data
 
 
 def readouts(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], layout) -> dict[str, tuple[str, torch.Tensor]]:
@@ -90,11 +91,11 @@ def taylor(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, t
     `config.importance_batches` batches of training data."""
     gates = _gates(aligned, spaces, tuned, noisy=False)
     scores = {name: torch.zeros_like(mu) for name, mu in gates.mu.items()}
-    generators = {t: torch.Generator().manual_seed(seed) for t in data}   # a task's batches are its own
+    stream = as_task_data(data).stream(config.batch_size, seed, shared=False)   # a task's batches are its own
     device = device_of(gates)
     for _ in range(config.importance_batches):
-        batch = {t: to_device(device, *_draw(x, y, config.batch_size, generators[t])) for t, (x, y) in data.items()}
-        loss = sum(task_loss(gates(x, tasks=[t])[t], y) for t, (x, y) in batch.items())
+        batch = [(t, *to_device(device, x, y)) for x, labels in next(stream) for t, y in labels.items()]
+        loss = sum(task_loss(gates(x, tasks=[t])[t], y) for t, x, y in batch)
         gradients = torch.autograd.grad(loss, list(gates.mu.values()), materialize_grads=True)
         for name, gradient in zip(gates.mu, gradients):
             scores[name] += gradient.detach() ** 2 / config.importance_batches
@@ -167,11 +168,6 @@ def _add(saved: dict, features, indices, amount: float) -> None:
 def _gates(aligned, spaces, tuned, noisy: bool) -> UnitGates:
     sizes = {name: len(space.units) for name, space in spaces.items() if space.kind == "hidden"}
     return UnitGates(tuned.network, readouts(aligned, spaces, tuned.layout), sizes, noisy)
-
-
-def _draw(x, y, size, generator):
-    index = torch.randint(len(x), (size,), generator=generator)
-    return x[index], y[index]
 
 
 def _nodes_by_name(aligned) -> dict:

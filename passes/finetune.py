@@ -18,6 +18,7 @@ from pamfx.labels import task_loss
 from pamfx.network import GatedNetwork
 from pamfx.passes.build import build_network
 from pamfx.passes.stack import read_back
+from pamfx.sources import as_task_data
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,12 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
     for a multi-label task), plus `extra_loss(network)` if given (the VIB pruner's KL term). Parameters with requires_grad=False stay as they are; the submodules named in `frozen` stay exactly as
     they are (weights and BatchNorm statistics).
 
-    Tasks whose inputs are the same tensor share each batch's samples and one forward pass; otherwise each task
-    draws its batches from its own generator seeded alike, so that a task's batches do not depend on the others.
-    The result depends only on the inputs and `seed` (dropout and VIB noise draw from a forked, seeded RNG).
+    `data`: {task: (inputs, labels)} tensors or TaskData (pamfx.sources). From tensors, tasks whose inputs are the
+    same tensor share each batch's samples and one forward pass; otherwise each task draws its batches from its own
+    generator seeded alike, so that a task's batches do not depend on the others, and the result depends only on
+    the inputs and `seed` (dropout and VIB noise draw from a forked, seeded RNG). From DataLoaders each step takes
+    each loader's next batch (one loader of all tasks: one batch and one forward pass), iterating it afresh at
+    every epoch, so augmentation stays live; `epochs` then counts the largest loader's batches.
     The data may live anywhere: each batch moves to the network's device (batch indices are drawn on the CPU).
     """
     with forked_rng(device_of(network)):
@@ -63,33 +67,25 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
     network.train()
     for name in frozen:
         network.get_submodule(name).eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    generators = {task: torch.Generator().manual_seed(seed) for task in data}
+    data = as_task_data(data)
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=config.lr)
-    largest = max(len(inputs) for inputs, _ in data.values())
-    steps = config.total_steps(largest)
-    shared = _shared_inputs(data)
+    steps = data.total_steps(config)
     device = device_of(network)
+    stream = data.stream(config.batch_size, seed)
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for _ in bar:
         optimizer.zero_grad()
-        if shared is not None:
-            index = torch.randint(len(shared), (config.batch_size,), generator=generator)
-            outputs = network(to_device(device, shared[index]))
-            loss = sum(task_loss(outputs[t], to_device(device, labels[index])) for t, (_, labels) in data.items())
-            loss.backward()
-            loss = loss.item()
-        else:
-            # NOTE: one backward per task, gradients accumulating: the gradient of the summed loss, but only one
-            # task's activations alive at a time. A task's forward may run a network N models wide (a group shared
-            # by all tasks), so keeping every task's graph until one backward would take memory growing as N^2.
-            loss = 0.0
-            for task, (inputs, labels) in data.items():
-                index = torch.randint(len(inputs), (config.batch_size,), generator=generators[task])
-                x, y = to_device(device, inputs[index], labels[index])
-                task_part = task_loss(network(x, tasks=[task])[task], y)
-                task_part.backward()
-                loss += task_part.item()
+        loss = 0.0
+        # NOTE: one backward per batch, gradients accumulating: the gradient of the summed loss with one batch's
+        # activations alive at a time. Tasks on their own inputs each get a batch, and a task's forward may run a
+        # network N models wide (a group shared by all tasks): keeping every graph until one backward would take
+        # memory growing as N^2.
+        for inputs, labels in next(stream):   # the batches of one step: each holds the tasks reading its inputs
+            everything = len(labels) == len(data.tasks)
+            outputs = network(to_device(device, inputs), tasks=None if everything else list(labels))
+            part = sum(task_loss(outputs[task], to_device(device, task_labels)) for task, task_labels in labels.items())
+            part.backward()
+            loss += part.item()
         if extra_loss is not None:
             extra = extra_loss(network)
             extra.backward()
@@ -97,14 +93,6 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
         optimizer.step()
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     return network.eval()
-
-
-def _shared_inputs(data: dict):
-    inputs = [x for x, _ in data.values()]
-    first = inputs[0]
-    if all(x is first or (x.shape == first.shape and x.data_ptr() == first.data_ptr()) for x in inputs):
-        return first
-    return None
 
 
 @dataclass

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from pamfx.devices import device_of, to_device
 from pamfx.errors import GroupingError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
-from pamfx.passes.activations import calibration_indices
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
 from pamfx.passes.rules import blocks, may_read
 from pamfx.passes.stack import stack_weights
+from pamfx.sources import as_task_data
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     layers = [n for n in aligned.nodes_of_kind("conv", "linear") if spaces[n.meta[SPACE]].kind == "hidden"]
     groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
     weights = stack_weights(aligned, spaces)
-    calibration = {t: x[calibration_indices(len(x), config.samples, seed)] for t, (x, _) in data.items()}
+    calibration = {t: x for t, (x, _) in as_task_data(data).sample(config.samples, seed).items()}
     zipped: dict[tuple[str, int], list[tuple[int, int]]] = {}   # (space, model) -> its (survivor, partner) pairs
     tuned = rebuild_and_finetune(aligned, spaces, _frozen(groups), weights, data, FinetuneConfig(steps=0))
     for index, node in enumerate(tqdm(layers, desc="mtz: zip layers", disable=not progress)):

@@ -254,5 +254,6 @@ def test_attribute_labels_come_through_a_data_loader():
     from pamfx.checks import check_data
     x, attributes = torch.randn(10, 1, 28, 28), torch.randint(0, 2, (10, 5))
     loader = DataLoader(TensorDataset(x, 2 * attributes - 1), batch_size=4)
-    inputs, labels = check_data({"m": loader}, ("m",))["m"]
+    batches = list(check_data({"m": loader}, ("m",)).batches())   # streamed: checked batch by batch
+    inputs, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1]["m"] for b in batches])
     assert torch.equal(inputs, x) and torch.equal(labels, attributes)

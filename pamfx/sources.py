@@ -1,0 +1,290 @@
+"""Task data: the one way every stage reads (inputs, labels), whether the user gave tensors or DataLoaders.
+
+A `TaskData` holds all tasks' data and offers what the stages need, each as batches (x, {task: labels}) whose
+tasks share the inputs x:
+
+    data.sample(128, seed)            # calibration (PAM, MTZ): {task: (inputs, labels)}, `samples` per task
+    data.stream(batch_size, seed)     # fine-tuning, Taylor, VIB: an endless iterator of steps (lists of batches)
+    data.batches()                    # evaluation and the guard: one pass over the data
+    data.hold_out(fraction, seed)     # (training data, guard data) when optimize() gets no eval_data
+
+`TensorData` draws from tensors exactly as pamfx always did (seeded random batches, a seeded calibration subset).
+`LoaderData` never materialises a DataLoader: it reads batches when a stage asks, checks each one as it is read
+(the same checks and messages as for tensors) and iterates the loader afresh at every epoch, so random
+augmentation stays live. Its batch size, order and sampling are the loader's own: `batch_size` and `seed` are
+the tensors' settings and a loader ignores them.
+"""
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
+
+from .errors import DataError
+from .labels import check_head, is_multilabel
+
+Batch = tuple[Tensor, dict]   # inputs, {task: labels} for every task that reads these inputs
+
+
+def as_task_data(data) -> "TaskData":
+    """`data` as TaskData: itself, or a dict {task: (inputs, labels)} of tensors taken as they are (unchecked)."""
+    return data if isinstance(data, TaskData) else TensorData(dict(data))
+
+
+class TaskData:
+    """All tasks' data; see the module's docstring. Subclasses: TensorData, LoaderData."""
+    tasks: tuple[str, ...]
+    example: Tensor   # a few inputs, for tracing
+
+    def sample(self, samples: int, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def stream(self, batch_size: int, seed: int, shared: bool = True) -> Iterator[list[Batch]]:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int = 1024) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def total_steps(self, config) -> int:
+        raise NotImplementedError
+
+    def hold_out(self, fraction: float, seed: int) -> tuple["TaskData", "TaskData"]:
+        raise NotImplementedError
+
+    def check_heads(self, widths: dict[str, int]) -> None:
+        raise NotImplementedError
+
+    def multilabel(self, task: str) -> bool:
+        raise NotImplementedError
+
+    def size(self) -> str:
+        raise NotImplementedError
+
+
+class TensorData(TaskData):
+    """{task: (inputs, labels)} tensors, checked by pamfx.checks.check_data. Tasks whose inputs are one tensor
+    share each training batch's samples and one forward pass."""
+
+    def __init__(self, pairs: dict, argument: str = "data"):
+        self.pairs, self.argument, self.tasks = pairs, argument, tuple(pairs)
+        self.example = next(iter(pairs.values()))[0][:2]
+
+    def sample(self, samples, seed):
+        chosen, picked = {}, {}
+        for task, (inputs, labels) in self.pairs.items():
+            index = calibration_indices(len(inputs), samples, seed)
+            if id(inputs) not in chosen:   # tasks sharing one input tensor share its sample (one forward pass)
+                chosen[id(inputs)] = inputs[index]
+            picked[task] = (chosen[id(inputs)], labels[index])
+        return picked
+
+    def stream(self, batch_size, seed, shared=True):
+        generator = torch.Generator().manual_seed(seed)
+        generators = {task: torch.Generator().manual_seed(seed) for task in self.pairs}   # a task's own batches
+        inputs = _shared_inputs(self.pairs) if shared else None
+        while True:
+            if inputs is not None:
+                index = torch.randint(len(inputs), (batch_size,), generator=generator)
+                yield [(inputs[index], {t: labels[index] for t, (_, labels) in self.pairs.items()})]
+            else:
+                step = []
+                for task, (x, labels) in self.pairs.items():
+                    index = torch.randint(len(x), (batch_size,), generator=generators[task])
+                    step.append((x[index], {task: labels[index]}))
+                yield step
+
+    def batches(self, batch_size=1024):
+        for task, (inputs, labels) in self.pairs.items():
+            for start in range(0, len(inputs), batch_size):
+                yield inputs[start:start + batch_size], {task: labels[start:start + batch_size]}
+
+    def total_steps(self, config):
+        return config.total_steps(max(len(inputs) for inputs, _ in self.pairs.values()))
+
+    def hold_out(self, fraction, seed):
+        rest, held = hold_out(self.pairs, fraction, seed)
+        return TensorData(rest, self.argument), TensorData(held, self.argument)
+
+    def check_heads(self, widths):
+        for task, (_, labels) in self.pairs.items():
+            check_head(labels, widths[task], f"{self.argument}['{task}']", task)
+
+    def multilabel(self, task):
+        return is_multilabel(self.pairs[task][1])
+
+    def size(self):
+        return f"{len(next(iter(self.pairs.values()))[0])} samples per task"
+
+
+class LoaderData(TaskData):
+    """DataLoaders, read a batch at a time: {task: DataLoader of (inputs, labels)} or one DataLoader of
+    (inputs, {task: labels}) for all tasks. Every batch is checked as it is read by `check(batch, task, self,
+    offset)` (pamfx.checks.check_batch, passed in so that the checks stay in one module) against the input shape
+    of the first batch and, once check_heads has told them, the heads' widths."""
+
+    def __init__(self, loaders: dict, tasks: tuple[str, ...], argument: str, check):
+        # loaders: {task: DataLoader}, or {None: DataLoader} for one loader of all tasks
+        self.loaders, self.tasks, self.argument, self.check = loaders, tasks, argument, check
+        self.widths: dict[str, int] = {}
+        self.shape: tuple | None = None   # of one sample's inputs, from the first batch
+        self.kinds: dict[str, bool] = {}   # task -> multi-label
+        # NOTE: fine-tuning and the criteria continue where the last of them stopped reading, so that the many
+        # short fine-tunes of the prune pass see the whole dataset rather than its first batches every time.
+        self._cycles: dict = {}
+        first = {}
+        for task, loader in loaders.items():
+            for x, labels in self._pass(task, loader):
+                first[task] = x
+                self.shape = self.shape or tuple(x.shape[1:])
+                self.kinds.update({t: is_multilabel(y) for t, y in labels.items()})
+                break
+            else:
+                raise DataError(f"{self._name(task)}: the DataLoader yields no batches")
+        self.example = next(iter(first.values()))[:2]
+
+    def _name(self, task):
+        return self.argument if task is None else f"{self.argument}['{task}']"
+
+    def _pass(self, task, loader) -> Iterator[Batch]:
+        """One pass over a loader, each batch checked; the offset names a bad sample's place in the pass."""
+        offset = 0
+        for batch in loader:
+            x, labels = self.check(batch, task, self, offset)
+            offset += len(x)
+            yield x, labels
+
+    def sample(self, samples, seed):
+        picked = {}
+        for task, loader in self.loaders.items():
+            xs, ys, count = [], {}, 0
+            for x, labels in self._pass(task, loader):
+                xs.append(x)
+                for t, y in labels.items():
+                    ys.setdefault(t, []).append(y)
+                count += len(x)
+                if count >= samples:
+                    break
+            inputs = torch.cat(xs)[:samples]
+            picked.update({t: (inputs, torch.cat(y)[:samples]) for t, y in ys.items()})
+        return {t: picked[t] for t in self.tasks}
+
+    def stream(self, batch_size, seed, shared=True):
+        while True:
+            yield [self._next(task) for task in self.loaders]
+
+    def _next(self, task) -> Batch:
+        batch = next(self._cycles.get(task, iter(())), None)
+        if batch is None:   # an epoch ends: iterate the loader afresh (augmentation and shuffling draw anew)
+            self._cycles[task] = self._pass(task, self.loaders[task])
+            batch = next(self._cycles[task], None)
+            if batch is None:
+                raise DataError(f"{self._name(task)}: the DataLoader yields no batches")
+        return batch
+
+    def batches(self, batch_size=1024):
+        for task, loader in self.loaders.items():
+            yield from self._pass(task, loader)
+
+    def total_steps(self, config):
+        if config.steps is not None:
+            return config.steps
+        try:
+            per_epoch = max(len(loader) for loader in self.loaders.values())
+        except TypeError as e:
+            raise ValueError(f"{self.argument}: a DataLoader without a length (an IterableDataset) has no epochs; "
+                             "give the fine-tuning budget in steps, e.g. FinetuneConfig(steps=500)") from e
+        return max(1, round(config.epochs * per_epoch))
+
+    def hold_out(self, fraction, seed):
+        """A seeded share `fraction` of each loader's dataset (torch.utils.data.Subset) becomes the guard; the rest
+        trains, through loaders with the same settings. Loaders over datasets of one length lose the same items."""
+        rest, held = {}, {}
+        for task, loader in self.loaders.items():
+            name = self._name(task)
+            if isinstance(loader.dataset, IterableDataset) or not _plain_sampling(loader):
+                raise ValueError(f"{name}: cannot hold out a share of a DataLoader over an IterableDataset or with "
+                                 "its own sampler as the guard; pass eval_data (a DataLoader or tensors)")
+            size = len(loader.dataset)
+            count = max(1, round(fraction * size))
+            if count >= size:
+                raise DataError(f"{name}: {size} samples are too few to hold out {fraction:.0%} as the guard; "
+                                "pass eval_data or more data")
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+            rest[task] = _subset_loader(loader, order[count:].sort().values, loader.drop_last,
+                                        isinstance(loader.sampler, RandomSampler))
+            held[task] = _subset_loader(loader, order[:count].sort().values, False, False)
+        return (LoaderData(rest, self.tasks, self.argument, self.check),
+                LoaderData(held, self.tasks, self.argument, self.check))
+
+    def check_heads(self, widths):
+        self.widths = dict(widths)   # from now on every batch read is checked against its head
+
+    def multilabel(self, task):
+        return self.kinds[task]
+
+    def size(self):
+        loader = next(iter(self.loaders.values()))
+        try:
+            return f"{len(loader.dataset)} samples per task, streamed from a DataLoader"
+        except TypeError:
+            return "streamed from a DataLoader"
+
+
+class _Indices(Sequence):
+    """Subset indices kept as one tensor (a Python list of millions of ints costs ~40 bytes each) read as ints."""
+
+    def __init__(self, indices: Tensor):
+        self.indices = indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return int(self.indices[i])
+
+
+def _plain_sampling(loader: DataLoader) -> bool:
+    if not isinstance(loader.sampler, (SequentialSampler, RandomSampler)):
+        return False
+    return loader.batch_size is None or type(loader.batch_sampler) is BatchSampler
+
+
+def _subset_loader(loader: DataLoader, indices: Tensor, drop_last: bool, shuffle: bool) -> DataLoader:
+    return DataLoader(Subset(loader.dataset, _Indices(indices)), batch_size=loader.batch_size, shuffle=shuffle,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+
+
+def hold_out(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+    """Splits {task: (inputs, labels)} into (the rest, a seeded share `fraction` of each task's samples). Tasks
+    with the same number of samples lose the same indices, so tasks sharing inputs never train on a guard image.
+    Raises DataError when a task has too few samples to hold any out."""
+    rest, held, split_inputs = {}, {}, {}
+    for task, (inputs, labels) in data.items():
+        count = max(1, round(fraction * len(inputs)))
+        if count >= len(inputs):
+            raise DataError(f"data['{task}']: {len(inputs)} samples are too few to hold out {fraction:.0%} as the "
+                            "guard; pass eval_data or more data")
+        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+        kept, guard = order[count:].sort().values, order[:count].sort().values
+        if id(inputs) not in split_inputs:   # tasks sharing one input tensor keep sharing it (one forward pass)
+            split_inputs[id(inputs)] = (inputs[kept], inputs[guard])
+        kept_inputs, guard_inputs = split_inputs[id(inputs)]
+        rest[task], held[task] = (kept_inputs, labels[kept]), (guard_inputs, labels[guard])
+    return rest, held
+
+
+def calibration_indices(size: int, samples: int, seed: int) -> Tensor:
+    """A seeded random subset of `samples` indices out of `size` (all of them if there are fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:samples].sort().values
+
+
+def _shared_inputs(pairs: dict):
+    inputs = [x for x, _ in pairs.values()]
+    first = inputs[0]
+    if all(x is first or (x.shape == first.shape and x.data_ptr() == first.data_ptr()) for x in inputs):
+        return first
+    return None
