@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import distributed
 from .checks import check_configs, check_data, check_models, check_options
 from .devices import resolve_device
 from .errors import PamfxWarning
@@ -82,6 +83,7 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     in_training = [t for t, model in models.items() if model.training]
     data = check_data(data, tasks, "data")
     guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data")
+    progress = progress and distributed.rank() == 0   # several processes (pamfx.distributed): rank 0 reports
     say = print if progress else (lambda *_: None)
 
     say(f"[pamfx] tracing and aligning {len(tasks)} models on {device}")

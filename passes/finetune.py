@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pamfx import distributed
 from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, Layout
 from pamfx.labels import task_loss
@@ -57,6 +58,9 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
     each loader's next batch (one loader of all tasks: one batch and one forward pass), iterating it afresh at
     every epoch, so augmentation stays live; `epochs` then counts the largest loader's batches.
     The data may live anywhere: each batch moves to the network's device (batch indices are drawn on the CPU).
+    With a torch.distributed process group initialised (pamfx.distributed), every rank draws the same global
+    batches and trains on its rows of them, and the gradients are averaged across ranks: each step is the step of
+    one process on the global batch (DataLoaders must then yield the same batches on every rank).
     """
     with forked_rng(device_of(network)):
         torch.manual_seed(seed)
@@ -72,7 +76,8 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
     steps = data.total_steps(config)
     device = device_of(network)
     stream = data.stream(config.batch_size, seed)
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress or distributed.rank() != 0)
+    parameters = [p for p in network.parameters() if p.requires_grad]
     for _ in bar:
         optimizer.zero_grad()
         loss = 0.0
@@ -81,17 +86,26 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
         # network N models wide (a group shared by all tasks): keeping every graph until one backward would take
         # memory growing as N^2.
         for inputs, labels in next(stream):   # the batches of one step: each holds the tasks reading its inputs
+            # Data-parallel: this rank's rows; its mean loss weighs rows/global rows * world size, so that the
+            # gradients averaged over the ranks are those of the global batch's mean loss (1 in one process).
+            rows, inputs = len(inputs), distributed.shard(inputs)
+            if len(inputs) == 0:
+                continue
+            weight = len(inputs) / rows * distributed.world_size()
             everything = len(labels) == len(data.tasks)
             outputs = network(to_device(device, inputs), tasks=None if everything else list(labels))
-            part = sum(task_loss(outputs[task], to_device(device, task_labels)) for task, task_labels in labels.items())
+            part = weight * sum(task_loss(outputs[task], to_device(device, distributed.shard(task_labels)))
+                                for task, task_labels in labels.items())
             part.backward()
             loss += part.item()
         if extra_loss is not None:
             extra = extra_loss(network)
             extra.backward()
             loss += extra.item()
+        distributed.all_reduce_gradients(parameters)
         optimizer.step()
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    distributed.average_buffers(network)   # BatchNorm statistics: every rank keeps the same network
     return network.eval()
 
 
