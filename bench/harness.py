@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+from statistics import median
 import subprocess
 import sys
 import time
@@ -167,11 +168,11 @@ def results_of(scenario: Scenario) -> dict:
         if not runs:
             continue
         folded[method] = {**runs[0], "seeds": len(runs), "seed0_macs": runs[0]["macs"],
-                          "macs": {c: _median([r["macs"][c] for r in runs]) for c in runs[0]["macs"]},
+                          "macs": {c: median([r["macs"][c] for r in runs]) for c in runs[0]["macs"]},
                           "all_task_macs": [r["macs"][_key(tuple(runs[0]["test"]))] for r in runs],
                           "test": {t: min(r["test"][t] for r in runs) for t in runs[0]["test"]},
-                          "seconds": _median([r["seconds"] for r in runs]),
-                          "peak_rss_mb": _median([r.get("peak_rss_mb", float("nan")) for r in runs])}
+                          "seconds": median([r["seconds"] for r in runs]),
+                          "peak_rss_mb": median([r.get("peak_rss_mb", float("nan")) for r in runs])}
     return folded
 
 
@@ -209,7 +210,7 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
               + " | worst test drop | seeds: all-task MACs | seconds | peak MB |",
               "|---|" + "---|" * (len(columns) + 4)]
     for method, result in results.items():
-        cells = [f"{_median([result['macs'][_key(c)] for c in group]):,.0f}" for _, group in columns]
+        cells = [f"{median([result['macs'][_key(c)] for c in group]):,.0f}" for _, group in columns]
         drop = max(100 * (original[t] - result["test"][t]) for t in tasks)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {drop:+.2f} pt | "
                      + " / ".join(f"{m:,}" for m in result["all_task_macs"])
@@ -319,7 +320,7 @@ def plot(scenario: Scenario, results: dict, tasks: tuple, path: Path) -> None:
         sizes = range(1, len(tasks) + 1)
         for index, (method, result) in enumerate(results.items()):
             values = [[result["macs"][_key(c)] / 1000 for c in combos if len(c) == k] for k in sizes]
-            axes.plot(sizes, [_median(v) for v in values], marker="o", label=method, color=plt.cm.tab20(index % 20))
+            axes.plot(sizes, [median(v) for v in values], marker="o", label=method, color=plt.cm.tab20(index % 20))
             axes.fill_between(sizes, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
                               color=plt.cm.tab20(index % 20))
         axes.set_xlabel("tasks in the combination (line: median, band: min - max)")
@@ -368,15 +369,9 @@ def _key(combination) -> str:
     return ",".join(combination)
 
 
-def _median(values: list) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _spread(values: list) -> str:
-    return f"{_median(values):.2f}x" if len(values) == 1 else \
-        f"{_median(values):.2f}x ({min(values):.2f} - {max(values):.2f})"
+    return f"{median(values):.2f}x" if len(values) == 1 else \
+        f"{median(values):.2f}x ({min(values):.2f} - {max(values):.2f})"
 
 
 if __name__ == "__main__":
