@@ -94,9 +94,9 @@ class TensorData(TaskData):
                 yield step
 
     def batches(self, batch_size=1024):
-        for task, (inputs, labels) in self.pairs.items():
+        for inputs, tasks in _by_inputs(self.pairs).items():   # tasks reading one tensor: one pass for all
             for start in range(0, len(inputs), batch_size):
-                yield inputs[start:start + batch_size], {task: labels[start:start + batch_size]}
+                yield inputs[start:start + batch_size], {t: self.pairs[t][1][start:start + batch_size] for t in tasks}
 
     def total_steps(self, config):
         return config.total_steps(max(len(inputs) for inputs, _ in self.pairs.values()))
@@ -280,6 +280,14 @@ def calibration_indices(size: int, samples: int, seed: int) -> Tensor:
     """A seeded random subset of `samples` indices out of `size` (all of them if there are fewer)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(size, generator=generator)[:samples].sort().values
+
+
+def _by_inputs(pairs: dict) -> dict:
+    """{inputs tensor: [the tasks reading it]}, in task order (a tensor hashes by identity)."""
+    readers = {}
+    for task, (inputs, _) in pairs.items():
+        readers.setdefault(inputs, []).append(task)
+    return readers
 
 
 def _shared_inputs(pairs: dict):

@@ -94,7 +94,9 @@ def accuracies(models: dict[str, nn.Module], data, batch_size: int = 1024) -> di
     streamed a batch at a time); each model in eval mode, then back to the mode it was in."""
     modes = {task: model.training for task, model in models.items()}
     try:
-        predict = {task: model.eval() for task, model in models.items()}
+        for model in models.values():
+            model.eval()
+        predict = lambda x, tasks: {task: models[task](x) for task in tasks}   # noqa: E731
         return _top1(predict, as_task_data(data), batch_size, device_of(next(iter(models.values()))))
     finally:
         for task, model in models.items():
@@ -104,31 +106,32 @@ def accuracies(models: dict[str, nn.Module], data, batch_size: int = 1024) -> di
 @torch.no_grad()
 def evaluate(network: nn.Module, data, batch_size: int = 1024) -> dict[str, float]:
     """{task: top-1 accuracy (mean attribute accuracy for a multi-label task)} of a multitask `network` (called as
-    network(x, tasks=[task]) -> {task: logits}) on data ({task: (inputs, labels)} tensors or TaskData, streamed a
-    batch at a time), each task run alone; in eval mode, then back to the mode it was in.
+    network(x, tasks=[...]) -> {task: logits}) on data ({task: (inputs, labels)} tensors or TaskData, streamed a
+    batch at a time); in eval mode, then back to the mode it was in. Tasks reading one input tensor run in one
+    forward pass: rule 2 makes a task's logits the same whichever other tasks run with it.
     The data may live anywhere: each batch moves to the network's device."""
     was_training = network.training
     network.eval()
     try:
         data = as_task_data(data)
-        predict = {task: (lambda x, task=task: network(x, tasks=[task])[task]) for task in data.tasks}
-        return _top1(predict, data, batch_size, device_of(network))
+        return _top1(lambda x, tasks: network(x, tasks=list(tasks)), data, batch_size, device_of(network))
     finally:
         network.train(was_training)
 
 
-def _top1(predict: dict, data, batch_size: int, device: torch.device) -> dict[str, float]:
-    hits, counts = {task: 0.0 for task in predict}, {task: 0 for task in predict}
+def _top1(predict, data, batch_size: int, device: torch.device) -> dict[str, float]:
+    """predict(x, tasks) -> {task: logits} for the tasks of one batch."""
+    hits, counts = {task: 0.0 for task in data.tasks}, {task: 0 for task in data.tasks}
     for inputs, labels in data.batches(batch_size):
-        x = to_device(device, inputs)
+        outputs = predict(to_device(device, inputs), tuple(labels))
         for task, task_labels in labels.items():
-            logits = predict[task](x)
+            logits = outputs[task]
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 raise TypeError(f"accuracy needs a model returning logits [B, C], got "
                                 f"{type(logits).__name__}; pick one task's output first")
             hits[task] += correct(logits, to_device(device, task_labels))
             counts[task] += len(task_labels)
-    return {task: hits[task] / counts[task] for task in predict}
+    return {task: hits[task] / counts[task] for task in data.tasks}
 
 
 def _fingerprint(tensor: Tensor) -> str:

@@ -341,3 +341,34 @@ def test_real_dataset_shapes_counts_and_normalisation():
     # MEAN and STD are the training set's statistics, so normalised data is centred and unit-scaled.
     assert abs(float(train_images.mean())) < 1e-3
     assert abs(float(train_images.std()) - 1) < 1e-3
+
+
+class CountingHeads(nn.Module):
+    """A multitask network (forward(x, tasks) -> {task: logits}) that counts its forward passes."""
+
+    def __init__(self, tasks):
+        super().__init__()
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 3) for t in tasks})
+        self.calls = 0
+
+    def forward(self, x, tasks=None):
+        self.calls += 1
+        return {t: self.heads[t](x) for t in (tasks or self.heads)}
+
+
+def test_evaluate_runs_tasks_on_one_tensor_in_one_pass():
+    torch.manual_seed(0)
+    tasks = ("a", "b", "c")
+    network = CountingHeads(tasks)
+    inputs = torch.randn(250, 4)
+    labels = {t: torch.randint(0, 3, (250,)) for t in tasks}
+    shared = {t: (inputs, labels[t]) for t in tasks}
+    apart = {t: (inputs.clone(), labels[t]) for t in tasks}      # equal values, three tensors
+    together = train_module.evaluate(network, shared, batch_size=100)
+    assert network.calls == 3                                    # 250 samples in batches of 100, all tasks at once
+    network.calls = 0
+    alone = train_module.evaluate(network, apart, batch_size=100)
+    assert network.calls == 9
+    assert together == alone
+    expected = {t: (network.heads[t](inputs).argmax(1) == labels[t]).float().mean().item() for t in tasks}
+    assert together == pytest.approx(expected)
