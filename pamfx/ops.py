@@ -15,6 +15,10 @@ Kinds:
     batchnorm   nn.BatchNorm1d/2d: per-channel parameters, keeps the channel space
     prelu       nn.PReLU: per-channel slopes (one shared slope becomes one per channel, equal at the start), keeps
                 the channel space
+    norm        nn.GroupNorm on [B, C, ...] and nn.LayerNorm over the channels (the last dim, one dim): per-channel
+                affine, keeps the channel space, but its statistics mix the channels of each statistic set (a model's
+                GroupNorm group, all of a model's channels for a LayerNorm; passes/rules.py `norm_sets`), so the
+                units of one set share one group (rules `couple_norms`)
     channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
                 LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
                 torch.clamp / x.clamp, pooling (max, avg, adaptive), dropout (nn.Dropout/Dropout2d and
@@ -167,7 +171,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         f"supported: {SUPPORTED}")
 
 
-SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, PReLU, per-channel activations, clamp, pooling and "
+SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, GroupNorm, LayerNorm over channels, PReLU, per-channel activations, clamp, pooling and "
              "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
              "mean, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, split, x[:, a:b] "
              "and channel shuffle on channels, and softmax/log_softmax over a head's classes")
@@ -360,6 +364,8 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
         return "flatten"
     if isinstance(module, nn.PReLU):
         return "prelu"
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        return "norm"
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
         if module.dim is None:
             raise UnsupportedOpError(f"node '{node.name}': {module!r} has no dim; pass dim=1 (the classes)")
@@ -386,6 +392,10 @@ def signature(node: fx.Node, module: nn.Module | None) -> tuple:
         return (type(module), module.eps, module.momentum)
     if isinstance(module, nn.PReLU):
         return (type(module), module.num_parameters == 1)
+    if isinstance(module, nn.GroupNorm):
+        return (type(module), module.eps, module.affine)
+    if isinstance(module, nn.LayerNorm):
+        return (type(module), module.eps, module.elementwise_affine, module.bias is not None)
     return (type(module), repr(module))
 
 

@@ -17,7 +17,7 @@ from pamfx.errors import GroupingError, UnsupportedOpError
 from pamfx.ir import (FEATURES, MODULES, OP, ROUTE, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
                        Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
-from pamfx.passes.rules import blocks, readable
+from pamfx.passes.rules import blocks, norm_sets, readable
 
 
 def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
@@ -41,6 +41,7 @@ class _Builder:
         self.spaces = spaces
         self.grouping = grouping
         self.weights = weights
+        self.device = next(t for tensors in weights.values() for t in tensors.values()).device
         self.names = group_names(self.tasks)
         self.layout: dict[fx.Node, dict[Group, list[int]]] = {}   # node -> group -> indices into its features
         self.values: dict[fx.Node, dict[Group, str]] = {}         # node -> group -> variable name
@@ -157,6 +158,38 @@ class _Builder:
             self.emit(node, group, [self.values[source][group]], "module", module=module, macs=macs)
             self.origins[self.values[node][group]] = Origin(node.name, tuple(features), None)
 
+    def visit_norm(self, node):
+        """GroupNorm / LayerNorm: each statistic set (rules.norm_sets) is normalised on its own. A group's slice holds
+        whole sets (rules.couple_norms), each as a run of channels: one GroupNorm(sets, channels) when the runs are
+        equal, as in the original model, otherwise one module per run on its channels."""
+        source = node.all_input_nodes[0]
+        stacked = self.weights[node.name]
+        template = node.meta[MODULES][0]
+        sets = norm_sets(node, self.spaces)
+        owner: dict = {}
+        for group, features in self.layout[node].items():
+            runs = _runs(features, sets)
+            for norm_set, _ in runs:
+                if owner.setdefault(norm_set, group) != group or [s for s, _ in runs].count(norm_set) > 1:
+                    raise GroupingError(f"norm '{node.name}': the channels of model {norm_set[0]}'s statistic set "
+                                        f"{norm_set[1]} are in groups {sorted(owner[norm_set])} and {sorted(group)}; "
+                                        "they need one group (passes/rules.py couple_norms)")
+            whole = isinstance(template, nn.GroupNorm) and len({len(run) for _, run in runs}) == 1
+            pieces = [(len(runs), features)] if whole else [(1, run) for _, run in runs]
+            outs = []
+            for index, (count, run) in enumerate(pieces):
+                module = _norm(template, count, len(run), self.device)
+                with torch.no_grad():
+                    for name, tensor in stacked.items():
+                        getattr(module, name).copy_(tensor[run])
+                picked = () if len(pieces) == 1 else (tuple(features.index(f) for f in run),)
+                self.emit(node, group, [self.values[source][group]], "module", module=module, args=picked,
+                          suffix="" if len(pieces) == 1 else f"_{index}")
+                self.origins[self.values[node][group]] = Origin(node.name, tuple(run), None)
+                outs.append(self.values[node][group])
+            if len(outs) > 1:
+                self.emit(node, group, outs, "concat")
+
     def visit_channelwise(self, node):
         source = node.all_input_nodes[0]
         module = copy.deepcopy(node.meta[MODULES][0]) if node.op == "call_module" else ops.dropout_module(node)
@@ -253,7 +286,7 @@ class _Builder:
         self.values.setdefault(node, {})[group] = out
 
 
-_PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
+_PARAMETRISED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU, nn.GroupNorm, nn.LayerNorm)
 
 
 def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[int]]]:
@@ -265,6 +298,13 @@ def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[
         else:
             runs.append((row_blocks[row], [row]))
     return runs
+
+
+def _norm(template: nn.Module, sets: int, channels: int, device: torch.device) -> nn.Module:
+    """A GroupNorm of `sets` groups over `channels` (or a LayerNorm over `channels`, one set) set up like `template`."""
+    if isinstance(template, nn.GroupNorm):
+        return nn.GroupNorm(sets, channels, template.eps, template.affine, device=device)
+    return nn.LayerNorm(channels, template.eps, template.elementwise_affine, template.bias is not None, device=device)
 
 
 def _resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:

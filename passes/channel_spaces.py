@@ -1,6 +1,6 @@
 """find_channel_spaces(aligned) -> {name: ChannelSpace}: which tensors share a channel dimension.
 
-Each conv/linear output starts a space; BatchNorm, per-channel ops, spatial means and depthwise convs keep their
+Each conv/linear output starts a space; BatchNorm, GroupNorm / LayerNorm (rules.couple_norms), per-channel ops, spatial means and depthwise convs keep their
 input's space, and so do a reshape between [B, C, 1, 1] and [B, C] and a softmax over a head's classes; a residual
 add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their
 channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
@@ -14,14 +14,14 @@ Writes node.meta["pamfx.space"] on every node that holds exactly one space and n
 """
 import math
 
-from torch import fx
+from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import UnsupportedOpError
-from pamfx.ir import FEATURES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
+from pamfx.ir import FEATURES, MODULES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 
 # op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
-KEEPS_SPACE = ("batchnorm", "prelu", "channelwise", "mean", "depthwise", "softmax")
+KEEPS_SPACE = ("batchnorm", "prelu", "norm", "channelwise", "mean", "depthwise", "softmax")
 # op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
 # how an error message says what the node does with an operand)
 JOINS = {"add": "adds", "mul": "multiplies by", "expand_as": "is expanded as"}
@@ -66,9 +66,16 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
         tensor_inputs = [arg for arg in node.all_input_nodes if arg.meta[OP] != "shape"]
         if kind in ("input", "conv", "linear"):
             parent[node] = node
+        elif kind == "norm" and tensor_inputs[0] not in parent:
+            raise UnsupportedOpError(
+                f"node '{node.name}' normalises '{tensor_inputs[0].name}', which holds flattened or concatenated "
+                "features: its statistics would mix channel spaces; pamfx supports GroupNorm and LayerNorm on the "
+                "output of one layer (or of a residual add)")
         elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
             if kind == "softmax":
                 _check_softmax_dim(node)
+            if kind == "norm":
+                _check_norm(node)
             parent[node] = find(tensor_inputs[0])
         elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
@@ -97,6 +104,10 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
         kind = "input" if first.meta[OP] == "input" else "hidden"
         if any(node in heads for node in group):
             kind = "output"
+        norms = [n for n in group if n.meta[OP] == "norm"]
+        if norms and kind == "input":
+            raise UnsupportedOpError(f"node '{norms[0].name}' normalises the network input; pamfx needs the input to "
+                                     "reach the first conv or linear unchanged")
         mixing = [n for n in group if n.meta[OP] == "softmax"]
         if mixing and kind != "output":
             raise UnsupportedOpError(
@@ -149,7 +160,7 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
                if source.meta[OP] == "split" else "a transpose or 5-D view is followed only inside a channel shuffle")
         raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
                                  f"follow: {why}")
-    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean"):
+    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean"):   # (a norm reads one space: checked)
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == "flatten":
         return _flattened(node, inputs[0])
@@ -274,6 +285,17 @@ def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, .
     if any(feature.position for feature in features):
         raise UnsupportedOpError(f"node '{node.name}' flattens features that were already flattened")
     return tuple(Feature(f.space, f.unit, p) for f in features for p in range(block))
+
+
+def _check_norm(node: fx.Node) -> None:
+    """A GroupNorm normalises groups of channels (dim 1); a LayerNorm must normalise the channels alone, which must
+    then be the last dim ([B, C] features, or tokens with channels last)."""
+    module, shape = node.meta[MODULES][0], node.meta[SHAPES][0]
+    if isinstance(module, nn.LayerNorm) and (len(module.normalized_shape) != 1 or len(shape) != 2):
+        raise UnsupportedOpError(
+            f"node '{node.name}' ({module!r}) normalises over the last {len(module.normalized_shape)} dims of a tensor "
+            f"of shape {tuple(shape)}, not over its channels (dim 1) alone: its statistics would mix channels with "
+            "positions; pamfx supports LayerNorm over the channels (a [batch, channels] tensor) and GroupNorm")
 
 
 def _check_softmax_dim(node: fx.Node) -> None:

@@ -24,7 +24,7 @@ from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, G
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
-from pamfx.passes.rules import blocks, may_read
+from pamfx.passes.rules import blocks, couple_norms, may_read
 from pamfx.passes.stack import stack_weights
 from pamfx.sources import as_task_data
 
@@ -54,7 +54,8 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     weights = stack_weights(aligned, spaces)
     calibration = {t: x for t, (x, _) in as_task_data(data).sample(config.samples, seed).items()}
     zipped: dict[tuple[str, int], list[tuple[int, int]]] = {}   # (space, model) -> its (survivor, partner) pairs
-    tuned = rebuild_and_finetune(aligned, spaces, _frozen(groups), weights, data, FinetuneConfig(steps=0))
+    frozen = _frozen(aligned, spaces, groups)
+    tuned = rebuild_and_finetune(aligned, spaces, frozen, weights, data, FinetuneConfig(steps=0))
     for index, node in enumerate(tqdm(layers, desc="mtz: zip layers", disable=not progress)):
         inputs = _layer_inputs(tuned, node, calibration)
         for model in range(1, len(aligned.tasks)):
@@ -62,13 +63,14 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
         steps = FinetuneConfig(steps=config.base_steps + config.steps_per_layer * index,
                                batch_size=tuning.batch_size, lr=tuning.lr)
         try:
-            tuned = rebuild_and_finetune(aligned, spaces, _frozen(groups), weights, data, steps, seed=seed + index)
+            tuned = rebuild_and_finetune(aligned, spaces, _frozen(aligned, spaces, groups), weights, data, steps,
+                                         seed=seed + index)
         except GroupingError:
             # NOTE: a residual space zipped at its first layer has units that its later layers (not zipped yet) can
             # read nothing for under rule 2; the network is whole again once those layers are zipped.
             continue
         weights = _with_partner_rows(tuned.weights, weights, layers[index + 1:], groups)
-    return _frozen(groups), weights
+    return _frozen(aligned, spaces, groups), weights
 
 
 def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zipped: dict) -> None:
@@ -196,7 +198,7 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
     `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
-        if kind not in ("conv", "linear", "batchnorm", "prelu", "depthwise") or node.name not in weights:
+        if kind not in ("conv", "linear", "batchnorm", "prelu", "norm", "depthwise") or node.name not in weights:
             continue
         columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
         if not columns:
@@ -258,5 +260,7 @@ def _rows(weight: LayerWeights, units: list[int], columns: list[int]) -> torch.T
     return picked.reshape(len(units), len(columns), -1)
 
 
-def _frozen(groups: dict) -> Grouping:
-    return Grouping({name: tuple(g) for name, g in groups.items()})
+def _frozen(aligned, spaces, groups: dict) -> Grouping:
+    """The grouping of `groups` (lists), each norm's statistic set in one group (a survivor shares its set's
+    group with the rest of its model's set)."""
+    return Grouping(couple_norms(aligned, spaces, {name: tuple(g) for name, g in groups.items()}))

@@ -4,9 +4,12 @@ The builder, the network's own check, both merges and the prune pass call these;
 
     may_read(frozenset({"a"}), frozenset({"a", "b"}))      # True: rule 2, {a, b} is computed whenever {a} is
     rows, columns = blocks(node, spaces)                    # a grouped conv's units read only their block
-    groups = drop_unreadable(aligned, spaces, groups)       # units left with nothing to read are dropped
+    sets = norm_sets(node, spaces)                          # the units a GroupNorm / LayerNorm normalises together
+    groups = drop_unreadable(aligned, spaces, groups)       # one group per norm set; units with nothing to read go
     check_paths(aligned, spaces, groups)                    # GroupingError if a task no longer reaches its head
 """
+from torch import nn
+
 from pamfx.errors import GroupingError, UnsupportedOpError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Group, group_of_feature
 
@@ -47,10 +50,47 @@ def blocks(node, spaces: dict[str, ChannelSpace]) -> tuple[tuple[int, ...], tupl
     return rows, tuple(columns)
 
 
-def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> dict:
-    """Drops units whose group has no input it may read (they could only output a constant), repeating until no
-    layer changes: a drop below can leave a unit above with nothing to read. Returns a new {space: groups}."""
+def norm_sets(node, spaces: dict[str, ChannelSpace]) -> tuple[tuple[int, int], ...]:
+    """The statistic set of each unit of a norm node's space, as (model, set): a GroupNorm normalises each of its
+    groups of channels together (a model's channel c of C is in set c // (C / num_groups)), a LayerNorm all of a
+    model's channels."""
+    modules = node.meta[MODULES]
+
+    def set_of(unit):
+        module = modules[unit.model]
+        if isinstance(module, nn.GroupNorm):
+            return unit.model, unit.channel // (module.num_channels // module.num_groups)
+        return unit.model, 0
+
+    return tuple(set_of(unit) for unit in spaces[node.meta[SPACE]].units)
+
+
+def couple_norms(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> dict:
+    """Gives the kept units of each norm's statistic set one group, the union of their groups, and returns a new
+    {space: groups}.
+
+    NOTE: a unit's normalised value depends on every unit of its set, so by rule 2 all of them must be computed
+    whenever it is: only one group for the whole set makes that hold. The union keeps every unit computed for the
+    tasks it served (a unit of group G then reads only groups containing the union: drop_unreadable follows)."""
     groups = dict(groups)
+    for node in aligned.nodes_of_kind("norm"):
+        name = node.meta[SPACE]
+        if spaces[name].kind != "hidden":
+            continue
+        union: dict[tuple[int, int], frozenset] = {}
+        sets = norm_sets(node, spaces)
+        for unit, group in enumerate(groups[name]):
+            if group is not None:
+                union[sets[unit]] = union.get(sets[unit], frozenset()) | group
+        groups[name] = tuple(None if group is None else union[sets[unit]] for unit, group in enumerate(groups[name]))
+    return groups
+
+
+def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> dict:
+    """Makes a grouping buildable: gives each norm's statistic set one group (couple_norms), then drops units whose
+    group has no input it may read (they could only output a constant), repeating until no layer changes: a drop
+    below can leave a unit above with nothing to read. Returns a new {space: groups}."""
+    groups = couple_norms(aligned, spaces, groups)
     changed = True
     while changed:
         changed = False

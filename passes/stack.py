@@ -20,10 +20,10 @@ BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dict[str, dict[str, torch.Tensor]]:
-    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm and PReLU
-    node, on the models' device."""
+    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm, PReLU and
+    GroupNorm / LayerNorm node (an empty dict for a norm without affine parameters), on the models' device."""
     stacked = {}
-    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu"):
+    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu", "norm"):
         source = node.all_input_nodes[0]
         features = source.meta[FEATURES]
         owners = [spaces[f.space].units[f.unit].model for f in features]

@@ -9,7 +9,7 @@ from torch import nn
 import pamfx
 from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.build import build_network
-from pamfx.passes.rules import drop_unreadable
+from pamfx.passes.rules import drop_unreadable, norm_sets
 from pamfx.passes.stack import stack_weights
 
 from conftest import HEADS, assert_equivalent, compile_parts, random_data, random_grouping, randomised
@@ -284,11 +284,36 @@ class PReLUs(nn.Module):
         return self.head(self.act2(self.fc1(torch.flatten(x, 1))))
 
 
+class Norms(nn.Module):
+    """GroupNorm after convs (one of them on a residual sum) and LayerNorm over Linear features, as ResNet-GN and MLP
+    heads write them."""
+    through = ("conv1", "fc1")   # conv2 makes units of conv1's space (the residual add)
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.gn1 = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn2 = nn.GroupNorm(4, 8, eps=1e-3)
+        self.fc1 = nn.Linear(8, 12)
+        self.ln = nn.LayerNorm(12)
+        self.head = nn.Linear(12, classes)
+        with torch.no_grad():   # affine parameters that differ by channel and by model
+            for norm in (self.gn1, self.gn2, self.ln):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.gn1(self.conv1(x))), 2)
+        x = F.relu(self.gn2(self.conv2(x) + x))
+        return self.head(F.relu(self.ln(self.fc1(x.mean((2, 3))))))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
             "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs,
-            "prelu": PReLUs}
+            "prelu": PReLUs, "norms": Norms}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -862,3 +887,78 @@ def test_a_grouped_conv_of_the_network_input_reads_its_blocks(tmp_path):
     result = pamfx.optimize(models, random_data(TASKS, shape=(2, 12, 12)), merge="none", prune=None, progress=False)
     assert_equivalent(originals(models), result.model, x, all_combinations(TASKS))
     assert result.model.macs(["a"]) == counted_macs(lambda: models["a"](x[:1]))
+
+
+def test_a_norm_shared_by_all_tasks_normalises_each_models_statistic_sets_as_the_original():
+    """Every unit in the group of all tasks: one slice holds all three models' channels, and each model's GroupNorm
+    groups and LayerNorm channels are still normalised on their own (cross-model weights are zero: the originals)."""
+    models = models_of("norms")
+    aligned, spaces = compile_parts(models, inputs(2))
+    everyone = frozenset(TASKS)
+    grouping = Grouping({name: (everyone,) * len(space.units) for name, space in spaces.items()
+                         if space.kind == "hidden"})
+    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
+    assert_equivalent(originals(models), network, inputs(8), all_combinations(TASKS))
+    norms = {name: module for name, module in network.named_children() if isinstance(module, (nn.GroupNorm,
+                                                                                              nn.LayerNorm))}
+    assert norms["gn1_g0"].num_groups == 6 and norms["gn2_g0"].num_groups == 12   # 3 models x their groups
+    assert sorted(name for name in norms if name.startswith("ln")) == ["ln_g0_0", "ln_g0_1", "ln_g0_2"]
+
+
+def test_a_norms_statistic_set_gets_one_group():
+    """drop_unreadable gives each set the union of its units' groups; the builder refuses a grouping that splits a
+    set, naming the norm."""
+    aligned, spaces = compile_parts(models_of("norms"), inputs(2))
+    norms = {node.name: node for node in aligned.nodes_of_kind("norm")}
+    groups = random_grouping(aligned, spaces, 3, drop=False).groups
+    coupled = drop_unreadable(aligned, spaces, groups)
+    for name, node in norms.items():
+        space = node.meta["pamfx.space"]
+        by_set = {}
+        for unit, norm_set in enumerate(norm_sets(node, spaces)):
+            by_set.setdefault(norm_set, set()).add(coupled[space][unit])
+            assert coupled[space][unit] is None or coupled[space][unit] >= groups[space][unit]
+        assert all(len(found - {None}) <= 1 for found in by_set.values()), (name, by_set)
+    split = dict(coupled)
+    split["fc1"] = (frozenset("a"), frozenset("ab")) + (frozenset(TASKS),) * (len(spaces["fc1"].units) - 2)
+    with pytest.raises(pamfx.GroupingError, match=r"norm 'ln': the channels of model 0's statistic set 0 are in "
+                                                  r"groups \['a', 'b', 'c'\] and \['a', 'b'\]; they need one group"):
+        build_network(aligned, spaces, Grouping(split), stack_weights(aligned, spaces))
+
+
+class Normalised(nn.Module):
+    """conv -> `normalise` -> mean -> head, for norms pamfx cannot follow."""
+
+    def __init__(self, normalise, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.left = nn.Conv2d(4, 2, 1)
+        self.normalise = normalise
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.head(self.normalise(torch.cat([x, self.left(x)], 1)).mean((2, 3)))
+
+
+class NormalisesTheInput(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, 1, affine=False)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(self.conv(self.norm(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda classes: Normalised(nn.GroupNorm(2, 6), classes),
+     r"node 'normalise' normalises 'cat', which holds flattened or concatenated features: its statistics would mix "
+     r"channel spaces"),
+    (NormalisesTheInput, r"node 'norm' normalises the network input"),
+], ids=["norm-of-cat", "norm-of-input"])
+def test_a_norm_pamfx_cannot_follow_is_named(make, message):
+    models = {t: make(HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)

@@ -308,6 +308,15 @@ class LayerNormed(Net):
         return self.norm(h).mean((2, 3))
 
 
+class LocallyNormed(Net):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LocalResponseNorm(2)
+
+    def body(self, h):
+        return self.norm(h).mean((2, 3))
+
+
 class TakesAbs(Net):
     def body(self, h):
         return torch.abs(h).mean((2, 3))
@@ -328,7 +337,9 @@ UNSUPPORTED = [
     (lambda: BatchNormWithout(affine=False), r"node 'bn': BatchNorm2d\(.*affine=False.*\) needs affine=True"),
     (lambda: BatchNormWithout(track_running_stats=False), r"node 'bn': .* needs affine=True and track_running"),
     (PoolsWithIndices, r"node 'pool': MaxPool2d\(.*\) returns indices; pamfx needs return_indices=False"),
-    (LayerNormed, "node 'norm' calls LayerNorm, a module pamfx has no channel rule for"),
+    (LayerNormed, r"node 'norm' \(LayerNorm\(\(4, 26, 26\), .*\)\) normalises over the last 3 dims of a tensor of "
+                  r"shape \(2, 4, 26, 26\), not over its channels \(dim 1\) alone"),
+    (LocallyNormed, "node 'norm' calls LocalResponseNorm, a module pamfx has no channel rule for"),
     (TakesAbs, r"node 'abs_1' \(call_function abs\) is an op pamfx has no channel rule for"),
 ]
 
@@ -336,7 +347,7 @@ UNSUPPORTED = [
 @pytest.mark.parametrize("model_class, message", UNSUPPORTED, ids=[
     "add-flattened", "add-input", "cat-dim-2", "reshape-3d", "mean-channels", "mean-square-channels",
     "tensor-argument", "linear-on-image-square", "linear-on-image", "bn-on-input", "bn-no-affine", "bn-no-stats",
-    "pool-indices", "unknown-module", "unknown-function"])
+    "pool-indices", "layernorm-over-positions", "unknown-module", "unknown-function"])
 def test_an_op_pamfx_cannot_follow_is_named(model_class, message):
     with pytest.raises(UnsupportedOpError, match=message):
         optimize(model_class)
