@@ -117,14 +117,15 @@ def _body(network: GatedNetwork, flags: dict[str, str]) -> list[str]:
 
 def _statement_source(statement: Statement) -> str:
     inputs = list(statement.inputs)
+    before = ":, " * statement.dim   # the dims before the channels, in an index
     if statement.call == "concat":
-        return f"{statement.out} = torch.cat([{', '.join(inputs)}], 1)"
+        return f"{statement.out} = torch.cat([{', '.join(inputs)}], {statement.dim})"
     if statement.call == "select":
-        return f"{statement.out} = {inputs[0]}[:, {list(statement.args[0])}]"
+        return f"{statement.out} = {inputs[0]}[{before}{list(statement.args[0])}]"
     if statement.call == "module":
-        joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], 1)"
+        joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], {statement.dim})"
         if statement.args:
-            joined += f"[:, {list(statement.args[0])}]"
+            joined += f"[{before}{list(statement.args[0])}]"
         return f"{statement.out} = self.{statement.target}({joined})"
     arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
     return f"{statement.out} = {statement.target}({', '.join(arguments)})"

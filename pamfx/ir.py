@@ -14,6 +14,8 @@ MODULES = "pamfx.modules"    # call_module nodes: the module of each model, in t
 SHAPES = "pamfx.shapes"      # the output shape of each model at this node (tuple of torch.Size, or None)
 SPACE = "pamfx.space"        # nodes holding one channel space: its name (str)
 FEATURES = "pamfx.features"  # nodes with a channel dimension: tuple of Feature, the merged tensor's channels
+AXIS = "pamfx.axis"          # nodes of one tensor: the dim holding its channels (1, or the last dim when a transpose
+                             # or permute moved them there: tokens [B, T, C]); None for sizes and a split's tuple
 ROUTE = "pamfx.route"        # nodes that only pick or reorder channels (chunk, x[:, a:b], a channel shuffle):
                              # the name of the node whose channels they pick from
 

@@ -24,8 +24,10 @@ class Statement:
     call: "module" runs the registered module `target` on the inputs concatenated along channels (then the
           channels args[0] of that, if given: a block of a grouped conv);
           "function" calls the torch function named `target` as target(*inputs, *args, **kwargs);
-          "concat" is torch.cat(inputs, 1);
+          "concat" is torch.cat(inputs, dim);
           "select" picks the channels args[0] (a tuple of indices) of its one input: inputs[0][:, [i, j, ...]].
+    dim: the channel dim of the inputs that "module", "concat" and "select" join or pick (1, or the last dim of
+         tokens [batch, tokens, channels]).
     gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
     """
     out: str
@@ -36,6 +38,7 @@ class Statement:
     args: tuple = ()
     kwargs: tuple = ()
     macs: int = 0
+    dim: int = 1
     gate: Group = field(default=frozenset(), compare=False)
 
 
@@ -78,14 +81,15 @@ class GatedNetwork(nn.Module):
 
     def _run(self, statement: Statement, values: dict) -> torch.Tensor:
         tensors = [values[name] for name in statement.inputs]
+        dim = statement.dim
         if statement.call == "concat":
-            return torch.cat(tensors, 1)
+            return torch.cat(tensors, dim)
         if statement.call == "select":
-            return tensors[0][:, list(statement.args[0])]
+            return tensors[0][(slice(None),) * dim + (list(statement.args[0]),)]
         if statement.call == "module":
-            joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
+            joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
             if statement.args:
-                joined = joined[:, list(statement.args[0])]
+                joined = joined[(slice(None),) * dim + (list(statement.args[0]),)]
             return self._modules[statement.target](joined)
         return self._functions[statement.target](*tensors, *statement.args, **dict(statement.kwargs))
 

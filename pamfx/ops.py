@@ -11,7 +11,11 @@ Kinds:
                 conv (groups g > 1, not depthwise) too: each unit reads only the input channels of its block
                 (passes/rules.py `blocks`); MACs = out * in / g * kh * kw * H_out * W_out
     depthwise   nn.Conv2d with groups == in == out channels: keeps its input's channel space; MACs = C * kh * kw * H * W
-    linear      nn.Linear on a [batch, features] tensor: a new channel space; MACs = out * in
+    linear      nn.Linear over the channels (the last dim: [batch, features], or tokens [batch, tokens, channels]):
+                a new channel space; MACs = out * in * (tokens)
+    token_linear nn.Linear over another dim than the channels (an MLP-Mixer's token mixing on [batch, channels,
+                tokens]): each model's layer acts on each of its channels on its own, so it keeps the channel space;
+                MACs = channels * out * in
     batchnorm   nn.BatchNorm1d/2d: per-channel parameters, keeps the channel space
     prelu       nn.PReLU: per-channel slopes (one shared slope becomes one per channel, equal at the start), keeps
                 the channel space
@@ -25,9 +29,10 @@ Kinds:
                 F.dropout/dropout2d with training=self.training), nn.Identity, x.contiguous(), -x, and +, -, *, /, **
                 with a Python scalar (x * 0.5 + 1, 3 - x, x / 6, x ** 2); never with a tensor operand
     flatten     [B, C, H, W] -> [B, C*H*W] (torch.flatten, nn.Flatten, view, reshape, with sizes from x.shape or
-                x.size() or constants): each channel owns its block of H*W features. A reshape between [B, C] and
-                [B, C, 1, 1] (flatten, view, reshape, unsqueeze, y[:, :, None, None]) keeps the channel space
-    mean        a mean over spatial dims: keeps the channel space
+                x.size() or constants): each channel owns its block of H*W features. A reshape of only the dims after
+                the channels (between [B, C] and [B, C, 1, 1]: flatten, view, reshape, unsqueeze, y[:, :, None, None];
+                x.flatten(2) to tokens [B, C, H*W]) keeps the channel space
+    mean        a mean over dims other than the batch and the channels (spatial, tokens): keeps the channel space
     add         residual add: both operands share one channel space
     mul         x * gate of two tensors (a squeeze-excitation gate, [B, C, 1, 1] or [B, C, H, W]): both operands share
                 one channel space, like a residual add; the gate's layer then makes units of that space
@@ -49,7 +54,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import UnsupportedOpError
-from .ir import MODULES, OP
+from .ir import AXIS, MODULES, OP, SHAPES
 
 # Stateless modules that act on each channel on its own; kept as modules (they carry their settings in repr).
 CHANNELWISE_MODULES = (
@@ -143,7 +148,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "cat"
         if node.target in SPLIT_FUNCTIONS:
             return "split"
-        if node.target is torch.transpose:
+        if node.target in (torch.transpose, torch.permute):
             return "transpose"
         if node.target is getattr and node.args[1] == "shape":
             return "shape"
@@ -164,17 +169,19 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "expand_as"
         if node.target in SPLIT_METHODS:
             return "split"
-        if node.target == "transpose":
+        if node.target in ("transpose", "permute"):
             return "transpose"
     raise UnsupportedOpError(
         f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
         f"supported: {SUPPORTED}")
 
 
-SUPPORTED = ("Conv2d (any groups), Linear, BatchNorm1d/2d, GroupNorm, LayerNorm over channels, PReLU, per-channel activations, clamp, pooling and "
-             "dropout, -x, +, -, *, /, ** with a Python scalar, flatten/view/reshape to [batch, features], spatial "
-             "mean, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, split, x[:, a:b] "
-             "and channel shuffle on channels, and softmax/log_softmax over a head's classes")
+SUPPORTED = ("Conv2d (any groups), Linear (over channels, or over tokens), BatchNorm1d/2d, GroupNorm, LayerNorm over "
+             "channels, PReLU, per-channel activations, clamp, pooling and dropout, -x, +, -, *, /, ** with a Python "
+             "scalar, flatten/view/reshape to [batch, features] or of the dims after the channels, means over "
+             "spatial dims or tokens, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, "
+             "split, x[:, a:b] and channel shuffle on channels, transpose/permute keeping the batch first, and "
+             "softmax/log_softmax over a head's classes")
 
 
 def _classify_getitem(node: fx.Node) -> str:
@@ -195,6 +202,55 @@ def _classify_getitem(node: fx.Node) -> str:
         f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes (x.shape[0], "
         "x.size()[0]), channel slices (x[:, a:b]), pieces of x.chunk / torch.split on channels and "
         "y[:, :, None, None]; other indexing of a tensor, or picking from a module's tuple output, has no channel rule")
+
+
+def channel_axis(node: fx.Node) -> int | None:
+    """The dim that holds the channels of `node`'s output (see ir.AXIS), from its op kind and its input's axis;
+    None for sizes, a split's tuple and the output. find_channel_spaces checks that the ops reading it agree."""
+    kind = node.meta[OP]
+    if kind in ("shape", "split", "output"):
+        return None
+    if kind in ("input", "conv", "depthwise"):
+        return 1
+    if node.meta[SHAPES][0] is None:   # a graph without shapes (not traced by passes/trace.py)
+        return None
+    rank = len(node.meta[SHAPES][0])
+    if kind == "linear":
+        return rank - 1
+    source = next(arg for arg in node.all_input_nodes if arg.meta[OP] != "shape")
+    if source.meta[OP] == "split":   # a piece of a chunk / split
+        source = source.all_input_nodes[0]
+    axis = source.meta[AXIS]
+    if kind == "transpose":
+        return permutation(node).index(axis)
+    if kind == "mean":
+        dims, keepdim = mean_dims(node)
+        return axis if keepdim else axis - sum(d < axis for d in dims)
+    if kind == "flatten":
+        into, out = source.meta[SHAPES][0], node.meta[SHAPES][0]
+        return axis if tuple(out[:axis + 1]) == tuple(into[:axis + 1]) else 1   # else: flattened to features
+    return axis
+
+
+def permutation(node: fx.Node) -> list[int]:
+    """The dims of a transpose / permute node's input in the order of its output dims."""
+    rank = len(node.meta[SHAPES][0])
+    if _target_name(node) == "permute":
+        dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        dims = node.kwargs.get("dims", dims)
+        return [d % rank for d in dims]
+    first, second = (_argument(node, 1, "dim0", None) % rank, _argument(node, 2, "dim1", None) % rank)
+    order = list(range(rank))
+    order[first], order[second] = second, first
+    return order
+
+
+def mean_dims(node: fx.Node) -> tuple[tuple[int, ...], bool]:
+    """The dims a mean node reduces (non-negative; () for a mean over everything) and its keepdim."""
+    rank = len(node.all_input_nodes[0].meta[SHAPES][0])
+    dims = _argument(node, 1, "dim", None)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    return tuple(d % rank for d in dims), bool(_argument(node, 2, "keepdim", False))
 
 
 def channel_slice(node: fx.Node) -> slice | None:
@@ -351,7 +407,9 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
             return "depthwise"
         return "conv"   # grouped: passes/rules.py `blocks` says which inputs each unit reads
     if isinstance(module, nn.Linear):
-        return "linear"
+        source = node.all_input_nodes[0]
+        axis, shape = source.meta.get(AXIS), source.meta[SHAPES][0]
+        return "linear" if axis is None or axis == len(shape) - 1 else "token_linear"
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if not (module.affine and module.track_running_stats):
             raise UnsupportedOpError(f"node '{node.name}': {module!r} needs affine=True and track_running_stats=True")

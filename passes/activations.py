@@ -1,7 +1,8 @@
 """calibration_activations(...) -> every model's units' activations on each task's calibration inputs.
 
 For each hidden channel space the activation is read at the space's last tensor (after its nonlinearity and
-pooling); a conv channel is reduced to one number per sample, its spatial maximum. Batches stream through each
+pooling); a conv channel is reduced to one number per sample, its spatial maximum (a token layout's channel: its
+maximum over tokens). Batches stream through each
 model and are reduced at once: no feature map outlives its batch.
 
     calibration = calibration_activations(aligned, spaces, {"tops": (x, y)}, samples=128)
@@ -14,7 +15,7 @@ import torch
 from torch import fx
 
 from pamfx.devices import device_of, to_device
-from pamfx.ir import AlignedGraph, ChannelSpace
+from pamfx.ir import AXIS, AlignedGraph, ChannelSpace
 from pamfx.sources import as_task_data
 
 
@@ -30,7 +31,9 @@ def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpac
     of tensors, a DataLoader's first batches), and its labels, both on the models' device (the inputs move there
     a batch at a time)."""
     positions = {node.name: i for i, node in enumerate(aligned.graph.nodes)}
-    readout = {name: positions[space.nodes[-1]] for name, space in spaces.items() if space.kind == "hidden"}
+    nodes = {node.name: node for node in aligned.graph.nodes}
+    readout = {name: (positions[space.nodes[-1]], nodes[space.nodes[-1]].meta[AXIS])
+               for name, space in spaces.items() if space.kind == "hidden"}
     activations, labels = {}, {}
     sampled = as_task_data(data).sample(samples, seed)
     for task, (inputs, task_labels) in sampled.items():
@@ -44,10 +47,9 @@ def calibration_activations(aligned: AlignedGraph, spaces: dict[str, ChannelSpac
     return Calibration(activations=activations, labels=labels)
 
 
-def _run(module: fx.GraphModule, inputs: torch.Tensor, readout: dict[str, int], batch_size: int) -> dict:
-    at_position = {position: name for name, position in readout.items()}
+def _run(module: fx.GraphModule, inputs: torch.Tensor, readout: dict[str, tuple[int, int]], batch_size: int) -> dict:
     nodes = list(module.graph.nodes)
-    wanted = {nodes[position]: name for position, name in at_position.items()}
+    wanted = {nodes[position]: (name, axis) for name, (position, axis) in readout.items()}
     collected = {name: [] for name in readout}
     module.eval()
     device = device_of(module)
@@ -60,9 +62,10 @@ def _run(module: fx.GraphModule, inputs: torch.Tensor, readout: dict[str, int], 
 
 
 class _Readout(fx.Interpreter):
-    """Runs the module and keeps, at each wanted node, its output reduced to [batch, channels]."""
+    """Runs the module and keeps, at each wanted node, its output reduced to [batch, channels] (the maximum over
+    every other dim)."""
 
-    def __init__(self, module, wanted: dict[fx.Node, str]):
+    def __init__(self, module, wanted: dict[fx.Node, tuple[str, int]]):
         super().__init__(module)
         self.wanted = wanted
         self.values: dict[str, torch.Tensor] = {}
@@ -74,6 +77,7 @@ class _Readout(fx.Interpreter):
     def run_node(self, node):
         result = super().run_node(node)
         if node in self.wanted:
-            self.values[self.wanted[node]] = result.amax(dim=tuple(range(2, result.dim()))) if result.dim() > 2 \
-                else result
+            name, axis = self.wanted[node]
+            others = tuple(d for d in range(1, result.dim()) if d != axis)
+            self.values[name] = result.amax(dim=others) if others else result
         return result

@@ -11,7 +11,7 @@ from torch import fx
 
 from pamfx import ops
 from pamfx.errors import AlignmentError, UnsupportedOpError
-from pamfx.ir import MODULES, OP, SHAPES, AlignedGraph
+from pamfx.ir import AXIS, MODULES, OP, SHAPES, AlignedGraph
 
 
 def align(traced: dict[str, fx.GraphModule]) -> AlignedGraph:
@@ -29,11 +29,12 @@ def align(traced: dict[str, fx.GraphModule]) -> AlignedGraph:
     for other, nodes in zip(tasks[1:], graphs[1:]):
         _check_same_topology(first, graphs[0], modules[0], other, nodes, modules[tasks.index(other)])
     for position, node in enumerate(graphs[0]):
-        node.meta[OP] = ops.classify(node, modules[0])
         peers = [nodes[position] for nodes in graphs]
+        node.meta[SHAPES] = tuple(_shape(peer) for peer in peers)
+        node.meta[OP] = ops.classify(node, modules[0])
         if node.op == "call_module":
             node.meta[MODULES] = tuple(mods[peer.target] for mods, peer in zip(modules, peers))
-        node.meta[SHAPES] = tuple(_shape(peer) for peer in peers)
+        node.meta[AXIS] = ops.channel_axis(node)
     return AlignedGraph(tasks=tasks, graph=traced[first].graph, modules=tuple(traced[t] for t in tasks))
 
 

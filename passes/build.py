@@ -8,14 +8,15 @@ G' that contains G (rule 2); weights to any other input are cut. Per-channel ops
     network(x, tasks=["tops"])   # {"tops": ...}, computing only the tops model's units
 """
 import copy
+import math
 
 import torch
 from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
-from pamfx.ir import (FEATURES, MODULES, OP, ROUTE, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping, Layout,
-                       Origin, Slice, group_names, group_of_feature, group_order)
+from pamfx.ir import (AXIS, FEATURES, MODULES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping,
+                       Layout, Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
 from pamfx.passes.rules import blocks, norm_sets, readable
 
@@ -92,10 +93,43 @@ class _Builder:
         self.visit_layer(node)
 
     def visit_linear(self, node):
-        if len(node.meta[SHAPES][0]) != 2:
-            raise UnsupportedOpError(f"node '{node.name}' applies a Linear to a tensor of shape "
-                                     f"{tuple(node.all_input_nodes[0].meta[SHAPES][0])}; pamfx needs [batch, features]")
-        self.visit_layer(node)
+        self.visit_layer(node)   # over the channels, the last dim (ops.classify)
+
+    def visit_token_linear(self, node):
+        """A Linear over tokens (or another dim that is not the channels): each model's layer on its own channels,
+        one module per run of a model's channels in a group's slice."""
+        source = node.all_input_nodes[0]
+        stacked = self.weights[node.name]
+        template = node.meta[MODULES][0]
+        models = [self.spaces[f.space].units[f.unit].model for f in node.meta[FEATURES]]
+        shape = node.meta[SHAPES][0]
+        positions = math.prod(size for d, size in enumerate(shape[1:-1], 1) if d != node.meta[AXIS])
+        for group, features in self.layout[node].items():
+            runs = _runs(features, models)
+            outs = []
+            for index, (_, run) in enumerate(runs):
+                # NOTE: every unit holds a copy of its model's weights (passes/stack.py); the run takes its first
+                # unit's: equal unless fine-tuning a model's units in several groups untied them.
+                module = nn.Linear(template.in_features, template.out_features, template.bias is not None,
+                                   device=self.device)
+                with torch.no_grad():
+                    for name, tensor in stacked.items():
+                        getattr(module, name).copy_(tensor[run[0]])
+                picked = () if len(runs) == 1 else (tuple(features.index(f) for f in run),)
+                macs = len(run) * positions * template.in_features * template.out_features
+                self.emit(node, group, [self.values[source][group]], "module", module=module, args=picked, macs=macs,
+                          suffix="" if len(runs) == 1 else f"_{index}")
+                self.origins[self.values[node][group]] = Origin(node.name, tuple(run), None)
+                outs.append(self.values[node][group])
+            if len(outs) > 1:
+                self.emit(node, group, outs, "concat")
+
+    def visit_transpose(self, node):
+        """A transpose or permute outside a channel shuffle: each group's slice moves its dims alike."""
+        source = node.all_input_nodes[0]
+        for group in self.layout[node]:
+            self.emit(node, group, [self.values[source][group]], "function", target="torch.permute",
+                      args=(tuple(ops.permutation(node)),))
 
     def visit_layer(self, node):
         """One module per output group, reading every input group that contains it (rule 2); a grouped conv's
@@ -211,32 +245,32 @@ class _Builder:
             return
         target, kwargs = ops.softmax_call(node)
         for group in self.layout[node]:
-            self.emit(node, group, [self.values[source][group]], "function", target=target, kwargs={"dim": 1, **kwargs})
+            self.emit(node, group, [self.values[source][group]], "function", target=target,
+                      kwargs={"dim": node.meta[AXIS], **kwargs})
 
     def visit_flatten(self, node):
-        """To [B, features] (find_channel_spaces checked), or between [B, C] and [B, C, 1, 1]."""
+        """To [B, features] (find_channel_spaces checked), or a reshape of the dims after the channels only (between
+        [B, C] and [B, C, 1, 1], [B, C, H, W] to tokens [B, C, H*W])."""
         source = node.all_input_nodes[0]
-        rank, source_rank = len(node.meta[SHAPES][0]), len(source.meta[SHAPES][0])
-        if rank == source_rank == 2:
+        shape, source_shape = node.meta[SHAPES][0], source.meta[SHAPES][0]
+        if tuple(shape) == tuple(source_shape):
             self.values[node] = dict(self.values[source])
             return
+        axis = node.meta[AXIS]
         for group, features in self.layout[node].items():
-            if rank == 2:
+            if SPACE not in node.meta:   # to [B, features]
                 self.emit(node, group, [self.values[source][group]], "function", target="torch.flatten", args=(1,))
             else:
-                shape = (-1, len(features)) + (1,) * (rank - 2)
-                self.emit(node, group, [self.values[source][group]], "function", target="torch.reshape", args=(shape,))
+                size = (-1,) + tuple(shape[1:axis]) + (len(features),) + tuple(shape[axis + 1:])
+                self.emit(node, group, [self.values[source][group]], "function", target="torch.reshape", args=(size,))
 
     def visit_mean(self, node):
         source = node.all_input_nodes[0]
-        rank = len(source.meta[SHAPES][0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        if not dims or any(d % rank < 2 for d in dims):
+        dims, keepdim = ops.mean_dims(node)
+        if not dims or 0 in dims or source.meta[AXIS] in dims:
             raise UnsupportedOpError(f"node '{node.name}' takes a mean over dims {dims}; pamfx supports means "
-                                     "over spatial dims only (not batch or channels)")
-        kwargs = {"dim": tuple(d % rank for d in dims), "keepdim": bool(keepdim)}
+                                     "over spatial dims or tokens only (not batch or channels)")
+        kwargs = {"dim": dims, "keepdim": keepdim}
         for group in self.layout[node]:
             self.emit(node, group, [self.values[source][group]], "function", target="torch.mean", kwargs=kwargs)
 
@@ -282,7 +316,8 @@ class _Builder:
             target = out if isinstance(module, _PARAMETRISED) else node.name
             self.modules[target] = module
         self.statements.append(Statement(out=out, group=group, inputs=tuple(inputs), call=call, target=target,
-                                         args=tuple(args), kwargs=tuple(sorted((kwargs or {}).items())), macs=macs))
+                                         args=tuple(args), kwargs=tuple(sorted((kwargs or {}).items())), macs=macs,
+                                         dim=node.meta[AXIS]))
         self.values.setdefault(node, {})[group] = out
 
 

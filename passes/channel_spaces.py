@@ -1,7 +1,9 @@
 """find_channel_spaces(aligned) -> {name: ChannelSpace}: which tensors share a channel dimension.
 
-Each conv/linear output starts a space; BatchNorm, GroupNorm / LayerNorm (rules.couple_norms), per-channel ops, spatial means and depthwise convs keep their
-input's space, and so do a reshape between [B, C, 1, 1] and [B, C] and a softmax over a head's classes; a residual
+Each conv/linear output starts a space; BatchNorm, GroupNorm / LayerNorm (rules.couple_norms), per-channel ops,
+spatial means and depthwise convs keep their input's space, and so do a reshape of the dims after the channels
+([B, C, 1, 1] <-> [B, C], x.flatten(2) to tokens), a transpose or permute (which moves the channel axis, ir.AXIS),
+a Linear over tokens (each model's own on each of its channels) and a softmax over a head's classes; a residual
 add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their
 channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
 
@@ -18,10 +20,12 @@ from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import UnsupportedOpError
-from pamfx.ir import FEATURES, MODULES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
+from pamfx.ir import AXIS, FEATURES, MODULES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 
 # op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
-KEEPS_SPACE = ("batchnorm", "prelu", "norm", "channelwise", "mean", "depthwise", "softmax")
+KEEPS_SPACE = ("batchnorm", "prelu", "norm", "channelwise", "mean", "depthwise", "softmax", "token_linear", "transpose")
+# op kinds that keep a space with parameters of each model: they must read one space (their input's units' models)
+PER_MODEL = {"norm": "normalises", "token_linear": "applies a Linear over tokens to"}
 # op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
 # how an error message says what the node does with an operand)
 JOINS = {"add": "adds", "mul": "multiplies by", "expand_as": "is expanded as"}
@@ -48,6 +52,9 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     if not isinstance(result, fx.Node) or SPACE not in result.meta:
         raise UnsupportedOpError(f"the models return {result!r}; pamfx needs forward() to return one tensor, the "
                                  "output of the task's head")
+    if result.meta[AXIS] != 1:
+        raise UnsupportedOpError(f"the models return '{result.name}', whose classes are on dim {result.meta[AXIS]}; "
+                                 "pamfx needs the head's outputs on dim 1 ([batch, classes])")
     return by_name
 
 
@@ -64,18 +71,23 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
     for node in nodes:
         kind = node.meta[OP]
         tensor_inputs = [arg for arg in node.all_input_nodes if arg.meta[OP] != "shape"]
+        if kind in ("conv", "depthwise") and tensor_inputs[0].meta[AXIS] != 1:
+            raise UnsupportedOpError(f"node '{node.name}' convolves '{tensor_inputs[0].name}', whose channels are on "
+                                     f"dim {tensor_inputs[0].meta[AXIS]}; transpose them back to dim 1 first")
         if kind in ("input", "conv", "linear"):
             parent[node] = node
-        elif kind == "norm" and tensor_inputs[0] not in parent:
+        elif kind in PER_MODEL and tensor_inputs[0] not in parent:
             raise UnsupportedOpError(
-                f"node '{node.name}' normalises '{tensor_inputs[0].name}', which holds flattened or concatenated "
-                "features: its statistics would mix channel spaces; pamfx supports GroupNorm and LayerNorm on the "
-                "output of one layer (or of a residual add)")
+                f"node '{node.name}' {PER_MODEL[kind]} '{tensor_inputs[0].name}', which holds flattened or "
+                "concatenated features: pamfx supports it on the output of one layer (or of a residual add), whose "
+                "channels it can give to their models")
         elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
             if kind == "softmax":
                 _check_softmax_dim(node)
             if kind == "norm":
                 _check_norm(node)
+            if kind == "transpose":
+                _check_transpose(node)
             parent[node] = find(tensor_inputs[0])
         elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
@@ -104,10 +116,10 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
         kind = "input" if first.meta[OP] == "input" else "hidden"
         if any(node in heads for node in group):
             kind = "output"
-        norms = [n for n in group if n.meta[OP] == "norm"]
-        if norms and kind == "input":
-            raise UnsupportedOpError(f"node '{norms[0].name}' normalises the network input; pamfx needs the input to "
-                                     "reach the first conv or linear unchanged")
+        per_model = [n for n in group if n.meta[OP] in PER_MODEL]
+        if per_model and kind == "input":
+            raise UnsupportedOpError(f"node '{per_model[0].name}' {PER_MODEL[per_model[0].meta[OP]]} the network "
+                                     "input; pamfx needs the input to reach the first conv or linear unchanged")
         mixing = [n for n in group if n.meta[OP] == "softmax"]
         if mixing and kind != "output":
             raise UnsupportedOpError(
@@ -128,9 +140,9 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
 
 def _widths(group: list[fx.Node]) -> list[int]:
     first = group[0]
-    widths = [shape[1] for shape in first.meta[SHAPES]]
+    widths = [shape[first.meta[AXIS]] for shape in first.meta[SHAPES]]
     for node in group:
-        got = [shape[1] for shape in node.meta[SHAPES]]
+        got = [shape[node.meta[AXIS]] for shape in node.meta[SHAPES]]
         if got != widths:
             joins = [n.name for n in group if n.meta[OP] in JOINS]
             joined = (f" (the space is joined at {', '.join(repr(j) for j in joins)}, whose operands need the same "
@@ -160,14 +172,14 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
                if source.meta[OP] == "split" else "a transpose or 5-D view is followed only inside a channel shuffle")
         raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
                                  f"follow: {why}")
-    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean"):   # (a norm reads one space: checked)
+    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean", "transpose"):   # (PER_MODEL: one space)
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == "flatten":
         return _flattened(node, inputs[0])
     if kind == "cat":
-        if _cat_dim(node) != 1:
+        if _cat_dim(node) != node.meta[AXIS]:
             raise UnsupportedOpError(f"node '{node.name}' concatenates along dim {_cat_dim(node)}; "
-                                     "pamfx supports torch.cat on channels (dim 1) only")
+                                     f"pamfx supports torch.cat on channels (dim {node.meta[AXIS]}) only")
         return tuple(feature for features in inputs for feature in features)
     raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads flattened or concatenated features, "
                              "which pamfx cannot follow there")
@@ -185,6 +197,9 @@ def _routed(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, ..
     if features is None:
         raise UnsupportedOpError(f"node '{node.name}' picks channels of '{source.name}', whose channels pamfx cannot "
                                  "follow")
+    if source.meta[AXIS] != 1:
+        raise UnsupportedOpError(f"node '{node.name}' picks along dim 1 of '{source.name}', whose channels are on dim "
+                                 f"{source.meta[AXIS]}; pamfx follows picks of channels on dim 1")
     owners = [spaces[f.space].units[f.unit].model for f in features]
     if None in owners:
         raise UnsupportedOpError(f"node '{node.name}' picks channels of the network input; pamfx needs the input to "
@@ -240,11 +255,7 @@ def _shuffle_source(node: fx.Node) -> fx.Node | None:
 def _inside_shuffle(node: fx.Node) -> bool:
     """The 5-D view, the transpose and the contiguous() in the middle of a channel shuffle: no channel dim."""
     if node.meta[OP] == "transpose":
-        if not (_swaps_1_and_2(node) and _splits_channels(node.all_input_nodes[0])):
-            raise UnsupportedOpError(f"node '{node.name}' transposes dims {tuple(node.args[1:])}; pamfx follows a "
-                                     "transpose only inside a channel shuffle (view to [B, g, C/g, H, W], "
-                                     "transpose(1, 2), view back)")
-        return True
+        return _swaps_1_and_2(node) and _splits_channels(node.all_input_nodes[0])
     if node.op == "call_method" and node.target == "contiguous":
         source = node.all_input_nodes[0]
         return source.meta[OP] == "transpose" and _inside_shuffle(source)
@@ -261,21 +272,28 @@ def _splits_channels(node: fx.Node) -> bool:
 
 
 def _swaps_1_and_2(node: fx.Node) -> bool:
-    dims = tuple(node.args[1:3]) if len(node.args) >= 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
-    rank = len(node.meta[SHAPES][0])
-    return sorted(d % rank for d in dims if isinstance(d, int)) == [1, 2]
+    order = ops.permutation(node)
+    return order[:3] == [0, 2, 1] and order[3:] == list(range(3, len(order)))
 
 
 def _keeps_channels(node: fx.Node) -> bool:
-    """A reshape between [B, C] and [B, C, 1, 1] (after global pooling, or before a gate) in every model."""
+    """A reshape of only the dims after the channels in every model: between [B, C] and [B, C, 1, 1] (after global
+    pooling, or before a gate), or [B, C, H, W] to tokens [B, C, H*W]."""
     source = node.all_input_nodes[0]
-    return all(len(out) >= 2 and out[:2] == into[:2] and math.prod(into[2:]) == 1 == math.prod(out[2:])
-               for into, out in zip(source.meta[SHAPES], node.meta[SHAPES]))
+    axis = source.meta[AXIS]
+    return node.meta[AXIS] == axis and all(
+        len(out) > axis and tuple(out[:axis + 1]) == tuple(into[:axis + 1]) and (axis == 1 or len(out) == len(into))
+        for into, out in zip(source.meta[SHAPES], node.meta[SHAPES]))
 
 
 def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
     source = node.all_input_nodes[0]
     in_shape, out_shape = source.meta[SHAPES][0], node.meta[SHAPES][0]
+    if source.meta[AXIS] != 1:
+        raise UnsupportedOpError(f"node '{node.name}' reshapes {tuple(in_shape)} to {tuple(out_shape)}, whose channels "
+                                 f"are on dim {source.meta[AXIS]}: it would fold channels into tokens or positions; "
+                                 "pamfx follows reshapes of the dims after the channels and flattening [B, C, ...] to "
+                                 "[batch, features] only")
     block = math.prod(in_shape[2:])
     if len(out_shape) != 2 or out_shape[1] != in_shape[1] * block or out_shape[0] != in_shape[0]:
         raise UnsupportedOpError(f"node '{node.name}' reshapes {tuple(in_shape)} to {tuple(out_shape)}; pamfx "
@@ -290,18 +308,28 @@ def _flattened(node: fx.Node, features: tuple[Feature, ...]) -> tuple[Feature, .
 def _check_norm(node: fx.Node) -> None:
     """A GroupNorm normalises groups of channels (dim 1); a LayerNorm must normalise the channels alone, which must
     then be the last dim ([B, C] features, or tokens with channels last)."""
-    module, shape = node.meta[MODULES][0], node.meta[SHAPES][0]
-    if isinstance(module, nn.LayerNorm) and (len(module.normalized_shape) != 1 or len(shape) != 2):
+    module, shape, axis = node.meta[MODULES][0], node.meta[SHAPES][0], node.meta[AXIS]
+    if isinstance(module, nn.LayerNorm) and (len(module.normalized_shape) != 1 or axis != len(shape) - 1):
         raise UnsupportedOpError(
             f"node '{node.name}' ({module!r}) normalises over the last {len(module.normalized_shape)} dims of a tensor "
-            f"of shape {tuple(shape)}, not over its channels (dim 1) alone: its statistics would mix channels with "
-            "positions; pamfx supports LayerNorm over the channels (a [batch, channels] tensor) and GroupNorm")
+            f"of shape {tuple(shape)}, not over its channels (dim {axis}) alone: its statistics would mix channels "
+            "with positions or tokens; pamfx supports LayerNorm over the channels as the last dim ([batch, "
+            "channels], or tokens [batch, tokens, channels]) and GroupNorm")
+    if isinstance(module, nn.GroupNorm) and axis != 1:
+        raise UnsupportedOpError(f"node '{node.name}' ({module!r}) normalises dim 1 of a tensor whose channels are on "
+                                 f"dim {axis}; pamfx supports GroupNorm over channels on dim 1")
+
+
+def _check_transpose(node: fx.Node) -> None:
+    if ops.permutation(node)[0] != 0:
+        raise UnsupportedOpError(f"node '{node.name}' ({node.target}) moves the batch dim; pamfx follows transposes "
+                                 "and permutes that keep the batch first")
 
 
 def _check_softmax_dim(node: fx.Node) -> None:
     rank = len(node.meta[SHAPES][0])
     dim = ops.softmax_dim(node)
-    if dim % rank != 1:
+    if dim % rank != node.meta[AXIS]:
         raise UnsupportedOpError(f"node '{node.name}' takes a softmax over dim {dim} of a tensor of rank {rank}; "
                                  "pamfx supports softmax over the classes (dim=1, or dim=-1 of [batch, classes])")
 

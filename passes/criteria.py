@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 from pamfx.devices import device_of, to_device
-from pamfx.ir import FEATURES, OP, SPACE, AlignedGraph, ChannelSpace
+from pamfx.ir import AXIS, FEATURES, OP, SPACE, AlignedGraph, ChannelSpace
 from pamfx.labels import task_loss
 from pamfx.passes.finetune import FinetuneConfig, finetune
 from pamfx.sources import as_task_data
 
 
-def readouts(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], layout) -> dict[str, tuple[str, torch.Tensor]]:
-    """{variable of the built network: (space, unit indices of its channels)} for every tensor of a hidden space
-    that a node outside the space reads."""
+def readouts(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], layout) -> dict[str, tuple]:
+    """{variable of the built network: (space, unit indices of its channels, its channel dim)} for every tensor of a
+    hidden space that a node outside the space reads."""
     found = {}
     for node in aligned.graph.nodes:
         name = node.meta.get(SPACE)
@@ -37,7 +37,7 @@ def readouts(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], layout) -> 
         if all(user.meta.get(SPACE) == name for user in node.users):
             continue
         for piece in layout.tensors[node.name].values():
-            found[piece.variable] = (name, torch.tensor(piece.features, dtype=torch.long))
+            found[piece.variable] = (name, torch.tensor(piece.features, dtype=torch.long), node.meta[AXIS])
     return found
 
 
@@ -53,7 +53,7 @@ class UnitGates(nn.Module):
         super().__init__()
         self.network = copy.deepcopy(network).eval().requires_grad_(False)
         device = device_of(self.network)
-        self.gated = {variable: (space, units.to(device)) for variable, (space, units) in gated.items()}
+        self.gated = {variable: (space, units.to(device), axis) for variable, (space, units, axis) in gated.items()}
         self.noisy = noisy
         self.mu = nn.ParameterDict({name: nn.Parameter(torch.ones(size, device=device))
                                     for name, size in sizes.items()})
@@ -73,11 +73,11 @@ class UnitGates(nn.Module):
     def _gate(self, variable: str, value: torch.Tensor) -> torch.Tensor:
         if variable not in self.gated:
             return value
-        space, units = self.gated[variable]
+        space, units, axis = self.gated[variable]
         z = self.mu[space][units]
         if self.training and self.noisy:
             z = z + torch.exp(0.5 * self.log_d[space][units]) * torch.randn_like(z)
-        return value * z.reshape((1, -1) + (1,) * (value.dim() - 2))
+        return value * z.reshape((1,) * axis + (-1,) + (1,) * (value.dim() - axis - 1))
 
     def kl(self) -> torch.Tensor:
         """Dai et al.'s KL term: sum over units of log(1 + mu^2 / D)."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pamfx.devices import device_of, to_device
 from pamfx.errors import GroupingError
-from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
+from pamfx.ir import AXIS, FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
@@ -198,7 +198,8 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
     `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
-        if kind not in ("conv", "linear", "batchnorm", "prelu", "norm", "depthwise") or node.name not in weights:
+        if kind not in ("conv", "linear", "batchnorm", "prelu", "norm", "token_linear", "depthwise") or \
+                node.name not in weights:
             continue
         columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
         if not columns:
@@ -239,8 +240,8 @@ def _layer_inputs(tuned, node, calibration: dict) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for task, x in calibration.items():
             values = tuned.network.values(to_device(device, x))
-            pieces = [(piece.features, values[piece.variable]) for piece in tuned.layout.tensors[source.name].values()
-                      if piece.variable in values]
+            pieces = [(piece.features, values[piece.variable].movedim(source.meta[AXIS], 1))   # channels on dim 1
+                      for piece in tuned.layout.tensors[source.name].values() if piece.variable in values]
             full = torch.zeros((len(x), len(source.meta[FEATURES])) + tuple(pieces[0][1].shape[2:]), device=device)
             for indices, value in pieces:
                 full[:, list(indices)] = value

@@ -20,10 +20,11 @@ BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dict[str, dict[str, torch.Tensor]]:
-    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm, PReLU and
-    GroupNorm / LayerNorm node (an empty dict for a norm without affine parameters), on the models' device."""
+    """Returns {node name: {"weight": ..., "bias": ...}} for every conv, depthwise, linear, BatchNorm, PReLU,
+    GroupNorm / LayerNorm (an empty dict without affine parameters) and Linear-over-tokens node (each unit a copy of
+    its model's weight), on the models' device."""
     stacked = {}
-    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu", "norm"):
+    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu", "norm", "token_linear"):
         source = node.all_input_nodes[0]
         features = source.meta[FEATURES]
         owners = [spaces[f.space].units[f.unit].model for f in features]
@@ -36,7 +37,7 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
                 raise UnsupportedOpError(f"node '{node.name}' has per-model parameters on the shared network "
                                          "input; pamfx needs the input to reach the first conv or linear unchanged")
             names = {"batchnorm": BATCHNORM_TENSORS, "prelu": ("weight",)}.get(node.meta[OP], ("weight", "bias"))
-            stacked[node.name] = _stack_per_feature(modules, owners, names)
+            stacked[node.name] = _stack_per_feature(modules, owners, names, whole=node.meta[OP] == "token_linear")
     return stacked
 
 
@@ -77,8 +78,9 @@ def _dense_weight(module) -> torch.Tensor:
     return dense
 
 
-def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
-    """Per-channel parameters (BatchNorm entries, depthwise kernels) in the order of the merged tensor."""
+def _stack_per_feature(modules, owners, names, whole: bool = False) -> dict[str, torch.Tensor]:
+    """Per-channel parameters (BatchNorm entries, depthwise kernels) in the order of the merged tensor. With
+    `whole`, each channel gets a copy of its model's whole tensor (a Linear over tokens acts on every channel)."""
     stacked = {}
     for tensor_name in names:
         per_model = [getattr(module, tensor_name) for module in modules]
@@ -88,7 +90,8 @@ def _stack_per_feature(modules, owners, names) -> dict[str, torch.Tensor]:
         pieces = []
         for owner in owners:
             shared = per_model[owner].numel() == 1   # PReLU's one slope serves all the model's channels
-            pieces.append(per_model[owner][0 if shared else taken[owner]].detach())
+            piece = per_model[owner] if whole else per_model[owner][0 if shared else taken[owner]]
+            pieces.append(piece.detach())
             taken[owner] += 1
         stacked[tensor_name] = torch.stack(pieces)
     return stacked

@@ -309,11 +309,51 @@ class Norms(nn.Module):
         return self.head(F.relu(self.ln(self.fc1(x.mean((2, 3))))))
 
 
+class MixerBlock(nn.Module):
+    """An MLP-Mixer block on tokens [batch, tokens, channels]: token mixing (transpose, a Linear over the tokens, back)
+    and channel mixing (Linear over the channels), each after a LayerNorm and added to its input."""
+
+    def __init__(self, tokens, channels, token_hidden, channel_hidden):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.token_fc1 = nn.Linear(tokens, token_hidden)
+        self.token_fc2 = nn.Linear(token_hidden, tokens)
+        self.norm2 = nn.LayerNorm(channels)
+        self.channel_fc1 = nn.Linear(channels, channel_hidden)
+        self.channel_fc2 = nn.Linear(channel_hidden, channels)
+
+    def forward(self, x):
+        y = self.norm1(x).transpose(1, 2)
+        x = x + self.token_fc2(F.gelu(self.token_fc1(y))).transpose(1, 2)
+        return x + self.channel_fc2(F.gelu(self.channel_fc1(self.norm2(x))))
+
+
+class MlpMixer(nn.Module):
+    """A small MLP-Mixer: a patch-embedding conv, `x.flatten(2).transpose(1, 2)` to tokens, one Mixer block, a
+    LayerNorm, the mean over tokens and a head."""
+    through = ("stem", "block_channel_fc1")   # channel_fc2 makes units of the stem's space (the residual add)
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 4, stride=4)
+        self.block = MixerBlock(9, 8, 6, 12)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, classes)
+        with torch.no_grad():   # affine parameters that differ by channel and by model
+            for norm in (self.block.norm1, self.block.norm2, self.norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.block(x)).mean(dim=1))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
             "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs,
-            "prelu": PReLUs, "norms": Norms}
+            "prelu": PReLUs, "norms": Norms, "mlp_mixer": MlpMixer}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -588,6 +628,7 @@ FLATTENS = {
     "x.view(x.shape[:1] + (-1,))": lambda x: x.view(x.shape[:1] + (-1,)),
     "torch.reshape(x, (x.shape[0], -1))": lambda x: torch.reshape(x, (x.shape[0], -1)),
     "torch.flatten(x, 1)": lambda x: torch.flatten(x, 1),
+    "x.view(x.shape[0], x.shape[1], -1).flatten(1)": lambda x: x.view(x.shape[0], x.shape[1], -1).flatten(1),
     "x.flatten(1)": lambda x: x.flatten(1),
     "nn.Flatten()": nn.Flatten(),
 }
@@ -605,8 +646,11 @@ def test_each_flatten_spelling_reproduces_the_originals(flatten):
     (lambda x: torch.cat([x[:, :, :2], x[:, :, 2:]], 2).flatten(1),
      r"node 'getitem' indexes 'max_pool2d' with \(slice\(None, None, None\), slice\(None, None, None\), "
      r"slice\(None, 2, None\)\): pamfx follows indexing of sizes \(x.shape\[0\]"),
-    (lambda x: x.view(x.shape[0], x.shape[1], -1).flatten(1), r"node 'view' reshapes \(2, 4, 5, 5\) to \(2, 4, 25\)"),
-], ids=["slice", "view-3d"])
+    (lambda x: x.view(x.shape[0], -1, x.shape[1]).flatten(1), r"node 'view' reshapes \(2, 4, 5, 5\) to \(2, 25, 4\)"),
+    (lambda x: x.flatten(2).transpose(1, 2).reshape(x.shape[0], -1),
+     r"node 'reshape' reshapes \(2, 25, 4\) to \(2, 100\), whose channels are on dim 2: it would fold channels into "
+     r"tokens"),
+], ids=["slice", "fold-channels-into-tokens", "flatten-tokens"])
 def test_a_reshape_pamfx_cannot_follow_is_named(flatten, message):
     models = {t: Flattens(flatten, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
@@ -800,6 +844,8 @@ PICKS = {
     "torch.chunk(x, 3, 1)": lambda x: torch.cat([torch.chunk(x, 3, 1)[2], torch.chunk(x, 3, 1)[0] * 2,
                                                  torch.chunk(x, 3, 1)[1]], 1),
     "channel_shuffle(x, 3)": lambda x: channel_shuffle(x, 3),
+    "x.transpose(2, 3), x.permute(0, 3, 1, 2).permute(0, 2, 3, 1)":
+        lambda x: x.transpose(2, 3).permute(0, 3, 1, 2).permute(0, 2, 3, 1),
     "shuffle by reshape, transpose(2, 1), flatten(1, 2)":
         lambda x: x.reshape(x.shape[0], 2, 3, x.shape[2], x.shape[3]).transpose(2, 1).flatten(1, 2),
 }
@@ -823,12 +869,13 @@ def test_each_channel_pick_reproduces_the_originals_and_generates_the_same_netwo
     (lambda x: torch.cat(x.chunk(2, dim=1), 1),
      r"node 'cat' \(cat\) reads 'chunk', whose channels pamfx cannot follow: it is the tuple of a split; pamfx "
      r"follows its pieces"),
-    (lambda x: x.transpose(2, 3), r"node 'transpose' transposes dims \(2, 3\); pamfx follows a transpose only inside "
-                                  r"a channel shuffle"),
+    (lambda x: x.transpose(0, 1).transpose(1, 0), r"node 'transpose' \(transpose\) moves the batch dim"),
+    (lambda x: F.adaptive_avg_pool2d(x, 6).transpose(1, 2),
+     r"node 'mix' convolves 'transpose', whose channels are on dim 2; transpose them back to dim 1 first"),
     (lambda x: x.view(x.size(0), 2, 3, 10, 10).mean((3, 4)).view(x.size(0), 6, 1, 1),
      r"node 'mean' \(mean\) reads 'view', whose channels pamfx cannot follow: a transpose or 5-D view is followed "
      r"only inside a channel shuffle"),
-], ids=["chunk-dim-2", "split-tuple", "transpose", "5d-view"])
+], ids=["chunk-dim-2", "split-tuple", "transpose-batch", "conv-of-channels-last", "5d-view"])
 def test_a_pick_pamfx_cannot_follow_is_named(pick, message):
     models = {t: Picks(pick, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
@@ -952,12 +999,28 @@ class NormalisesTheInput(nn.Module):
         return self.head(self.conv(self.norm(x)).mean((2, 3)))
 
 
+class NormalisedTokens(nn.Module):
+    """conv -> tokens [B, C, T] -> `normalise` -> mean over tokens -> head."""
+
+    def __init__(self, normalise, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 4, stride=4)
+        self.normalise = normalise
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(self.normalise(self.conv(x).flatten(2)).mean(2))
+
+
 @pytest.mark.parametrize("make, message", [
+    (lambda classes: NormalisedTokens(nn.LayerNorm(9), classes),
+     r"node 'normalise' \(LayerNorm\(\(9,\), .*\)\) normalises over the last 1 dims of a tensor of shape \(2, 4, 9\), "
+     r"not over its channels \(dim 1\) alone"),
     (lambda classes: Normalised(nn.GroupNorm(2, 6), classes),
-     r"node 'normalise' normalises 'cat', which holds flattened or concatenated features: its statistics would mix "
-     r"channel spaces"),
+     r"node 'normalise' normalises 'cat', which holds flattened or concatenated features: pamfx supports it on the "
+     r"output of one layer"),
     (NormalisesTheInput, r"node 'norm' normalises the network input"),
-], ids=["norm-of-cat", "norm-of-input"])
+], ids=["layernorm-over-tokens", "norm-of-cat", "norm-of-input"])
 def test_a_norm_pamfx_cannot_follow_is_named(make, message):
     models = {t: make(HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):

@@ -19,7 +19,9 @@ from pamfx.passes.merge_pam import merge_pam
 from pamfx.passes.rules import check_paths
 from pamfx.passes.stack import stack_weights
 
-from conftest import HEADS, compile_parts, dense, make_models, random_data, random_grouping, randomised
+from conftest import (HEADS, assert_equivalent, compile_parts, dense, make_models, random_data, random_grouping,
+                      randomised)
+from test_macs import counted_macs
 from test_none_merge import Mixed
 
 TASKS = ("a", "b", "c")
@@ -222,8 +224,10 @@ class CatsOnHeight(Net):
 
 
 class ReshapesTo3D(Net):
+    """Folds channels into tokens: [B, 4, 26, 26] viewed as [B, 676, 4] (no transpose)."""
+
     def body(self, h):
-        return h.view(h.size(0), 4, -1).mean(2)
+        return h.view(h.size(0), -1, 4).mean(1)
 
 
 class MeanOverChannels(Net):
@@ -326,13 +330,10 @@ UNSUPPORTED = [
     (AddsFlattened, "node 'add' adds 'flatten', which holds flattened or concatenated features"),
     (AddsTheInput, "node 'add' adds the network input to a hidden tensor"),
     (CatsOnHeight, r"node 'cat' concatenates along dim 2; pamfx supports torch.cat on channels \(dim 1\) only"),
-    (ReshapesTo3D, r"node 'view' reshapes \(2, 4, 26, 26\) to \(2, 4, 676\); pamfx follows only flattening"),
+    (ReshapesTo3D, r"node 'view' reshapes \(2, 4, 26, 26\) to \(2, 676, 4\); pamfx follows only flattening"),
     (MeanOverChannels, r"node 'mean' has \[26, 26\] channels per model where its channel space 'conv' has \[4, 4\]"),
     (MeanOverSquareChannels, r"node 'mean' takes a mean over dims \(1,\); pamfx supports means over spatial dims"),
     (PoolsBySize, r"node 'max_pool2d' \(max_pool2d\) takes a size read off a tensor \('size'\) as an argument"),
-    (SquareLinearOnImage, r"node 'lin' applies a Linear to a tensor of shape \(2, 26, 26, 26\); pamfx needs \[batch"),
-    # NOTE: with widths that differ, stack_weights fails first, with a message about input channels that misleads
-    (LinearOnImage, "node 'lin': model 0 has 26 input channels but its input tensor carries 4"),
     (NormalisesTheInput, "node 'norm' has per-model parameters on the shared network input"),
     (lambda: BatchNormWithout(affine=False), r"node 'bn': BatchNorm2d\(.*affine=False.*\) needs affine=True"),
     (lambda: BatchNormWithout(track_running_stats=False), r"node 'bn': .* needs affine=True and track_running"),
@@ -346,11 +347,22 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize("model_class, message", UNSUPPORTED, ids=[
     "add-flattened", "add-input", "cat-dim-2", "reshape-3d", "mean-channels", "mean-square-channels",
-    "tensor-argument", "linear-on-image-square", "linear-on-image", "bn-on-input", "bn-no-affine", "bn-no-stats",
+    "tensor-argument", "bn-on-input", "bn-no-affine", "bn-no-stats",
     "pool-indices", "layernorm-over-positions", "unknown-module", "unknown-function"])
 def test_an_op_pamfx_cannot_follow_is_named(model_class, message):
     with pytest.raises(UnsupportedOpError, match=message):
         optimize(model_class)
+
+
+@pytest.mark.parametrize("model_class", [LinearOnImage, SquareLinearOnImage], ids=["linear", "square-linear"])
+def test_a_linear_over_the_last_spatial_dim_acts_on_each_channel(model_class):
+    """Once refused: a Linear over the width of [B, C, H, W] is each model's layer on each of its channels."""
+    torch.manual_seed(0)
+    models = {t: model_class().eval() for t in ("a", "b")}
+    result = optimize(models=models)
+    x = torch.randn(4, 1, 28, 28)
+    assert_equivalent(lambda x: {t: m(x) for t, m in models.items()}, result.model, x, [("a",), ("b",), ("a", "b")])
+    assert result.model.macs(["a"]) == counted_macs(lambda: models["a"](x[:1]))
 
 
 def test_codegen_refuses_a_module_it_cannot_write(tmp_path):
