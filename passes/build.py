@@ -258,7 +258,7 @@ class _Builder:
             return
         axis = node.meta[AXIS]
         for group, features in self.layout[node].items():
-            if SPACE not in node.meta:   # to [B, features]
+            if len(shape) == 2:   # to [B, features] (or [B, C, 1, 1] to [B, C])
                 self.emit(node, group, [self.values[source][group]], "function", target="torch.flatten", args=(1,))
             else:
                 size = (-1,) + tuple(shape[1:axis]) + (len(features),) + tuple(shape[axis + 1:])
@@ -278,22 +278,34 @@ class _Builder:
         operands = ops.arithmetic_operands(node)   # two tensors (ops.classify): x + y, torch.add(x, y, alpha=2)
         kwargs = {key: value for key, value in node.kwargs.items() if key != "other"}
         for group in self.layout[node]:
-            inputs = [self.values[operand][group] for operand in operands]
-            self.emit(node, group, inputs, "function", target="torch.add", kwargs=kwargs)
+            self.emit(node, group, self.joined(node, group, operands), "function", target="torch.add", kwargs=kwargs)
 
     def visit_mul(self, node):
         """x * gate, both in one channel space (find_channel_spaces joined them)."""
         operands = ops.arithmetic_operands(node)
         for group in self.layout[node]:
-            inputs = [self.values[operand][group] for operand in operands]
-            self.emit(node, group, inputs, "function", target="torch.mul")
+            self.emit(node, group, self.joined(node, group, operands), "function", target="torch.mul")
 
     def visit_expand_as(self, node):
         """gate.expand_as(x), both in one channel space: each group's gate slice takes the shape of x's slice."""
-        gate, like = node.args
         for group in self.layout[node]:
-            inputs = [self.values[gate][group], self.values[like][group]]
-            self.emit(node, group, inputs, "function", target="torch.Tensor.expand_as")
+            self.emit(node, group, self.joined(node, group, node.args), "function", target="torch.Tensor.expand_as")
+
+    def joined(self, node, group, operands) -> list[str]:
+        """Each operand's slice of `group`, its channels picked into the order of the node's where they differ (an
+        operand joined with a cat holds the cat's units model by model; the cat holds them space by space)."""
+        order = [node.meta[FEATURES][i] for i in self.layout[node][group]]
+        names = []
+        for index, operand in enumerate(operands):
+            own = [operand.meta[FEATURES][i] for i in self.layout[operand][group]]
+            if own == order:
+                names.append(self.values[operand][group])
+                continue
+            position = {feature: p for p, feature in enumerate(own)}
+            self.emit(node, group, [self.values[operand][group]], "select",
+                      args=(tuple(position[feature] for feature in order),), suffix=f"_in{index}")
+            names.append(self.values[node][group])
+        return names
 
     def visit_cat(self, node):
         operands = list(node.args[0])

@@ -5,7 +5,9 @@ spatial means and depthwise convs keep their input's space, and so do a reshape 
 ([B, C, 1, 1] <-> [B, C], x.flatten(2) to tokens), a transpose or permute (which moves the channel axis, ir.AXIS),
 a Linear over tokens (each model's own on each of its channels) and a softmax over a head's classes; a residual
 add or a gate (x * gate) joins both operands' spaces into one. Other flattens and cat do not start spaces: their
-channels are features of the spaces below (each conv channel owns its H*W block after a flatten).
+channels are features of the spaces below (each conv channel owns its H*W block after a flatten). A residual add or a
+gate of a cat makes the other operand's space part of the cat's spaces: model m's channel c there is model m's c-th
+channel of the cat (a shortcut conv or an SE gate's last layer then makes units of several spaces).
 
 Writes node.meta["pamfx.space"] on every node that holds exactly one space and node.meta["pamfx.features"]
 (the merged tensor's channels, every model's side by side) on every node with a channel dimension.
@@ -38,16 +40,18 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     inputs = [node.name for node in nodes if node.meta[OP] == "input"]
     if len(inputs) != 1:
         raise UnsupportedOpError(f"the models take {len(inputs)} inputs {inputs}; pamfx merges models of one input")
-    root = _join_spaces(nodes)
+    root, onto = _join_spaces(nodes)
+    _check_mapped(nodes, root, onto)
+    mapped = {node: first for node, first in root.items() if first in onto}
+    root = {node: first for node, first in root.items() if first not in onto}
     spaces = _name_spaces(nodes, root)
     for node in nodes:
         if node in root:
             node.meta[SPACE] = spaces[root[node]].name
     by_name = {space.name: space for space in spaces.values()}
+    finder = _FeatureFinder(by_name, onto, mapped)
     for node in nodes:
-        features = _features(node, by_name)
-        if features is not None:
-            node.meta[FEATURES] = features
+        finder.find(node)
     result = next(node for node in nodes if node.meta[OP] == "output").args[0]
     if not isinstance(result, fx.Node) or SPACE not in result.meta:
         raise UnsupportedOpError(f"the models return {result!r}; pamfx needs forward() to return one tensor, the "
@@ -58,9 +62,12 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     return by_name
 
 
-def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """Union-find: maps every node that holds one space to the first node of that space."""
+def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, fx.Node]]:
+    """Union-find: maps every node that holds one space to the first node of that space. Also returns the spaces
+    joined with a tensor of several spaces side by side (a residual add or a gate of a torch.cat): {first node of
+    the space: the join}; their tensors hold those spaces' units (_FeatureFinder), not a space of their own."""
     parent: dict[fx.Node, fx.Node] = {}
+    onto: dict[fx.Node, fx.Node] = {}
 
     def find(node):
         while parent[node] is not node:
@@ -91,17 +98,34 @@ def _join_spaces(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
             parent[node] = find(tensor_inputs[0])
         elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
-        elif kind in JOINS:
-            operands = tensor_inputs
-            for operand in operands:
-                if operand not in parent:
-                    raise UnsupportedOpError(
-                        f"node '{node.name}' {JOINS[kind]} '{operand.name}', which holds flattened or concatenated "
-                        "features; pamfx supports residual adds and gates of plain channel tensors")
-            parent[node] = find(operands[0])
-            for operand in operands[1:]:
+        elif kind in JOINS and all(operand in parent for operand in tensor_inputs):
+            parent[node] = find(tensor_inputs[0])
+            for operand in tensor_inputs[1:]:
                 parent[find(operand)] = parent[node]
-    return {node: find(node) for node in parent}
+        elif kind in JOINS:   # an operand holds several spaces (a cat) or flattened features
+            for operand in tensor_inputs:
+                if operand in parent:
+                    onto.setdefault(find(operand), node)
+    root = {node: find(node) for node in parent}
+    return root, {root[first]: join for first, join in onto.items()}
+
+
+def _check_mapped(nodes: list[fx.Node], root: dict, onto: dict) -> None:
+    """Refuses what cannot hold the units of a concatenation: the network input, a head, a norm or a Linear over
+    tokens (their parameters follow one space's units), a grouped conv (its blocks are counted in one space)."""
+    heads = {node.all_input_nodes[0] for node in nodes if node.meta[OP] == "output"}
+    for node in nodes:
+        if root.get(node) not in onto:
+            continue
+        join = onto[root[node]]
+        modules = node.meta.get(MODULES, ())
+        grouped = node.meta[OP] == "conv" and modules[0].groups > 1
+        if node.meta[OP] in ("input", "norm", "token_linear") or node in heads or grouped:
+            what = "the network input" if node.meta[OP] == "input" else f"the output of '{node.name}'"
+            raise UnsupportedOpError(
+                f"node '{join.name}' {JOINS[join.meta[OP]]} a concatenation {what}, so its channels would be units "
+                "of several spaces; pamfx supports that for convs, Linear layers and per-channel ops, not for the "
+                "network input, a head, a GroupNorm / LayerNorm, a Linear over tokens or a grouped conv")
 
 
 def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace]:
@@ -154,6 +178,71 @@ def _widths(group: list[fx.Node]) -> list[int]:
     return widths
 
 
+class _FeatureFinder:
+    """Writes node.meta[FEATURES] of every node, each after the nodes it needs (`find` recurses where the graph's
+    order is not enough: a tensor joined with a concatenation holds the concatenation's units, model by model)."""
+
+    def __init__(self, spaces: dict[str, ChannelSpace], onto: dict[fx.Node, fx.Node], first: dict[fx.Node, fx.Node]):
+        self.spaces = spaces
+        self.onto = onto    # first node of a space joined with a concatenation -> the join
+        self.first = first  # every node of such a space -> its first node
+        self.done: set = set()
+        self.running: set = set()
+
+    def find(self, node: fx.Node) -> None:
+        if node in self.done:
+            return
+        if node in self.running:
+            join = self.onto[self.first[node]]
+            raise UnsupportedOpError(f"node '{join.name}' {JOINS[join.meta[OP]]} a concatenation that holds its own "
+                                     "other operand's channels; pamfx cannot tell which units they are")
+        self.running.add(node)
+        if node in self.first:
+            features = self.mapped(node)
+        else:
+            if SPACE not in node.meta:
+                for source in node.all_input_nodes:
+                    self.find(source)
+            features = _features(node, self.spaces)
+        if features is not None:
+            node.meta[FEATURES] = features
+        self.running.discard(node)
+        self.done.add(node)
+
+    def mapped(self, node: fx.Node) -> tuple[Feature, ...]:
+        """The features of a tensor joined with a concatenation: model m's channel c is model m's c-th channel of
+        the concatenation."""
+        join = self.onto[self.first[node]]
+        reference = next(operand for operand in join.all_input_nodes if operand.meta[OP] != "shape"
+                         and operand not in self.first and SPACE not in operand.meta)
+        self.find(reference)
+        features = reference.meta.get(FEATURES)
+        if features is None or any(feature.position for feature in features):
+            raise UnsupportedOpError(
+                f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds flattened features; "
+                "pamfx supports residual adds and gates of channel tensors (or of a concatenation of them)")
+        if any(self.spaces[f.space].kind == "input" for f in features):
+            raise UnsupportedOpError(f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds "
+                                     "channels of the network input; pamfx needs the input to stay shared by all tasks")
+        by_model = _by_model(features, self.spaces)
+        widths = [shape[node.meta[AXIS]] for shape in node.meta[SHAPES]]
+        if [len(own) for own in by_model] != widths:
+            raise UnsupportedOpError(f"node '{node.name}' has {widths} channels per model where '{reference.name}', "
+                                     f"which '{join.name}' joins it with, has {[len(own) for own in by_model]}")
+        return tuple(feature for own in by_model for feature in own)
+
+
+def _by_model(features: tuple[Feature, ...], spaces: dict[str, ChannelSpace]) -> list[list[Feature]]:
+    """The features of each model, in order (a model's tensor is its own channels of the merged one)."""
+    owners = [spaces[f.space].units[f.unit].model for f in features]
+    if None in owners:
+        return [list(features)]
+    by_model: list[list[Feature]] = [[] for _ in range(max(owners) + 1)]
+    for feature, owner in zip(features, owners):
+        by_model[owner].append(feature)
+    return by_model
+
+
 def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, ...] | None:
     kind = node.meta[OP]
     if SPACE in node.meta:
@@ -176,6 +265,17 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == "flatten":
         return _flattened(node, inputs[0])
+    if kind in JOINS:   # of a concatenation: every operand holds the same units, model by model
+        for operand in node.all_input_nodes:
+            if operand.meta[OP] != "shape" and any(feature.position for feature in operand.meta[FEATURES]):
+                raise UnsupportedOpError(
+                    f"node '{node.name}' {JOINS[kind]} '{operand.name}', which holds flattened features; pamfx "
+                    "supports residual adds and gates of channel tensors (or of a concatenation of them)")
+        for operand in node.all_input_nodes[1:]:
+            if operand.meta[OP] != "shape" and _by_model(operand.meta[FEATURES], spaces) != _by_model(inputs[0], spaces):
+                raise UnsupportedOpError(f"node '{node.name}' {JOINS[kind]} '{operand.name}', whose channels are other "
+                                         f"units than those of '{node.all_input_nodes[0].name}'")
+        return inputs[0]
     if kind == "cat":
         if _cat_dim(node) != node.meta[AXIS]:
             raise UnsupportedOpError(f"node '{node.name}' concatenates along dim {_cat_dim(node)}; "

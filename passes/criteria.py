@@ -110,15 +110,18 @@ def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch
     counts = {name: torch.zeros(len(spaces[name].units)) for name in scores}
     for module_name, origin in tuned.layout.origins.items():
         node = nodes[origin.node]
-        if origin.columns is None or node.meta[OP] not in ("conv", "linear") or node.meta[SPACE] not in scores:
+        if origin.columns is None or node.meta[OP] not in ("conv", "linear"):
             continue
         module = dict(tuned.network.named_children()).get(module_name)
         if module is None:   # built, but no task needs it
             continue
         weight = module.weight.detach()
-        rows = torch.tensor(origin.rows)
-        scores[node.meta[SPACE]][rows] += weight.abs().reshape(len(rows), -1).sum(1).cpu()
-        counts[node.meta[SPACE]][rows] += weight[0].numel()
+        sums = weight.abs().reshape(len(origin.rows), -1).sum(1).cpu()
+        for row, total in zip(origin.rows, sums):
+            feature = node.meta[FEATURES][row]   # a unit of the layer's space (or of a cat its output is joined with)
+            if feature.space in scores:
+                scores[feature.space][feature.unit] += total
+                counts[feature.space][feature.unit] += weight[0].numel()
     return {name: scores[name] / counts[name].clamp(min=1) for name in scores}
 
 
@@ -152,8 +155,7 @@ def unit_macs(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], tuned) -> 
             _add(saved, node.meta[FEATURES], origin.rows, per_row)
             continue
         per_weight = macs[module_name] / (len(origin.rows) * len(origin.columns))
-        if node.meta[SPACE] in saved:
-            saved[node.meta[SPACE]][torch.tensor(origin.rows)] += per_weight * len(origin.columns)
+        _add(saved, node.meta[FEATURES], origin.rows, per_weight * len(origin.columns))
         _add(saved, node.all_input_nodes[0].meta[FEATURES], origin.columns, per_weight * len(origin.rows))
     return saved
 

@@ -49,7 +49,10 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
               tuning: FinetuneConfig = FinetuneConfig(), seed: int = 0, progress: bool = True):
     """Returns the grouping (zipped units in the group of the tasks zipped into them) and the edited stacked
     weights."""
-    layers = [n for n in aligned.nodes_of_kind("conv", "linear") if spaces[n.meta[SPACE]].kind == "hidden"]
+    # NOTE: a layer whose output is joined with a cat (its units belong to the cat's spaces) is not zipped: its rows
+    # of a zipped-away partner go, and fine-tuning recovers.
+    layers = [n for n in aligned.nodes_of_kind("conv", "linear")
+              if SPACE in n.meta and spaces[n.meta[SPACE]].kind == "hidden"]
     groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
     weights = stack_weights(aligned, spaces)
     calibration = {t: x for t, (x, _) in as_task_data(data).sample(config.samples, seed).items()}

@@ -32,9 +32,9 @@ def blocks(node, spaces: dict[str, ChannelSpace]) -> tuple[tuple[int, ...], tupl
     source = node.all_input_nodes[0]
     modules = node.meta.get(MODULES, ())
     count = modules[0].groups if node.meta[OP] == "conv" else 1
-    space = spaces[node.meta[SPACE]]
     if count == 1:
-        return (0,) * len(space.units), (0,) * len(source.meta[FEATURES])
+        return (0,) * len(node.meta[FEATURES]), (0,) * len(source.meta[FEATURES])
+    space = spaces[node.meta[SPACE]]   # (find_channel_spaces: a grouped conv makes one space)
     rows = tuple(unit.channel // (modules[unit.model].out_channels // count) for unit in space.units)
     owners = [spaces[f.space].units[f.unit].model for f in source.meta[FEATURES]]
     if all(owner is None for owner in owners):   # the network input, the same channels for every model
@@ -90,20 +90,20 @@ def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grou
     """Makes a grouping buildable: gives each norm's statistic set one group (couple_norms), then drops units whose
     group has no input it may read (they could only output a constant), repeating until no layer changes: a drop
     below can leave a unit above with nothing to read. Returns a new {space: groups}."""
-    groups = couple_norms(aligned, spaces, groups)
+    groups = {name: tuple(unit_groups) for name, unit_groups in couple_norms(aligned, spaces, groups).items()}
     changed = True
     while changed:
         changed = False
         for node in aligned.nodes_of_kind("conv", "linear"):
-            name = node.meta[SPACE]
-            if spaces[name].kind != "hidden":
-                continue
             available = _groups_by_block(node, spaces, groups, aligned.tasks)
             rows = blocks(node, spaces)[0]
-            kept = tuple(g if g is not None and readable(g, available.get(rows[u], ())) else None
-                         for u, g in enumerate(groups[name]))
-            if kept != groups[name]:
-                groups[name], changed = kept, True
+            for row, feature in enumerate(node.meta[FEATURES]):   # the layer's units (of one space, or of several
+                name, unit = feature.space, feature.unit          # when its output is joined with a cat)
+                if spaces[name].kind != "hidden":
+                    continue
+                group = groups[name][unit]
+                if group is not None and not readable(group, available.get(rows[row], ())):
+                    groups[name], changed = groups[name][:unit] + (None,) + groups[name][unit + 1:], True
     return groups
 
 
@@ -111,7 +111,7 @@ def check_paths(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: 
     """Raises GroupingError naming the task and its head when a head has no unit of a group containing its task
     to read. With `drop_unreadable` applied first, a head that has one reaches the input through every layer."""
     for node in aligned.nodes_of_kind("conv", "linear"):
-        if spaces[node.meta[SPACE]].kind != "output":
+        if SPACE not in node.meta or spaces[node.meta[SPACE]].kind != "output":
             continue
         source = node.all_input_nodes[0]
         available = _groups_by_block(node, spaces, groups, aligned.tasks)

@@ -30,7 +30,8 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
         owners = [spaces[f.space].units[f.unit].model for f in features]
         modules = node.meta[MODULES]
         if node.meta[OP] in ("conv", "linear"):
-            rows = [spaces[node.meta[SPACE]].units_of_model(m) for m in range(len(modules))]
+            row_owners = [spaces[f.space].units[f.unit].model for f in node.meta[FEATURES]]
+            rows = [[r for r, owner in enumerate(row_owners) if owner == m] for m in range(len(modules))]
             stacked[node.name] = _stack_layer(node.name, modules, owners, rows)
         else:
             if None in owners:

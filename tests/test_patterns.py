@@ -349,11 +349,35 @@ class MlpMixer(nn.Module):
         return self.head(self.norm(self.block(x)).mean(dim=1))
 
 
+class CatJoins(nn.Module):
+    """A residual add and a squeeze-excitation gate applied to a torch.cat (Inception / DenseNet style): the
+    shortcut's and the gate's channels are units of the concatenated branches."""
+    through = ("stem", "left", "right", "squeeze")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.left = nn.Conv2d(6, 4, 1)
+        self.right = nn.Conv2d(6, 3, 3, padding=1)
+        self.shortcut = nn.Conv2d(6, 7, 1, bias=False)
+        self.bn = nn.BatchNorm2d(7)
+        self.squeeze = nn.Linear(7, 3)
+        self.excite = nn.Linear(3, 7)
+        self.head = nn.Linear(7, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        y = F.relu(torch.cat([self.left(x), F.relu(self.right(x))], 1) + self.bn(self.shortcut(x)))
+        b, c, _, _ = y.size()
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(y.mean((2, 3)))))).view(b, c, 1, 1)
+        return self.head((y * gate).mean((2, 3)))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
             "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs,
-            "prelu": PReLUs, "norms": Norms, "mlp_mixer": MlpMixer}
+            "prelu": PReLUs, "norms": Norms, "mlp_mixer": MlpMixer, "cat_joins": CatJoins}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
@@ -814,7 +838,7 @@ class GateOfFlattened(Gate):
 @pytest.mark.parametrize("model_class, message", [
     (GateOfOtherWidth, r"node 'fc' has \[1, 1\] channels per model where its channel space 'conv' has \[4, 4\] \(the "
                        r"space is joined at 'mul', whose operands need the same channels: broadcasting over channels"),
-    (GateOfFlattened, r"node 'mul' multiplies by 'flatten', which holds flattened or concatenated features"),
+    (GateOfFlattened, r"node 'mul' multiplies by 'flatten', which holds flattened features"),
 ], ids=["other-width", "flattened"])
 def test_a_gate_pamfx_cannot_follow_is_named(model_class, message):
     models = {t: model_class(HEADS[t]) for t in ("a", "b")}
@@ -936,16 +960,26 @@ def test_a_grouped_conv_of_the_network_input_reads_its_blocks(tmp_path):
     assert result.model.macs(["a"]) == counted_macs(lambda: models["a"](x[:1]))
 
 
-def test_a_norm_shared_by_all_tasks_normalises_each_models_statistic_sets_as_the_original():
-    """Every unit in the group of all tasks: one slice holds all three models' channels, and each model's GroupNorm
-    groups and LayerNorm channels are still normalised on their own (cross-model weights are zero: the originals)."""
-    models = models_of("norms")
+def shared_by_all(pattern):
+    """The pattern's models and the network with every unit in the group of all tasks."""
+    models = models_of(pattern)
     aligned, spaces = compile_parts(models, inputs(2))
     everyone = frozenset(TASKS)
     grouping = Grouping({name: (everyone,) * len(space.units) for name, space in spaces.items()
                          if space.kind == "hidden"})
-    network = build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
+    return models, build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_all_units_shared_by_all_tasks_reproduce_the_originals(pattern):
+    """One slice holds all three models' channels side by side (weights between models are zero): each model's
+    norm statistics, token mixing, picks and cat-joined channels must still be its own."""
+    models, network = shared_by_all(pattern)
     assert_equivalent(originals(models), network, inputs(8), all_combinations(TASKS))
+
+
+def test_a_norm_shared_by_all_tasks_normalises_each_models_statistic_sets_on_their_own():
+    _, network = shared_by_all("norms")
     norms = {name: module for name, module in network.named_children() if isinstance(module, (nn.GroupNorm,
                                                                                               nn.LayerNorm))}
     assert norms["gn1_g0"].num_groups == 6 and norms["gn2_g0"].num_groups == 12   # 3 models x their groups
@@ -1023,5 +1057,37 @@ class NormalisedTokens(nn.Module):
 ], ids=["layernorm-over-tokens", "norm-of-cat", "norm-of-input"])
 def test_a_norm_pamfx_cannot_follow_is_named(make, message):
     models = {t: make(HEADS[t]) for t in ("a", "b")}
+    with pytest.raises(pamfx.UnsupportedOpError, match=message):
+        pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+class CatJoined(nn.Module):
+    """stem -> cat of the stem's input-side branches -> `join`(cat, other) -> mean -> head, for joins pamfx cannot
+    follow."""
+
+    def __init__(self, join, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.left = nn.Conv2d(4, 2, 1)
+        self.other = nn.Conv2d(4, 6, 1)
+        self.norm = nn.GroupNorm(2, 6)
+        self.join = join
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.join(self, x, h, torch.cat([h, self.left(h)], 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("join, message", [
+    (lambda self, x, h, cat: cat + self.norm(self.other(h)),
+     r"node 'add' adds a concatenation the output of 'norm', so its channels would be units of several spaces"),
+    (lambda self, x, h, cat: torch.cat([x, cat[:, 1:]], 1) * self.other(h),
+     r"node 'mul' multiplies by 'cat_1', which holds channels of the network input"),
+    (lambda self, x, h, cat: cat + torch.cat([self.other(h)[:, :2], h], 1),
+     r"node 'add' adds 'cat_1', whose channels are other units than those of 'cat'"),
+], ids=["norm", "input", "other-units"])
+def test_a_join_of_a_cat_pamfx_cannot_follow_is_named(join, message):
+    models = {t: CatJoined(join, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)

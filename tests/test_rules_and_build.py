@@ -327,7 +327,7 @@ class TakesAbs(Net):
 
 
 UNSUPPORTED = [
-    (AddsFlattened, "node 'add' adds 'flatten', which holds flattened or concatenated features"),
+    (AddsFlattened, "node 'add' adds 'flatten', which holds flattened features"),
     (AddsTheInput, "node 'add' adds the network input to a hidden tensor"),
     (CatsOnHeight, r"node 'cat' concatenates along dim 2; pamfx supports torch.cat on channels \(dim 1\) only"),
     (ReshapesTo3D, r"node 'view' reshapes \(2, 4, 26, 26\) to \(2, 676, 4\); pamfx follows only flattening"),
