@@ -24,7 +24,7 @@ from pamfx.ir import AXIS, FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSp
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
-from pamfx.passes.rules import blocks, couple_norms, may_read
+from pamfx.passes.rules import blocks, couple_norms, drop_unreadable, may_read
 from pamfx.passes.stack import stack_weights
 from pamfx.sources import as_task_data
 
@@ -73,7 +73,9 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
             # read nothing for under rule 2; the network is whole again once those layers are zipped.
             continue
         weights = _with_partner_rows(tuned.weights, weights, layers[index + 1:], groups)
-    return _frozen(aligned, spaces, groups), weights
+    # NOTE: a survivor of a space that a later layer also makes (an SE gate's last layer) can be left with nothing to
+    # read there when that layer's input zipped fewer units; such units are dropped, as PAM does.
+    return Grouping(drop_unreadable(aligned, spaces, _frozen(aligned, spaces, groups).groups)), weights
 
 
 def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zipped: dict) -> None:

@@ -373,11 +373,97 @@ class CatJoins(nn.Module):
         return self.head((y * gate).mean((2, 3)))
 
 
+class SEResNetBlock(nn.Module):
+    """SE-ResNet: a basic residual block whose second BatchNorm's output is gated (SENet's Linear gate) before the
+    shortcut is added, then global pooling and a head."""
+    through = ("stem_0", "conv1", "se_fc1")   # conv2 and the gate's se_fc2 make units of the stem's space
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.se_fc1 = nn.Linear(8, 2, bias=False)
+        self.se_fc2 = nn.Linear(2, 8, bias=False)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        b, c, _, _ = out.size()
+        y = torch.sigmoid(self.se_fc2(F.relu(self.se_fc1(F.adaptive_avg_pool2d(out, 1).view(b, c)))))
+        out = F.relu(out * y.view(b, c, 1, 1).expand_as(out) + x)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated."""
+
+    def __init__(self, inplanes, squeeze, expand1x1, expand3x3):
+        super().__init__()
+        self.squeeze = nn.Conv2d(inplanes, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class SqueezeNet(nn.Module):
+    """SqueezeNet as torchvision writes it, two fire modules: features, then a dropout / 1x1 conv / ReLU / global
+    pooling classifier and a flatten."""
+    through = ("features_0", "features_3_squeeze", "features_3_expand1x1", "features_4_expand3x3")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, ceil_mode=True), Fire(8, 4, 4, 4), Fire(8, 4, 6, 6))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(12, classes, 1), nn.ReLU(inplace=True),
+                                        nn.AdaptiveAvgPool2d((1, 1)))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+class Inception(nn.Module):
+    """An Inception block (1x1; 1x1 then 3x3; 3x3 pooling then 1x1) concatenated, twice, then global pooling."""
+    through = ("stem", "block1_branch1", "block1_branch2_1", "block2_pool_proj")
+
+    def __init__(self, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.block1 = InceptionBlock(6, 4, (3, 4), 2)
+        self.block2 = InceptionBlock(10, 3, (4, 5), 3)
+        self.head = nn.Linear(11, classes)
+
+    def forward(self, x):
+        x = self.block2(self.block1(F.max_pool2d(F.relu(self.stem(x)), 2)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InceptionBlock(nn.Module):
+    def __init__(self, inplanes, ones, threes, pooled):
+        super().__init__()
+        self.branch1 = nn.Conv2d(inplanes, ones, 1)
+        self.branch2_0 = nn.Conv2d(inplanes, threes[0], 1)
+        self.branch2_1 = nn.Conv2d(threes[0], threes[1], 3, padding=1)
+        self.pool_proj = nn.Conv2d(inplanes, pooled, 1)
+
+    def forward(self, x):
+        branches = [self.branch1(x), self.branch2_1(F.relu(self.branch2_0(x))),
+                    self.pool_proj(F.max_pool2d(x, 3, stride=1, padding=1))]
+        return F.relu(torch.cat(branches, 1))
+
+
 PATTERNS = {"scalar": ScalarOps, "log_softmax": LogSoftmaxHead, "reshape": ReshapeByShape,
             "reused_stateless": ReusedStateless, "squeeze_head": SqueezeHead, "squeeze_excite": SqueezeExcite,
             "linear_squeeze_excite": LinearSqueezeExcite, "cat_then_mean": CatThenMean,
             "mobilenet_v3_block": MobileNetV3Block, "shufflenet_v2": ShuffleNetV2Block, "grouped_convs": GroupedConvs,
-            "prelu": PReLUs, "norms": Norms, "mlp_mixer": MlpMixer, "cat_joins": CatJoins}
+            "prelu": PReLUs, "norms": Norms, "mlp_mixer": MlpMixer, "cat_joins": CatJoins,
+            "se_resnet": SEResNetBlock, "squeezenet": SqueezeNet, "inception": Inception}
 
 
 def models_of(pattern: str, tasks=TASKS) -> dict[str, nn.Module]:
