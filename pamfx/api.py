@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import distributed
+from . import distributed, ops
 from .checks import check_configs, check_data, check_models, check_options
 from .devices import resolve_device
 from .errors import PamfxWarning
@@ -162,4 +162,4 @@ def _listed(accuracies: dict) -> str:
 
 
 def _output_node(aligned):
-    return next(node for node in aligned.graph.nodes if node.meta[OP] == "output")
+    return next(node for node in aligned.graph.nodes if node.meta[OP] == ops.OUTPUT)

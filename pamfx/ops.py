@@ -56,6 +56,20 @@ from torch import fx, nn
 from .errors import UnsupportedOpError
 from .ir import AXIS, MODULES, OP, SHAPES
 
+# The op kinds (node.meta["pamfx.op"]), as described above. Passes compare kinds with these names, never strings.
+INPUT, OUTPUT, SHAPE = "input", "output", "shape"
+CONV, DEPTHWISE, LINEAR, TOKEN_LINEAR = "conv", "depthwise", "linear", "token_linear"
+BATCHNORM, PRELU, NORM, CHANNELWISE = "batchnorm", "prelu", "norm", "channelwise"
+FLATTEN, MEAN, TRANSPOSE, SOFTMAX = "flatten", "mean", "transpose", "softmax"
+ADD, MUL, EXPAND_AS, CAT, SPLIT, SELECT = "add", "mul", "expand_as", "cat", "split", "select"
+KINDS = (INPUT, OUTPUT, SHAPE, CONV, DEPTHWISE, LINEAR, TOKEN_LINEAR, BATCHNORM, PRELU, NORM, CHANNELWISE, FLATTEN,
+         MEAN, TRANSPOSE, SOFTMAX, ADD, MUL, EXPAND_AS, CAT, SPLIT, SELECT)
+LAYERS = (CONV, LINEAR)   # kinds that make units (each output channel one unit, reading every input feature)
+# kinds with parameters of one entry per channel (a Linear over tokens: each channel a copy of its model's layer),
+# by the names of those tensors
+PER_FEATURE_TENSORS = {DEPTHWISE: ("weight", "bias"), BATCHNORM: ("weight", "bias", "running_mean", "running_var"),
+                       PRELU: ("weight",), NORM: ("weight", "bias"), TOKEN_LINEAR: ("weight", "bias")}
+
 # Stateless modules that act on each channel on its own; kept as modules (they carry their settings in repr).
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -119,84 +133,124 @@ SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, o
 
 FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.unsqueeze}
 FLATTEN_METHODS = {"view", "reshape", "flatten", "unsqueeze"}
-MEAN_FUNCTIONS = {torch.mean}
-CAT_FUNCTIONS = {torch.cat, torch.concat}
+
+# What classify looks up: the kind of each module class (the first that the module is an instance of), function and
+# Tensor method; arithmetic (+, -, *, /, ** and their torch functions and methods), sizes and indexing are decided
+# by their operands (_classify_arithmetic, _classify_getitem).
+MODULE_KINDS = {nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm1d: BATCHNORM, nn.BatchNorm2d: BATCHNORM,
+                nn.PReLU: PRELU, nn.GroupNorm: NORM, nn.LayerNorm: NORM, nn.Flatten: FLATTEN, nn.Softmax: SOFTMAX,
+                nn.LogSoftmax: SOFTMAX, **{module: CHANNELWISE for module in CHANNELWISE_MODULES}}
+FUNCTION_KINDS = {**{function: CHANNELWISE for function in [*CHANNELWISE_FUNCTIONS, *DROPOUT_FUNCTIONS]},
+                  **{function: FLATTEN for function in FLATTEN_FUNCTIONS},
+                  **{function: SOFTMAX for function in SOFTMAX_FUNCTIONS},
+                  **{function: SPLIT for function in SPLIT_FUNCTIONS},
+                  torch.mean: MEAN, torch.cat: CAT, torch.concat: CAT, torch.transpose: TRANSPOSE, torch.permute: TRANSPOSE}
+METHOD_KINDS = {**{method: CHANNELWISE for method in CHANNELWISE_METHODS},
+                **{method: FLATTEN for method in FLATTEN_METHODS},
+                **{method: SOFTMAX for method in SOFTMAX_METHODS},
+                **{method: SPLIT for method in SPLIT_METHODS},
+                "mean": MEAN, "size": SHAPE, "expand_as": EXPAND_AS, "transpose": TRANSPOSE, "permute": TRANSPOSE}
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """Returns the op kind of `node` (see the module docstring); raises UnsupportedOpError for anything else."""
     if node.op == "placeholder":
-        return "input"
+        return INPUT
     if node.op == "output":
-        return "output"
+        return OUTPUT
     if node.op == "call_module":
         return _classify_module(node, modules[node.target])
     if _is_size_arithmetic(node):
-        return "shape"   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
+        return SHAPE   # arithmetic on sizes, e.g. x.size(1) * x.size(2)
     if _is_arithmetic(node):
         return _classify_arithmetic(node)
-    if node.op == "call_function":
-        if node.target in CHANNELWISE_FUNCTIONS or node.target in DROPOUT_FUNCTIONS:
-            return _checked_channelwise(node)
-        if node.target in FLATTEN_FUNCTIONS:
-            return "flatten"
-        if node.target in SOFTMAX_FUNCTIONS:
-            return _checked_softmax(node)
-        if node.target in MEAN_FUNCTIONS:
-            return "mean"
-        if node.target in CAT_FUNCTIONS:
-            return "cat"
-        if node.target in SPLIT_FUNCTIONS:
-            return "split"
-        if node.target in (torch.transpose, torch.permute):
-            return "transpose"
-        if node.target is getattr and node.args[1] == "shape":
-            return "shape"
-        if node.target is operator.getitem:
-            return _classify_getitem(node)
-    if node.op == "call_method":
-        if node.target in CHANNELWISE_METHODS:
-            return _checked_channelwise(node)
-        if node.target in FLATTEN_METHODS:
-            return "flatten"
-        if node.target in SOFTMAX_METHODS:
-            return _checked_softmax(node)
-        if node.target == "mean":
-            return "mean"
-        if node.target == "size":
-            return "shape"
-        if node.target == "expand_as":
-            return "expand_as"
-        if node.target in SPLIT_METHODS:
-            return "split"
-        if node.target in ("transpose", "permute"):
-            return "transpose"
-    raise UnsupportedOpError(
-        f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
-        f"supported: {SUPPORTED}")
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return SHAPE
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _classify_getitem(node)
+    table = FUNCTION_KINDS if node.op == "call_function" else METHOD_KINDS if node.op == "call_method" else {}
+    kind = table.get(node.target)
+    if kind is None:
+        raise UnsupportedOpError(
+            f"node '{node.name}' ({node.op} {_target_name(node)}) is an op pamfx has no channel rule for; "
+            f"supported: {SUPPORTED}")
+    if kind == CHANNELWISE:
+        _check_channelwise(node)
+    if kind == SOFTMAX:
+        _check_softmax(node)
+    return kind
 
 
-SUPPORTED = ("Conv2d (any groups), Linear (over channels, or over tokens), BatchNorm1d/2d, GroupNorm, LayerNorm over "
-             "channels, PReLU, per-channel activations, clamp, pooling and dropout, -x, +, -, *, /, ** with a Python "
-             "scalar, flatten/view/reshape to [batch, features] or of the dims after the channels, means over "
-             "spatial dims or tokens, residual add and squeeze-excitation product of two tensors, torch.cat, chunk, "
-             "split, x[:, a:b] and channel shuffle on channels, transpose/permute keeping the batch first, and "
-             "softmax/log_softmax over a head's classes")
+SUPPORTED = "the ops listed in README.md, section 'Supported ops' (pamfx.ops.supported_table())"
+
+# How each kind treats channels, for the README's table (supported_table); the module docstring says more.
+KIND_RULES = {
+    CONV: "new channel space (groups = 1, or grouped: a unit reads its block)",
+    DEPTHWISE: "keeps the space (groups = in = out channels)",
+    LINEAR: "new channel space: over the channels, the last dim ([B, features] or tokens [B, T, C])",
+    TOKEN_LINEAR: "keeps the space: a Linear over another dim (tokens), each model's own on each of its channels",
+    BATCHNORM: "keeps the space (affine, running statistics)",
+    PRELU: "keeps the space (one slope per channel, or one shared)",
+    NORM: "keeps the space; each statistic set (GroupNorm group, a model's LayerNorm channels) in one group",
+    CHANNELWISE: "keeps the space: each channel on its own",
+    FLATTEN: "[B, C, H, W] to [B, C*H*W] features, or a reshape of the dims after the channels (keeps the space)",
+    MEAN: "keeps the space: over spatial dims or tokens",
+    TRANSPOSE: "keeps the space, moving its channel axis (batch first); inside a channel shuffle, a permutation",
+    SOFTMAX: "over a head's classes only",
+    ADD: "joins both operands' spaces (a residual add; of a torch.cat too)",
+    MUL: "joins both operands' spaces (a squeeze-excitation gate; of a torch.cat too)",
+    EXPAND_AS: "joins both operands' spaces (gate.expand_as(x))",
+    CAT: "on the channel dim: the operands' channels side by side",
+    SPLIT: "on channels (dim 1): a tuple of pieces, read by indexing",
+    SELECT: "picks channels of each model (routed per group)",
+    SHAPE: "sizes, followed into the arguments of a reshape",
+}
+INDEXING = {FLATTEN: "`y[:, :, None, None]`", SELECT: "`x[:, a:b]`, `pieces[i]` of a chunk / split",
+            SHAPE: "`x.shape`, `x.shape[i]`, `x.size()[i]`, arithmetic on sizes (`c // groups`)",
+            CHANNELWISE: "`x + s`, `x - s`, `s - x`, `x * s`, `x / s`, `x ** s`, `-x` with a Python scalar s",
+            ADD: "`x + y` of two tensors", MUL: "`x * y` of two tensors"}
+
+
+def supported_table() -> str:
+    """The markdown table of every op pamfx follows, by kind, generated from the tables classify reads (README.md
+    holds it verbatim; a test checks that)."""
+    rows = ["| kind | rule | modules | functions and methods |", "|---|---|---|---|"]
+    for kind in KINDS:
+        if kind not in KIND_RULES:
+            continue
+        modules = sorted({f"`nn.{cls.__name__}`" for cls, k in MODULE_KINDS.items() if k == kind})
+        if kind in (DEPTHWISE, TOKEN_LINEAR):   # decided from a conv's groups, a Linear's input axis
+            modules = ["`nn.Conv2d`"] if kind == DEPTHWISE else ["`nn.Linear`"]
+        calls = sorted({f"`{_dotted(function)}`" for function, k in FUNCTION_KINDS.items() if k == kind}
+                       | {f"`x.{method}()`" for method, k in METHOD_KINDS.items() if k == kind})
+        if kind in (CHANNELWISE, ADD, MUL):   # arithmetic: with a scalar (per channel), or of two tensors
+            names = {CHANNELWISE: SCALAR_METHODS, ADD: ["add"], MUL: ["mul"]}[kind]
+            calls += sorted({f"`torch.{name}`" for name in names} | {f"`x.{name}()`" for name in names})
+        calls = ([INDEXING[kind]] if kind in INDEXING else []) + calls
+        rows.append(f"| {kind} | {KIND_RULES[kind]} | {', '.join(modules)} | {', '.join(calls)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _dotted(function) -> str:
+    """torch.flatten, F.relu: how a function is written in a model."""
+    if getattr(F, function.__name__, None) is function:
+        return f"F.{function.__name__}"
+    return f"torch.{function.__name__}"
 
 
 def _classify_getitem(node: fx.Node) -> str:
     """x.shape[0], x.size()[2:]: a size, followed like x.size(0); indexing a tensor is refused."""
     source = node.args[0]
-    if isinstance(source, fx.Node) and source.meta.get(OP) == "shape":
-        return "shape"
+    if isinstance(source, fx.Node) and source.meta.get(OP) == SHAPE:
+        return SHAPE
     index = node.args[1]
-    if isinstance(source, fx.Node) and source.meta.get(OP) == "split" and isinstance(index, int):
-        return "select"
+    if isinstance(source, fx.Node) and source.meta.get(OP) == SPLIT and isinstance(index, int):
+        return SELECT
     if isinstance(source, fx.Node) and channel_slice(node) is not None:
-        return "select"
+        return SELECT
     if isinstance(source, fx.Node) and isinstance(index, tuple) and len(index) > 2 and \
             all(i == slice(None) for i in index[:2]) and all(i is None for i in index[2:]):
-        return "flatten"   # y[:, :, None, None]: a reshape that channel_spaces checks keeps the channels
+        return FLATTEN   # y[:, :, None, None]: a reshape that channel_spaces checks keeps the channels
     what = f"'{source.name}'" if isinstance(source, fx.Node) else repr(source)
     raise UnsupportedOpError(
         f"node '{node.name}' indexes {what} with {node.args[1]!r}: pamfx follows indexing of sizes (x.shape[0], "
@@ -208,25 +262,25 @@ def channel_axis(node: fx.Node) -> int | None:
     """The dim that holds the channels of `node`'s output (see ir.AXIS), from its op kind and its input's axis;
     None for sizes, a split's tuple and the output. find_channel_spaces checks that the ops reading it agree."""
     kind = node.meta[OP]
-    if kind in ("shape", "split", "output"):
+    if kind in (SHAPE, SPLIT, OUTPUT):
         return None
-    if kind in ("input", "conv", "depthwise"):
+    if kind in (INPUT, CONV, DEPTHWISE):
         return 1
     if node.meta[SHAPES][0] is None:   # a graph without shapes (not traced by passes/trace.py)
         return None
     rank = len(node.meta[SHAPES][0])
-    if kind == "linear":
+    if kind == LINEAR:
         return rank - 1
-    source = next(arg for arg in node.all_input_nodes if arg.meta[OP] != "shape")
-    if source.meta[OP] == "split":   # a piece of a chunk / split
+    source = next(arg for arg in node.all_input_nodes if arg.meta[OP] != SHAPE)
+    if source.meta[OP] == SPLIT:   # a piece of a chunk / split
         source = source.all_input_nodes[0]
     axis = source.meta[AXIS]
-    if kind == "transpose":
+    if kind == TRANSPOSE:
         return permutation(node).index(axis)
-    if kind == "mean":
+    if kind == MEAN:
         dims, keepdim = mean_dims(node)
         return axis if keepdim else axis - sum(d < axis for d in dims)
-    if kind == "flatten":
+    if kind == FLATTEN:
         into, out = source.meta[SHAPES][0], node.meta[SHAPES][0]
         return axis if tuple(out[:axis + 1]) == tuple(into[:axis + 1]) else 1   # else: flattened to features
     return axis
@@ -286,7 +340,7 @@ def split_pieces(node: fx.Node, channels: int) -> list[list[int]]:
 def _is_size_arithmetic(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in SIZE_ARITHMETIC:
         tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
-        return bool(tensors) and all(arg.meta.get(OP) == "shape" for arg in tensors)
+        return bool(tensors) and all(arg.meta.get(OP) == SHAPE for arg in tensors)
     return False
 
 
@@ -306,11 +360,11 @@ def _classify_arithmetic(node: fx.Node) -> str:
                                      f"'{tensors[0].name}') takes the tensor as its second operand; pamfx supports "
                                      "x / scalar and x ** scalar only")
         _check_constant_arguments(node, skip=operands)
-        return "channelwise"
+        return CHANNELWISE
     if len(tensors) == 2 and target == "torch.add":
-        return "add"
+        return ADD
     if len(tensors) == 2 and target == "torch.mul":
-        return "mul"
+        return MUL
     others = ", ".join(f"'{arg.name}'" if isinstance(arg, fx.Node) else repr(arg) for arg in operands)
     raise UnsupportedOpError(
         f"node '{node.name}' ({_target_name(node)} of {others}) needs a Python scalar as its other operand: pamfx "
@@ -327,20 +381,18 @@ def _arithmetic_target(node: fx.Node) -> str:
     return SCALAR_FUNCTIONS[node.target] if node.op == "call_function" else SCALAR_METHODS[node.target]
 
 
-def _checked_channelwise(node: fx.Node) -> str:
+def _check_channelwise(node: fx.Node) -> None:
     _check_constant_arguments(node, skip=node.args[:1])
     if node.target in DROPOUT_FUNCTIONS and _argument(node, 2, "training", True):
         raise UnsupportedOpError(
             f"node '{node.name}' calls {_target_name(node)} with training=True even in eval mode (its default); "
             f"pass training=self.training, or use nn.{DROPOUT_FUNCTIONS[node.target].__name__} in __init__")
-    return "channelwise"
 
 
-def _checked_softmax(node: fx.Node) -> str:
+def _check_softmax(node: fx.Node) -> None:
     _check_constant_arguments(node, skip=node.args[:1])
     if softmax_dim(node) is None:
         raise UnsupportedOpError(f"node '{node.name}' ({_target_name(node)}) has no dim; pass dim=1 (the classes)")
-    return "softmax"
 
 
 def softmax_dim(node: fx.Node):
@@ -363,7 +415,7 @@ def _check_constant_arguments(node: fx.Node, skip) -> None:
     """A per-channel op reads one tensor; every other argument must be a constant."""
     for value in list(node.args) + list(node.kwargs.values()):
         if isinstance(value, fx.Node) and not any(value is s for s in skip):
-            if value.meta.get(OP) == "shape":
+            if value.meta.get(OP) == SHAPE:
                 raise UnsupportedOpError(
                     f"node '{node.name}' ({_target_name(node)}) takes a size read off a tensor ('{value.name}') as "
                     "an argument; pamfx needs a constant there: write the number (e.g. the pool's kernel size), or "
@@ -400,36 +452,23 @@ def dropout_module(node: fx.Node) -> nn.Module | None:
 
 
 def _classify_module(node: fx.Node, module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d):
-        if module.groups == 1:
-            return "conv"
-        if module.groups == module.in_channels == module.out_channels:
-            return "depthwise"
-        return "conv"   # grouped: passes/rules.py `blocks` says which inputs each unit reads
-    if isinstance(module, nn.Linear):
+    kind = next((kind for cls, kind in MODULE_KINDS.items() if isinstance(module, cls)), None)
+    if kind is None:
+        raise UnsupportedOpError(
+            f"node '{node.name}' calls {type(module).__name__}, a module pamfx has no channel rule for: {module!r}")
+    if kind == CONV and module.groups == module.in_channels == module.out_channels != 1:
+        return DEPTHWISE   # (a grouped conv stays CONV: passes/rules.py `blocks` says which inputs each unit reads)
+    if kind == LINEAR:
         source = node.all_input_nodes[0]
         axis, shape = source.meta.get(AXIS), source.meta[SHAPES][0]
-        return "linear" if axis is None or axis == len(shape) - 1 else "token_linear"
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if not (module.affine and module.track_running_stats):
-            raise UnsupportedOpError(f"node '{node.name}': {module!r} needs affine=True and track_running_stats=True")
-        return "batchnorm"
-    if isinstance(module, CHANNELWISE_MODULES):
-        if getattr(module, "return_indices", False):
-            raise UnsupportedOpError(f"node '{node.name}': {module!r} returns indices; pamfx needs return_indices=False")
-        return "channelwise"
-    if isinstance(module, nn.Flatten):
-        return "flatten"
-    if isinstance(module, nn.PReLU):
-        return "prelu"
-    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-        return "norm"
-    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
-        if module.dim is None:
-            raise UnsupportedOpError(f"node '{node.name}': {module!r} has no dim; pass dim=1 (the classes)")
-        return "softmax"
-    raise UnsupportedOpError(
-        f"node '{node.name}' calls {type(module).__name__}, a module pamfx has no channel rule for: {module!r}")
+        return LINEAR if axis is None or axis == len(shape) - 1 else TOKEN_LINEAR
+    if kind == BATCHNORM and not (module.affine and module.track_running_stats):
+        raise UnsupportedOpError(f"node '{node.name}': {module!r} needs affine=True and track_running_stats=True")
+    if kind == CHANNELWISE and getattr(module, "return_indices", False):
+        raise UnsupportedOpError(f"node '{node.name}': {module!r} returns indices; pamfx needs return_indices=False")
+    if kind == SOFTMAX and module.dim is None:
+        raise UnsupportedOpError(f"node '{node.name}': {module!r} has no dim; pass dim=1 (the classes)")
+    return kind
 
 
 def _target_name(node: fx.Node) -> str:

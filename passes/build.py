@@ -64,17 +64,26 @@ class _Builder:
     # -- one visit per node kind -----------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
         kind = node.meta[OP]
-        if kind == "output":
+        if kind == ops.OUTPUT:
             return self.visit_output(node)
         if FEATURES not in node.meta:   # sizes, a split's tuple, the middle of a channel shuffle
             return
         self.layout[node] = self.split(node)
-        if kind == "input":
+        if kind == ops.INPUT:
             self.values[node] = {group: INPUT for group in self.layout[node]}
             return
         if ROUTE in node.meta:
             return self.visit_route(node)
-        getattr(self, f"visit_{kind}")(node)
+        visit = {ops.CONV: self.visit_layer, ops.LINEAR: self.visit_layer, ops.TOKEN_LINEAR: self.visit_token_linear,
+                 ops.DEPTHWISE: self.visit_depthwise, ops.BATCHNORM: self.visit_batchnorm, ops.PRELU: self.visit_prelu,
+                 ops.NORM: self.visit_norm, ops.CHANNELWISE: self.visit_channelwise, ops.SOFTMAX: self.visit_softmax,
+                 ops.FLATTEN: self.visit_flatten, ops.MEAN: self.visit_mean, ops.TRANSPOSE: self.visit_transpose,
+                 ops.ADD: self.visit_add, ops.MUL: self.visit_mul, ops.EXPAND_AS: self.visit_expand_as,
+                 ops.CAT: self.visit_cat}.get(kind)
+        if visit is None:
+            raise UnsupportedOpError(f"node '{node.name}' is an op of kind '{kind}', which the network builder has "
+                                     "no rule for")
+        visit(node)
 
     def visit_route(self, node):
         """Channels picked or reordered from another tensor (find_channel_spaces): each group's slice is picked
@@ -88,12 +97,6 @@ class _Builder:
                 self.values.setdefault(node, {})[group] = self.values[source][group]
             else:
                 self.emit(node, group, [self.values[source][group]], "select", args=(picked,))
-
-    def visit_conv(self, node):
-        self.visit_layer(node)
-
-    def visit_linear(self, node):
-        self.visit_layer(node)   # over the channels, the last dim (ops.classify)
 
     def visit_token_linear(self, node):
         """A Linear over tokens (or another dim that is not the channels): each model's layer on its own channels,

@@ -25,19 +25,20 @@ from pamfx.errors import UnsupportedOpError
 from pamfx.ir import AXIS, FEATURES, MODULES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 
 # op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
-KEEPS_SPACE = ("batchnorm", "prelu", "norm", "channelwise", "mean", "depthwise", "softmax", "token_linear", "transpose")
+KEEPS_SPACE = (ops.BATCHNORM, ops.PRELU, ops.NORM, ops.CHANNELWISE, ops.MEAN, ops.DEPTHWISE, ops.SOFTMAX,
+               ops.TOKEN_LINEAR, ops.TRANSPOSE)
 # op kinds that keep a space with parameters of each model: they must read one space (their input's units' models)
-PER_MODEL = {"norm": "normalises", "token_linear": "applies a Linear over tokens to"}
+PER_MODEL = {ops.NORM: "normalises", ops.TOKEN_LINEAR: "applies a Linear over tokens to"}
 # op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
 # how an error message says what the node does with an operand)
-JOINS = {"add": "adds", "mul": "multiplies by", "expand_as": "is expanded as"}
+JOINS = {ops.ADD: "adds", ops.MUL: "multiplies by", ops.EXPAND_AS: "is expanded as"}
 
 
 def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     """Finds every channel space of the aligned graph; raises UnsupportedOpError naming the node whose channel
     handling pamfx cannot follow (a conv reading flattened features, a cat off the channel dim, ...)."""
     nodes = list(aligned.graph.nodes)
-    inputs = [node.name for node in nodes if node.meta[OP] == "input"]
+    inputs = [node.name for node in nodes if node.meta[OP] == ops.INPUT]
     if len(inputs) != 1:
         raise UnsupportedOpError(f"the models take {len(inputs)} inputs {inputs}; pamfx merges models of one input")
     root, onto = _join_spaces(nodes)
@@ -52,7 +53,7 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     finder = _FeatureFinder(by_name, onto, mapped)
     for node in nodes:
         finder.find(node)
-    result = next(node for node in nodes if node.meta[OP] == "output").args[0]
+    result = next(node for node in nodes if node.meta[OP] == ops.OUTPUT).args[0]
     if not isinstance(result, fx.Node) or SPACE not in result.meta:
         raise UnsupportedOpError(f"the models return {result!r}; pamfx needs forward() to return one tensor, the "
                                  "output of the task's head")
@@ -77,11 +78,11 @@ def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.
 
     for node in nodes:
         kind = node.meta[OP]
-        tensor_inputs = [arg for arg in node.all_input_nodes if arg.meta[OP] != "shape"]
-        if kind in ("conv", "depthwise") and tensor_inputs[0].meta[AXIS] != 1:
+        tensor_inputs = [arg for arg in node.all_input_nodes if arg.meta[OP] != ops.SHAPE]
+        if kind in (ops.CONV, ops.DEPTHWISE) and tensor_inputs[0].meta[AXIS] != 1:
             raise UnsupportedOpError(f"node '{node.name}' convolves '{tensor_inputs[0].name}', whose channels are on "
                                      f"dim {tensor_inputs[0].meta[AXIS]}; transpose them back to dim 1 first")
-        if kind in ("input", "conv", "linear"):
+        if kind in (ops.INPUT, ops.CONV, ops.LINEAR):
             parent[node] = node
         elif kind in PER_MODEL and tensor_inputs[0] not in parent:
             raise UnsupportedOpError(
@@ -89,14 +90,14 @@ def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.
                 "concatenated features: pamfx supports it on the output of one layer (or of a residual add), whose "
                 "channels it can give to their models")
         elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
-            if kind == "softmax":
+            if kind == ops.SOFTMAX:
                 _check_softmax_dim(node)
-            if kind == "norm":
+            if kind == ops.NORM:
                 _check_norm(node)
-            if kind == "transpose":
+            if kind == ops.TRANSPOSE:
                 _check_transpose(node)
             parent[node] = find(tensor_inputs[0])
-        elif kind == "flatten" and tensor_inputs[0] in parent and _keeps_channels(node):
+        elif kind == ops.FLATTEN and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
         elif kind in JOINS and all(operand in parent for operand in tensor_inputs):
             parent[node] = find(tensor_inputs[0])
@@ -113,15 +114,15 @@ def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.
 def _check_mapped(nodes: list[fx.Node], root: dict, onto: dict) -> None:
     """Refuses what cannot hold the units of a concatenation: the network input, a head, a norm or a Linear over
     tokens (their parameters follow one space's units), a grouped conv (its blocks are counted in one space)."""
-    heads = {node.all_input_nodes[0] for node in nodes if node.meta[OP] == "output"}
+    heads = {node.all_input_nodes[0] for node in nodes if node.meta[OP] == ops.OUTPUT}
     for node in nodes:
         if root.get(node) not in onto:
             continue
         join = onto[root[node]]
         modules = node.meta.get(MODULES, ())
-        grouped = node.meta[OP] == "conv" and modules[0].groups > 1
-        if node.meta[OP] in ("input", "norm", "token_linear") or node in heads or grouped:
-            what = "the network input" if node.meta[OP] == "input" else f"the output of '{node.name}'"
+        grouped = node.meta[OP] == ops.CONV and modules[0].groups > 1
+        if node.meta[OP] in (ops.INPUT, ops.NORM, ops.TOKEN_LINEAR) or node in heads or grouped:
+            what = "the network input" if node.meta[OP] == ops.INPUT else f"the output of '{node.name}'"
             raise UnsupportedOpError(
                 f"node '{join.name}' {JOINS[join.meta[OP]]} a concatenation {what}, so its channels would be units "
                 "of several spaces; pamfx supports that for convs, Linear layers and per-channel ops, not for the "
@@ -134,17 +135,17 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
     for node in nodes:
         if node in root:
             members.setdefault(root[node], []).append(node)
-    heads = {node.all_input_nodes[0] for node in nodes if node.meta[OP] == "output"}
+    heads = {node.all_input_nodes[0] for node in nodes if node.meta[OP] == ops.OUTPUT}
     spaces = {}
     for first, group in members.items():
-        kind = "input" if first.meta[OP] == "input" else "hidden"
+        kind = "input" if first.meta[OP] == ops.INPUT else "hidden"
         if any(node in heads for node in group):
             kind = "output"
         per_model = [n for n in group if n.meta[OP] in PER_MODEL]
         if per_model and kind == "input":
             raise UnsupportedOpError(f"node '{per_model[0].name}' {PER_MODEL[per_model[0].meta[OP]]} the network "
                                      "input; pamfx needs the input to reach the first conv or linear unchanged")
-        mixing = [n for n in group if n.meta[OP] == "softmax"]
+        mixing = [n for n in group if n.meta[OP] == ops.SOFTMAX]
         if mixing and kind != "output":
             raise UnsupportedOpError(
                 f"node '{mixing[0].name}' takes a softmax over the channels of '{group[0].name}', which is not a "
@@ -152,7 +153,7 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
                 "over a head's classes, after the last layer")
         joins = [n for n in group if n.meta[OP] in JOINS]
         if kind == "input" and len(group) > 1 and joins:
-            verb = "adds the network input to" if joins[0].meta[OP] == "add" else "multiplies the network input by"
+            verb = "adds the network input to" if joins[0].meta[OP] == ops.ADD else "multiplies the network input by"
             raise UnsupportedOpError(f"node '{joins[0].name}' {verb} a hidden tensor; pamfx needs the input to stay "
                                      "shared by all tasks")
         widths = _widths(group)
@@ -173,7 +174,7 @@ def _widths(group: list[fx.Node]) -> list[int]:
                       "channels: broadcasting over channels is not supported)") if joins else ""
             raise UnsupportedOpError(f"node '{node.name}' has {got} channels per model where its channel space "
                                      f"'{first.name}' has {widths}{joined}")
-    if first.meta[OP] == "input":
+    if first.meta[OP] == ops.INPUT:
         return widths[:1]   # one shared input
     return widths
 
@@ -213,7 +214,7 @@ class _FeatureFinder:
         """The features of a tensor joined with a concatenation: model m's channel c is model m's c-th channel of
         the concatenation."""
         join = self.onto[self.first[node]]
-        reference = next(operand for operand in join.all_input_nodes if operand.meta[OP] != "shape"
+        reference = next(operand for operand in join.all_input_nodes if operand.meta[OP] != ops.SHAPE
                          and operand not in self.first and SPACE not in operand.meta)
         self.find(reference)
         features = reference.meta.get(FEATURES)
@@ -221,7 +222,7 @@ class _FeatureFinder:
             raise UnsupportedOpError(
                 f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds flattened features; "
                 "pamfx supports residual adds and gates of channel tensors (or of a concatenation of them)")
-        if any(self.spaces[f.space].kind == "input" for f in features):
+        if any(self.spaces[f.space].kind == ops.INPUT for f in features):
             raise UnsupportedOpError(f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds "
                                      "channels of the network input; pamfx needs the input to stay shared by all tasks")
         by_model = _by_model(features, self.spaces)
@@ -247,36 +248,36 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
     kind = node.meta[OP]
     if SPACE in node.meta:
         return tuple(Feature(node.meta[SPACE], i) for i in range(len(spaces[node.meta[SPACE]].units)))
-    if kind == "split":
+    if kind == ops.SPLIT:
         ops.check_split(node)
         return None   # a tuple: its pieces (select nodes) carry the channels
-    if kind in ("shape", "output") or _inside_shuffle(node):
+    if kind in (ops.SHAPE, ops.OUTPUT) or _inside_shuffle(node):
         return None   # a shuffle is followed where it ends
-    if kind == "select" or (kind == "flatten" and _shuffle_source(node) is not None):
+    if kind == ops.SELECT or (kind == ops.FLATTEN and _shuffle_source(node) is not None):
         return _routed(node, spaces)
     inputs = [arg.meta[FEATURES] for arg in node.all_input_nodes if FEATURES in arg.meta]
     if not inputs:
         source = node.all_input_nodes[0]
         why = ("it is the tuple of a split; pamfx follows its pieces (x1, x2 = x.chunk(2, dim=1))"
-               if source.meta[OP] == "split" else "a transpose or 5-D view is followed only inside a channel shuffle")
+               if source.meta[OP] == ops.SPLIT else "a transpose or 5-D view is followed only inside a channel shuffle")
         raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
                                  f"follow: {why}")
-    if kind in ("channelwise", "batchnorm", "prelu", "depthwise", "mean", "transpose"):   # (PER_MODEL: one space)
+    if kind in (ops.CHANNELWISE, ops.BATCHNORM, ops.PRELU, ops.DEPTHWISE, ops.MEAN, ops.TRANSPOSE):   # (PER_MODEL: one space)
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
-    if kind == "flatten":
+    if kind == ops.FLATTEN:
         return _flattened(node, inputs[0])
     if kind in JOINS:   # of a concatenation: every operand holds the same units, model by model
         for operand in node.all_input_nodes:
-            if operand.meta[OP] != "shape" and any(feature.position for feature in operand.meta[FEATURES]):
+            if operand.meta[OP] != ops.SHAPE and any(feature.position for feature in operand.meta[FEATURES]):
                 raise UnsupportedOpError(
                     f"node '{node.name}' {JOINS[kind]} '{operand.name}', which holds flattened features; pamfx "
                     "supports residual adds and gates of channel tensors (or of a concatenation of them)")
         for operand in node.all_input_nodes[1:]:
-            if operand.meta[OP] != "shape" and _by_model(operand.meta[FEATURES], spaces) != _by_model(inputs[0], spaces):
+            if operand.meta[OP] != ops.SHAPE and _by_model(operand.meta[FEATURES], spaces) != _by_model(inputs[0], spaces):
                 raise UnsupportedOpError(f"node '{node.name}' {JOINS[kind]} '{operand.name}', whose channels are other "
                                          f"units than those of '{node.all_input_nodes[0].name}'")
         return inputs[0]
-    if kind == "cat":
+    if kind == ops.CAT:
         if _cat_dim(node) != node.meta[AXIS]:
             raise UnsupportedOpError(f"node '{node.name}' concatenates along dim {_cat_dim(node)}; "
                                      f"pamfx supports torch.cat on channels (dim {node.meta[AXIS]}) only")
@@ -288,9 +289,9 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
 def _routed(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, ...]:
     """The channels a select or a channel shuffle picks from its source, model by model (each model's channels in
     that model's order: a model's tensor is its own channels of the merged one). Writes node.meta[ROUTE]."""
-    if node.meta[OP] == "select":
+    if node.meta[OP] == ops.SELECT:
         picked = node.args[0]
-        source = picked.args[0] if picked.meta[OP] == "split" else picked
+        source = picked.args[0] if picked.meta[OP] == ops.SPLIT else picked
     else:
         source = _shuffle_source(node)
     features = source.meta.get(FEATURES)
@@ -318,12 +319,12 @@ def _routed(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, ..
 
 def _picked_channels(node: fx.Node, source: fx.Node, model: int, channels: int) -> list[int]:
     """Which of a model's `channels` source channels `node` holds, in order."""
-    if node.meta[OP] == "flatten":   # the end of a channel shuffle into `groups` groups
+    if node.meta[OP] == ops.FLATTEN:   # the end of a channel shuffle into `groups` groups
         groups = _shuffle_start(node).meta[SHAPES][model][1]
         per_group = channels // groups
         return [group * per_group + i for i in range(per_group) for group in range(groups)]
     picked = node.args[0]
-    if picked.meta[OP] == "split":
+    if picked.meta[OP] == ops.SPLIT:
         return ops.split_pieces(picked, channels)[node.args[1]]
     return list(range(channels))[ops.channel_slice(node)]
 
@@ -334,7 +335,7 @@ def _shuffle_start(node: fx.Node) -> fx.Node | None:
     inner = node.all_input_nodes[0] if node.all_input_nodes else None
     if inner is not None and inner.op == "call_method" and inner.target == "contiguous":
         inner = inner.all_input_nodes[0]
-    if inner is None or inner.meta[OP] != "transpose" or not _swaps_1_and_2(inner):
+    if inner is None or inner.meta[OP] != ops.TRANSPOSE or not _swaps_1_and_2(inner):
         return None
     start = inner.all_input_nodes[0]
     return start if _splits_channels(start) else None
@@ -354,17 +355,17 @@ def _shuffle_source(node: fx.Node) -> fx.Node | None:
 
 def _inside_shuffle(node: fx.Node) -> bool:
     """The 5-D view, the transpose and the contiguous() in the middle of a channel shuffle: no channel dim."""
-    if node.meta[OP] == "transpose":
+    if node.meta[OP] == ops.TRANSPOSE:
         return _swaps_1_and_2(node) and _splits_channels(node.all_input_nodes[0])
     if node.op == "call_method" and node.target == "contiguous":
         source = node.all_input_nodes[0]
-        return source.meta[OP] == "transpose" and _inside_shuffle(source)
-    return node.meta[OP] == "flatten" and _splits_channels(node)
+        return source.meta[OP] == ops.TRANSPOSE and _inside_shuffle(source)
+    return node.meta[OP] == ops.FLATTEN and _splits_channels(node)
 
 
 def _splits_channels(node: fx.Node) -> bool:
     """A view of [B, C, H, W] as [B, g, C/g, H, W] in every model."""
-    if node.meta[OP] != "flatten" or not node.all_input_nodes:
+    if node.meta[OP] != ops.FLATTEN or not node.all_input_nodes:
         return False
     source = node.all_input_nodes[0]
     return all(len(into) == 4 and len(out) == 5 and out[0] == into[0] and out[1] * out[2] == into[1]

@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from pamfx import ops
 from pamfx.devices import device_of, to_device
 from pamfx.ir import AXIS, FEATURES, OP, SPACE, AlignedGraph, ChannelSpace
 from pamfx.labels import task_loss
@@ -110,7 +111,7 @@ def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch
     counts = {name: torch.zeros(len(spaces[name].units)) for name in scores}
     for module_name, origin in tuned.layout.origins.items():
         node = nodes[origin.node]
-        if origin.columns is None or node.meta[OP] not in ("conv", "linear"):
+        if origin.columns is None or node.meta[OP] not in (ops.CONV, ops.LINEAR):
             continue
         module = dict(tuned.network.named_children()).get(module_name)
         if module is None:   # built, but no task needs it

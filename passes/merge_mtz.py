@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pamfx import ops
 from pamfx.devices import device_of, to_device
 from pamfx.errors import GroupingError
 from pamfx.ir import AXIS, FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
@@ -51,7 +52,7 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     weights."""
     # NOTE: a layer whose output is joined with a cat (its units belong to the cat's spaces) is not zipped: its rows
     # of a zipped-away partner go, and fine-tuning recovers.
-    layers = [n for n in aligned.nodes_of_kind("conv", "linear")
+    layers = [n for n in aligned.nodes_of_kind(ops.CONV, ops.LINEAR)
               if SPACE in n.meta and spaces[n.meta[SPACE]].kind == "hidden"]
     groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
     weights = stack_weights(aligned, spaces)
@@ -159,7 +160,7 @@ def _same_blocks(aligned, spaces, node, base: list[int], incoming: list[int]) ->
     reads their space (rules.blocks), so that the survivor stands where the partner stood."""
     name = node.meta[SPACE]
     allowed = torch.ones(len(base), len(incoming), dtype=torch.bool)
-    for layer in aligned.nodes_of_kind("conv"):
+    for layer in aligned.nodes_of_kind(ops.CONV):
         if layer.meta[MODULES][0].groups == 1:
             continue
         rows, columns = blocks(layer, spaces)
@@ -203,14 +204,14 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
     `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
-        if kind not in ("conv", "linear", "batchnorm", "prelu", "norm", "token_linear", "depthwise") or \
+        if kind not in (ops.CONV, ops.LINEAR, ops.BATCHNORM, ops.PRELU, ops.NORM, ops.TOKEN_LINEAR, ops.DEPTHWISE) or \
                 node.name not in weights:
             continue
         columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
         if not columns:
             continue
         kept, gone = (torch.tensor(c, dtype=torch.long) for c in zip(*columns))
-        if kind in ("conv", "linear"):
+        if kind in (ops.CONV, ops.LINEAR):
             weight = weights[node.name]["weight"]
             every_row = range(weight.shape[0])
             weight.set(every_row, kept, weight.get(every_row, kept) + weight.get(every_row, gone))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from pamfx import ops
 from pamfx.errors import GroupingError
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
@@ -155,7 +156,7 @@ def _rescaled(activations, space: ChannelSpace):
 
 def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
     kinds = {node.name: node.meta[OP] for node in aligned.graph.nodes}
-    return any(kinds[name] in ("conv", "depthwise") for name in space.nodes)
+    return any(kinds[name] in (ops.CONV, ops.DEPTHWISE) for name in space.nodes)
 
 
 def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, guard: dict, floors: dict,

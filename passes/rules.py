@@ -10,6 +10,7 @@ The builder, the network's own check, both merges and the prune pass call these;
 """
 from torch import nn
 
+from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Group, group_of_feature
 
@@ -31,7 +32,7 @@ def blocks(node, spaces: dict[str, ChannelSpace]) -> tuple[tuple[int, ...], tupl
     c // (C / groups)); every other layer has one block, 0."""
     source = node.all_input_nodes[0]
     modules = node.meta.get(MODULES, ())
-    count = modules[0].groups if node.meta[OP] == "conv" else 1
+    count = modules[0].groups if node.meta[OP] == ops.CONV else 1
     if count == 1:
         return (0,) * len(node.meta[FEATURES]), (0,) * len(source.meta[FEATURES])
     space = spaces[node.meta[SPACE]]   # (find_channel_spaces: a grouped conv makes one space)
@@ -73,7 +74,7 @@ def couple_norms(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups:
     whenever it is: only one group for the whole set makes that hold. The union keeps every unit computed for the
     tasks it served (a unit of group G then reads only groups containing the union: drop_unreadable follows)."""
     groups = dict(groups)
-    for node in aligned.nodes_of_kind("norm"):
+    for node in aligned.nodes_of_kind(ops.NORM):
         name = node.meta[SPACE]
         if spaces[name].kind != "hidden":
             continue
@@ -94,7 +95,7 @@ def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grou
     changed = True
     while changed:
         changed = False
-        for node in aligned.nodes_of_kind("conv", "linear"):
+        for node in aligned.nodes_of_kind(ops.CONV, ops.LINEAR):
             available = _groups_by_block(node, spaces, groups, aligned.tasks)
             rows = blocks(node, spaces)[0]
             for row, feature in enumerate(node.meta[FEATURES]):   # the layer's units (of one space, or of several
@@ -110,7 +111,7 @@ def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grou
 def check_paths(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> None:
     """Raises GroupingError naming the task and its head when a head has no unit of a group containing its task
     to read. With `drop_unreadable` applied first, a head that has one reaches the input through every layer."""
-    for node in aligned.nodes_of_kind("conv", "linear"):
+    for node in aligned.nodes_of_kind(ops.CONV, ops.LINEAR):
         if SPACE not in node.meta or spaces[node.meta[SPACE]].kind != "output":
             continue
         source = node.all_input_nodes[0]

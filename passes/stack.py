@@ -12,11 +12,11 @@ depthwise kernels) are plain tensors, one entry per unit.
 """
 import torch
 
+from pamfx import ops
 from pamfx.errors import UnsupportedOpError
 from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Layout
 from pamfx.passes.layer_weights import SHARED, LayerWeights
 
-BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dict[str, dict[str, torch.Tensor]]:
@@ -24,12 +24,12 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
     GroupNorm / LayerNorm (an empty dict without affine parameters) and Linear-over-tokens node (each unit a copy of
     its model's weight), on the models' device."""
     stacked = {}
-    for node in aligned.nodes_of_kind("conv", "linear", "depthwise", "batchnorm", "prelu", "norm", "token_linear"):
+    for node in aligned.nodes_of_kind(ops.CONV, ops.LINEAR, ops.DEPTHWISE, ops.BATCHNORM, ops.PRELU, ops.NORM, ops.TOKEN_LINEAR):
         source = node.all_input_nodes[0]
         features = source.meta[FEATURES]
         owners = [spaces[f.space].units[f.unit].model for f in features]
         modules = node.meta[MODULES]
-        if node.meta[OP] in ("conv", "linear"):
+        if node.meta[OP] in (ops.CONV, ops.LINEAR):
             row_owners = [spaces[f.space].units[f.unit].model for f in node.meta[FEATURES]]
             rows = [[r for r, owner in enumerate(row_owners) if owner == m] for m in range(len(modules))]
             stacked[node.name] = _stack_layer(node.name, modules, owners, rows)
@@ -37,8 +37,8 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
             if None in owners:
                 raise UnsupportedOpError(f"node '{node.name}' has per-model parameters on the shared network "
                                          "input; pamfx needs the input to reach the first conv or linear unchanged")
-            names = {"batchnorm": BATCHNORM_TENSORS, "prelu": ("weight",)}.get(node.meta[OP], ("weight", "bias"))
-            stacked[node.name] = _stack_per_feature(modules, owners, names, whole=node.meta[OP] == "token_linear")
+            names = ops.PER_FEATURE_TENSORS[node.meta[OP]]
+            stacked[node.name] = _stack_per_feature(modules, owners, names, whole=node.meta[OP] == ops.TOKEN_LINEAR)
     return stacked
 
 
