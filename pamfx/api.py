@@ -25,14 +25,31 @@ from .report import Report, make_report
 from .sources import hold_out  # noqa: F401 (re-exported: the tensors' split)
 from .train import accuracies, evaluate
 
-# merge name -> function(aligned, spaces, data, options) returning (Grouping, stacked weights)
-MERGES = {
-    "none": lambda aligned, spaces, data, options: (merge_none(aligned, spaces), stack_weights(aligned, spaces)),
-    "pam": lambda aligned, spaces, data, options: (merge_pam(aligned, spaces, data, options["pam"], options["seed"],
-                                                             options["progress"]), stack_weights(aligned, spaces)),
-    "mtz": lambda aligned, spaces, data, options: merge_mtz(aligned, spaces, data, options["mtz"],
-                                                            options["finetune"], options["seed"], options["progress"]),
-}
+@dataclass(frozen=True)
+class MergeSettings:
+    """What a merge reads besides the aligned graph, its channel spaces and the data."""
+    pam: PamConfig
+    mtz: MtzConfig
+    finetune: FinetuneConfig   # MTZ fine-tunes layer by layer with its batch size and learning rate
+    seed: int
+    progress: bool
+
+
+def _merge_none(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping, dict]:
+    return merge_none(aligned, spaces), stack_weights(aligned, spaces)
+
+
+def _merge_pam(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping, dict]:
+    grouping = merge_pam(aligned, spaces, data, settings.pam, settings.seed, settings.progress)
+    return grouping, stack_weights(aligned, spaces)
+
+
+def _merge_mtz(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping, dict]:
+    return merge_mtz(aligned, spaces, data, settings.mtz, settings.finetune, settings.seed, settings.progress)
+
+
+# merge name -> merge(aligned, spaces, data, settings) -> (the group of every unit, the stacked weights)
+MERGES = {"none": _merge_none, "pam": _merge_pam, "mtz": _merge_mtz}
 
 
 @dataclass
@@ -116,8 +133,8 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         seconds = {"merge": time.perf_counter() - started}
         notes += [f"merge=pam: thresholds searched, {seconds['merge']:.1f} s with fine-tuning"]
     else:
-        options = {"pam": pam, "mtz": mtz, "finetune": finetune, "seed": seed, "progress": progress}
-        grouping, weights = MERGES[merge](aligned, spaces, data, options)   # the group of every unit (+ weights)
+        settings = MergeSettings(pam, mtz, finetune, seed, progress)
+        grouping, weights = MERGES[merge](aligned, spaces, data, settings)   # the group of every unit (+ weights)
         seconds = {"merge": time.perf_counter() - started}
         notes += [f"merge={merge}: grouped in {seconds['merge']:.1f} s"]
         started = time.perf_counter()

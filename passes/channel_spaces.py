@@ -222,7 +222,7 @@ class _FeatureFinder:
             raise UnsupportedOpError(
                 f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds flattened features; "
                 "pamfx supports residual adds and gates of channel tensors (or of a concatenation of them)")
-        if any(self.spaces[f.space].kind == ops.INPUT for f in features):
+        if any(self.spaces[f.space].kind == "input" for f in features):
             raise UnsupportedOpError(f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds "
                                      "channels of the network input; pamfx needs the input to stay shared by all tasks")
         by_model = _by_model(features, self.spaces)

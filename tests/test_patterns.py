@@ -1046,26 +1046,25 @@ def test_a_grouped_conv_of_the_network_input_reads_its_blocks(tmp_path):
     assert result.model.macs(["a"]) == counted_macs(lambda: models["a"](x[:1]))
 
 
-def shared_by_all(pattern):
-    """The pattern's models and the network with every unit in the group of all tasks."""
-    models = models_of(pattern)
+def shared_by_all(models):
+    """The network of `models` with every unit in the group of all tasks."""
     aligned, spaces = compile_parts(models, inputs(2))
     everyone = frozenset(TASKS)
     grouping = Grouping({name: (everyone,) * len(space.units) for name, space in spaces.items()
                          if space.kind == "hidden"})
-    return models, build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
+    return build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
 
 
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_all_units_shared_by_all_tasks_reproduce_the_originals(pattern):
     """One slice holds all three models' channels side by side (weights between models are zero): each model's
     norm statistics, token mixing, picks and cat-joined channels must still be its own."""
-    models, network = shared_by_all(pattern)
-    assert_equivalent(originals(models), network, inputs(8), all_combinations(TASKS))
+    models = models_of(pattern)
+    assert_equivalent(originals(models), shared_by_all(models), inputs(8), all_combinations(TASKS))
 
 
 def test_a_norm_shared_by_all_tasks_normalises_each_models_statistic_sets_on_their_own():
-    _, network = shared_by_all("norms")
+    network = shared_by_all(models_of("norms"))
     norms = {name: module for name, module in network.named_children() if isinstance(module, (nn.GroupNorm,
                                                                                               nn.LayerNorm))}
     assert norms["gn1_g0"].num_groups == 6 and norms["gn2_g0"].num_groups == 12   # 3 models x their groups
@@ -1177,3 +1176,31 @@ def test_a_join_of_a_cat_pamfx_cannot_follow_is_named(join, message):
     models = {t: CatJoined(join, HEADS[t]) for t in ("a", "b")}
     with pytest.raises(pamfx.UnsupportedOpError, match=message):
         pamfx.optimize(models, random_data(("a", "b"), shape=SHAPE), merge="none", prune=None, progress=False)
+
+
+class WideMixer(MlpMixer):
+    def __init__(self, classes, width):
+        super().__init__(classes)
+        self.stem = nn.Conv2d(1, width, 4, stride=4)
+        self.block = MixerBlock(9, width, 6, 12)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+
+class WideNorms(Norms):
+    def __init__(self, classes, width):
+        super().__init__(classes)
+        self.conv1, self.gn1 = nn.Conv2d(1, width, 3, padding=1), nn.GroupNorm(2, width)
+        self.conv2, self.gn2 = nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(width // 2, width)
+        self.fc1 = nn.Linear(width, 12)
+
+
+@pytest.mark.parametrize("model_class", [WideMixer, WideNorms], ids=["mlp_mixer", "norms"])
+def test_models_of_different_widths_keep_their_own_norm_sets_and_token_mixing(model_class):
+    """Widths 8, 6, 4: each model's GroupNorm groups, LayerNorm channels and token-mixing layers are its own, alone
+    (merge="none") and with every unit shared by all tasks in one slice."""
+    torch.manual_seed(9)
+    models = {t: model_class(HEADS[t], width).eval() for t, width in zip(TASKS, (8, 6, 4))}
+    result = pamfx.optimize(models, random_data(TASKS, shape=SHAPE), merge="none", prune=None, progress=False)
+    assert_equivalent(originals(models), result.model, inputs(8), all_combinations(TASKS))
+    assert_equivalent(originals(models), shared_by_all(models), inputs(8), all_combinations(TASKS))
