@@ -510,6 +510,11 @@ def linear_macs(module: nn.Linear, out_shape: torch.Size) -> int:
     return module.in_features * module.out_features * positions
 
 
+# The MACs formula of each kind that multiplies (FlopCounterMode counts only these), for one module and its output
+# shape: the original models' cost (report.py) and each built module's (passes/build.py).
+MACS = {CONV: conv_macs, DEPTHWISE: conv_macs, LINEAR: linear_macs, TOKEN_LINEAR: linear_macs}
+
+
 def resolve(dotted_name: str):
     """The function named by a dotted name from CHANNELWISE_FUNCTIONS (or torch.flatten, torch.add...)."""
     obj = torch

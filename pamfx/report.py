@@ -71,8 +71,7 @@ def make_report(network, aligned: AlignedGraph, guard: dict, original_accuracy: 
 def original_macs(aligned: AlignedGraph) -> dict[str, int]:
     """MACs of each original model for one sample, from its modules and traced shapes."""
     totals = {t: 0 for t in aligned.tasks}
-    for node in aligned.nodes_of_kind(ops.CONV, ops.DEPTHWISE, ops.LINEAR, ops.TOKEN_LINEAR):
+    for node in aligned.nodes_of_kind(*ops.MACS):
         for task, module, shape in zip(aligned.tasks, node.meta[MODULES], node.meta[SHAPES]):
-            macs = ops.linear_macs if node.meta[OP] in (ops.LINEAR, ops.TOKEN_LINEAR) else ops.conv_macs
-            totals[task] += macs(module, shape)
+            totals[task] += ops.MACS[node.meta[OP]](module, shape)
     return totals

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from pamfx import ops
 from pamfx.errors import GroupingError, UnsupportedOpError
-from pamfx.ir import (AXIS, FEATURES, MODULES, OP, ROUTE, SHAPES, SPACE, AlignedGraph, ChannelSpace, Group, Grouping,
+from pamfx.ir import (AXIS, FEATURES, MODULES, OP, ROUTE, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping,
                        Layout, Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
 from pamfx.passes.rules import blocks, norm_sets, readable
@@ -161,8 +161,7 @@ class _Builder:
                     module.weight.copy_(stacked["weight"].get(run, columns))
                     if module.bias is not None:
                         module.bias.copy_(stacked["bias"][run])
-                count_macs = ops.conv_macs if isinstance(module, nn.Conv2d) else ops.linear_macs
-                macs = count_macs(module, node.meta[SHAPES][0])
+                macs = ops.MACS[node.meta[OP]](module, node.meta[SHAPES][0])
                 pick = () if len(picked) == len(joined) else (tuple(picked),)
                 self.emit(node, group, [self.values[source][g] for g in inputs], "module", module=module, macs=macs,
                           args=pick, suffix="" if len(runs) == 1 else f"_{index}")
@@ -191,7 +190,7 @@ class _Builder:
                 for name in tensor_names:
                     if name in stacked:
                         getattr(module, name).copy_(stacked[name][features])
-            macs = ops.conv_macs(module, node.meta[SHAPES][0]) if isinstance(module, nn.Conv2d) else 0
+            macs = ops.MACS[node.meta[OP]](module, node.meta[SHAPES][0]) if node.meta[OP] in ops.MACS else 0
             self.emit(node, group, [self.values[source][group]], "module", module=module, macs=macs)
             self.origins[self.values[node][group]] = Origin(node.name, tuple(features), None)
 

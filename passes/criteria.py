@@ -111,7 +111,7 @@ def l1(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torch
     counts = {name: torch.zeros(len(spaces[name].units)) for name in scores}
     for module_name, origin in tuned.layout.origins.items():
         node = nodes[origin.node]
-        if origin.columns is None or node.meta[OP] not in (ops.CONV, ops.LINEAR):
+        if origin.columns is None or node.meta[OP] not in ops.LAYERS:
             continue
         module = dict(tuned.network.named_children()).get(module_name)
         if module is None:   # built, but no task needs it

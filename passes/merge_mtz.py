@@ -52,7 +52,7 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     weights."""
     # NOTE: a layer whose output is joined with a cat (its units belong to the cat's spaces) is not zipped: its rows
     # of a zipped-away partner go, and fine-tuning recovers.
-    layers = [n for n in aligned.nodes_of_kind(ops.CONV, ops.LINEAR)
+    layers = [n for n in aligned.nodes_of_kind(*ops.LAYERS)
               if SPACE in n.meta and spaces[n.meta[SPACE]].kind == "hidden"]
     groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
     weights = stack_weights(aligned, spaces)
@@ -204,14 +204,13 @@ def _redirect_consumers(aligned, weights, space, units, share) -> None:
     `units` are (survivor, partner) pairs of `space`."""
     for node in aligned.graph.nodes:
         kind = node.meta[OP]
-        if kind not in (ops.CONV, ops.LINEAR, ops.BATCHNORM, ops.PRELU, ops.NORM, ops.TOKEN_LINEAR, ops.DEPTHWISE) or \
-                node.name not in weights:
+        if kind not in (*ops.LAYERS, *ops.PER_FEATURE_TENSORS) or node.name not in weights:
             continue
         columns = _matching_columns(node.all_input_nodes[0].meta[FEATURES], space, units)
         if not columns:
             continue
         kept, gone = (torch.tensor(c, dtype=torch.long) for c in zip(*columns))
-        if kind in (ops.CONV, ops.LINEAR):
+        if kind in ops.LAYERS:
             weight = weights[node.name]["weight"]
             every_row = range(weight.shape[0])
             weight.set(every_row, kept, weight.get(every_row, kept) + weight.get(every_row, gone))

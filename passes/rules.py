@@ -95,7 +95,7 @@ def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grou
     changed = True
     while changed:
         changed = False
-        for node in aligned.nodes_of_kind(ops.CONV, ops.LINEAR):
+        for node in aligned.nodes_of_kind(*ops.LAYERS):
             available = _groups_by_block(node, spaces, groups, aligned.tasks)
             rows = blocks(node, spaces)[0]
             for row, feature in enumerate(node.meta[FEATURES]):   # the layer's units (of one space, or of several
@@ -111,7 +111,7 @@ def drop_unreadable(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grou
 def check_paths(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groups: dict) -> None:
     """Raises GroupingError naming the task and its head when a head has no unit of a group containing its task
     to read. With `drop_unreadable` applied first, a head that has one reaches the input through every layer."""
-    for node in aligned.nodes_of_kind(ops.CONV, ops.LINEAR):
+    for node in aligned.nodes_of_kind(*ops.LAYERS):
         if SPACE not in node.meta or spaces[node.meta[SPACE]].kind != "output":
             continue
         source = node.all_input_nodes[0]

@@ -14,7 +14,7 @@ import torch
 
 from pamfx import ops
 from pamfx.errors import UnsupportedOpError
-from pamfx.ir import FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Layout
+from pamfx.ir import FEATURES, MODULES, OP, AlignedGraph, ChannelSpace, Layout
 from pamfx.passes.layer_weights import SHARED, LayerWeights
 
 
@@ -24,12 +24,12 @@ def stack_weights(aligned: AlignedGraph, spaces: dict[str, ChannelSpace]) -> dic
     GroupNorm / LayerNorm (an empty dict without affine parameters) and Linear-over-tokens node (each unit a copy of
     its model's weight), on the models' device."""
     stacked = {}
-    for node in aligned.nodes_of_kind(ops.CONV, ops.LINEAR, ops.DEPTHWISE, ops.BATCHNORM, ops.PRELU, ops.NORM, ops.TOKEN_LINEAR):
+    for node in aligned.nodes_of_kind(*ops.LAYERS, *ops.PER_FEATURE_TENSORS):
         source = node.all_input_nodes[0]
         features = source.meta[FEATURES]
         owners = [spaces[f.space].units[f.unit].model for f in features]
         modules = node.meta[MODULES]
-        if node.meta[OP] in (ops.CONV, ops.LINEAR):
+        if node.meta[OP] in ops.LAYERS:
             row_owners = [spaces[f.space].units[f.unit].model for f in node.meta[FEATURES]]
             rows = [[r for r, owner in enumerate(row_owners) if owner == m] for m in range(len(modules))]
             stacked[node.name] = _stack_layer(node.name, modules, owners, rows)
