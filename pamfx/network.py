@@ -27,6 +27,7 @@ class Statement:
           "concat" is torch.cat(inputs, 1);
           "select" picks the channels args[0] (a tuple of indices) of its one input: inputs[0][:, [i, j, ...]].
     gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
+    node: the aligned-graph node whose tensor this statement computes a slice of (pamfx.fuse joins them).
     """
     out: str
     group: Group
@@ -37,6 +38,7 @@ class Statement:
     kwargs: tuple = ()
     macs: int = 0
     gate: Group = field(default=frozenset(), compare=False)
+    node: str = field(default="", compare=False)
 
 
 class GatedNetwork(nn.Module):
@@ -45,9 +47,11 @@ class GatedNetwork(nn.Module):
     Built by `passes.build.build_network`; users get it as `pamfx.optimize(...).model`.
     """
 
-    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module]):
+    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module],
+                 input_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.tasks = tuple(tasks)
+        self.input_shape = input_shape   # one sample's, e.g. (1, 28, 28): what pamfx.fuse probes with
         self.outputs = dict(outputs)
         self.statements = _schedule(_gate(statements, self.outputs))
         used = {s.target for s in self.statements if s.call == "module"}
