@@ -189,7 +189,7 @@ def _statement_source(statement: Statement) -> str:
     if statement.call == "concat":
         return f"{statement.out} = torch.cat([{', '.join(inputs)}], 1)"
     if statement.call == "select":
-        return f"{statement.out} = {inputs[0]}[:, {list(statement.args[0])}]"
+        return f"{statement.out} = {inputs[0]}[:, {_index(statement.args[0])}]"
     if statement.call == "module":
         joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], 1)"
         if statement.args:
@@ -197,6 +197,13 @@ def _statement_source(statement: Statement) -> str:
         return f"{statement.out} = self.{statement.target}({joined})"
     arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
     return f"{statement.out} = {statement.target}({', '.join(arguments)})"
+
+
+def _index(picked: tuple[int, ...]) -> str:
+    """Channels as an index: a slice `a:b` when they are a run (a view, no copy), else a list."""
+    if list(picked) == list(range(picked[0], picked[0] + len(picked))):
+        return f"{picked[0]}:{picked[0] + len(picked)}"
+    return str(list(picked))
 
 
 def _module_source(name: str, module: nn.Module) -> str:

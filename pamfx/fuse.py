@@ -99,6 +99,9 @@ def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
         if task in combination:
             head = source[network.outputs[task]][0]
             offset = _offset(layout[head], frozenset([task]))
+            if layout[head] == [(frozenset([task]), widths[network.outputs[task]])]:   # the head holds only it
+                outputs[task] = head
+                continue
             picks.append(Statement(f"{head}_out{len(picks)}", combination, (head,), "select", node=head,
                                    args=(tuple(range(offset, offset + widths[network.outputs[task]])),)))
             outputs[task] = picks[-1].out
