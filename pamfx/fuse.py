@@ -20,34 +20,36 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .ir import Group
+from . import ops
 from .network import INPUT, GatedNetwork, Statement
 
 _LAYERS = (nn.Conv2d, nn.Linear)
+_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
+# What the builder emits for per-channel functions, for arithmetic with scalars or of two tensors of one space, for a
+# spatial mean and a flatten to [B, features]: all act on each channel alone, whatever the number of channels.
+_SEPARABLE = (set(ops.CHANNELWISE_FUNCTIONS.values()) | set(ops.CHANNELWISE_METHODS.values())
+              | set(ops.SCALAR_FUNCTIONS.values()) | set(ops.SCALAR_METHODS.values()) | set(ops.REVERSED.values())
+              | {"torch.mean", "torch.flatten", "torch.Tensor.expand_as"})
 
 
 def can_fuse(network: GatedNetwork) -> str | None:
-    """None if `fuse` can fix this network to a combination, else the reason it cannot (naming the statement)."""
+    """None if `fuse` can fix this network to a combination, else the reason it cannot (naming the statement):
+    every statement must act on each channel alone (or be a conv / linear layer), so that it may run once on all
+    groups' slices side by side."""
     for statement in network.statements:
-        if not statement.node:
-            return f"statement '{statement.out}' does not record its layer"
+        if not statement.node:           # a network built before statements recorded their layer
+            return f"statement '{statement.out}' does not record its layer; rebuild the network"
         if statement.call in ("select", "concat") or statement.args and statement.call == "module":
             return f"'{statement.out}' picks or joins channels ({statement.call})"
-        if statement.call == "function" and not _separable(statement):
+        if statement.call == "function" and statement.target not in _SEPARABLE:
             return f"'{statement.out}' calls {statement.target}, which is not applied to each channel alone"
         if statement.call == "module":
             module = network.get_submodule(statement.target)
             if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
                 return f"'{statement.out}' is a grouped convolution"
-            if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
-                return f"'{statement.out}' is a softmax over a head"
+            if not isinstance(module, _LAYERS + _PER_CHANNEL + ops.CHANNELWISE_MODULES):
+                return f"'{statement.out}' runs {type(module).__name__}, which is not applied to each channel alone"
     return None
-
-
-def _separable(statement: Statement) -> bool:
-    """Every function the builder emits acts on each channel alone (or on the same channel of two tensors of one
-    space), except a softmax over a head's classes and a reshape whose shape names the number of channels."""
-    return "softmax" not in statement.target and statement.target != "torch.reshape"
 
 
 def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
@@ -132,6 +134,9 @@ def _widths(network: GatedNetwork, combination) -> dict[str, int]:
             values = network.eval().values(probe, combination)
     finally:
         network.train(was_training)
+    tokens = [name for name, value in values.items() if value.dim() == 3]
+    if tokens:
+        raise ValueError(f"cannot fuse '{tokens[0]}': a [batch, tokens, channels] tensor")
     return {name: value[0].numel() if value.dim() == 2 else value.shape[1] for name, value in values.items()}
 
 
