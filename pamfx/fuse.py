@@ -137,6 +137,10 @@ def _widths(network: GatedNetwork, combination) -> dict[str, int]:
     tokens = [name for name, value in values.items() if value.dim() == 3]
     if tokens:
         raise ValueError(f"cannot fuse '{tokens[0]}': a [batch, tokens, channels] tensor")
+    linear = [s.out for s in network.statements if s.out in values and s.call == "module"
+              and isinstance(network.get_submodule(s.target), nn.Linear) and values[s.inputs[0]].dim() != 2]
+    if linear:                       # a Linear over another axis than the features (e.g. tokens)
+        raise ValueError(f"cannot fuse '{linear[0]}': a Linear over an axis other than the features")
     return {name: value[0].numel() if value.dim() == 2 else value.shape[1] for name, value in values.items()}
 
 
