@@ -162,18 +162,21 @@ def measure_latency(scenario: Scenario) -> None:
 
 
 def regenerate(saved: Path) -> None:
-    """Rewrites the generated network beside `saved` (a torch.save'd GatedNetwork) if codegen now writes it
-    differently; each call leaves the files of an unchanged network as they are."""
+    """Rewrites the generated networks beside `saved` (a torch.save'd GatedNetwork) if codegen now writes them
+    differently: <method>.py (codegen's default, specialised combinations fused) and <method>.gated.py (the
+    task-gated forward only, specialise=None), timed side by side. Unchanged files keep their mtime."""
     network = torch.load(saved, weights_only=False)
-    path = saved.with_name(saved.name.replace(".network.pt", ".py"))
-    fresh = path.with_name("regenerated_" + path.name)
-    pamfx.codegen(network, fresh, overwrite=True)
-    if not path.exists() or fresh.read_text() != path.read_text():
-        fresh.replace(path)
-        fresh.with_suffix(".pt").replace(path.with_suffix(".pt"))
-    else:
-        fresh.unlink()
-        fresh.with_suffix(".pt").unlink()
+    stem = saved.name.replace(".network.pt", "")
+    for name, specialise in ((f"{stem}.py", "auto"), (f"{stem}.gated.py", None)):
+        path = saved.with_name(name)
+        fresh = saved.with_name("regenerated.py")
+        pamfx.codegen(network, fresh, overwrite=True, specialise=specialise)
+        if not path.exists() or fresh.read_text() != path.read_text():
+            fresh.replace(path)
+            fresh.with_suffix(".pt").replace(path.with_suffix(".pt"))
+        else:
+            fresh.unlink()
+            fresh.with_suffix(".pt").unlink()
 
 
 def results_of(scenario: Scenario) -> dict:
@@ -286,17 +289,20 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
              "Median seconds per call of the generated module (pytest-benchmark, one thread) for each combination, "
              "and the speed-up over the separately pruned networks (none+taylor's per task, run one after another) "
              "beside the MACs ratio, for the networks of seed 0. Measured in one run: `bench/latency.py`; other "
-             "processes sharing the 2 cores make single rows noisy.", "",
-             "| method | combination | batch | ms | separate ms | speed-up | MACs ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "processes sharing the 2 cores make single rows noisy. Gated ms: the same network generated with "
+             "`specialise=None` (the task-gated forward, no combination fused), timed in the same run.", "",
+             "| method | combination | batch | ms | gated ms | separate ms | speed-up | MACs ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     none = results.get("none+taylor", {}).get("seed0_macs", {})     # the timed networks are seed 0's
     for (method, combination, batch), seconds in sorted(latency.items()):
-        if method == "separate":
+        if method == "separate" or method.endswith(" gated"):
             continue
         separate = latency.get(("separate", combination, batch))
+        gated = latency.get((f"{method} gated", combination, batch))
         macs = results.get(method, {}).get("seed0_macs", {})
         macs_ratio = none[combination] / macs[combination] if combination in none and combination in macs else None
         lines.append(f"| {method} | {{{combination.replace(',', ', ')}}} | {batch} | {1000 * seconds:.3f} | "
+                     + (f"{1000 * gated:.3f}" if gated else "") + " | "
                      + (f"{1000 * separate:.3f} | {separate / seconds:.2f}x" if separate else "| ") + " | "
                      + (f"{macs_ratio:.2f}x" if macs_ratio else "") + " |")
     return lines + [""]
