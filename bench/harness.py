@@ -136,6 +136,7 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
                       stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings))
         network = cached(scenario, method, seed).with_suffix(".py")
         pamfx.codegen(result.model, network, overwrite=True)
+        torch.save(result.model, network.with_suffix(".network.pt"))   # to regenerate it when codegen changes
         record["network"] = network.name
     if "macs" not in record:
         record["macs"] = {_key(c): sum(single[t] for t in c) for c in all_combinations(tasks)}
@@ -148,6 +149,8 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
 def measure_latency(scenario: Scenario) -> None:
     """Runs bench/latency.py under pytest-benchmark for the scenario's generated networks (one thread)."""
     out = CACHE / scenario.name / "latency.json"
+    for saved in (CACHE / scenario.name).glob("*.network.pt"):     # the current codegen's file, rewritten only
+        regenerate(saved)                                            # if it differs (mtime: re-measure)
     networks = [p for p in (CACHE / scenario.name).glob("*.py")]
     if out.exists() and all(p.stat().st_mtime < out.stat().st_mtime for p in networks):
         return
@@ -156,6 +159,24 @@ def measure_latency(scenario: Scenario) -> None:
                     "--benchmark-disable-gc", "-o", "addopts=", "-o", "testpaths="],
                    check=True, env={**os.environ, "PAMFX_BENCH_SCENARIO": scenario.name,
                                     "PAMFX_BENCH_CACHE": str(CACHE), "OMP_NUM_THREADS": "1"})
+
+
+def regenerate(saved: Path) -> None:
+    """Rewrites the generated networks beside `saved` (a torch.save'd GatedNetwork) if codegen now writes them
+    differently: <method>.py (codegen's default, specialised combinations fused) and <method>.gated.py (the
+    task-gated forward only, specialise=None), timed side by side. Unchanged files keep their mtime."""
+    network = torch.load(saved, weights_only=False)
+    stem = saved.name.replace(".network.pt", "")
+    for name, specialise in ((f"{stem}.py", "auto"), (f"{stem}.gated.py", None)):
+        path = saved.with_name(name)
+        fresh = saved.with_name("regenerated.py")
+        pamfx.codegen(network, fresh, overwrite=True, specialise=specialise)
+        if not path.exists() or fresh.read_text() != path.read_text():
+            fresh.replace(path)
+            fresh.with_suffix(".pt").replace(path.with_suffix(".pt"))
+        else:
+            fresh.unlink()
+            fresh.with_suffix(".pt").unlink()
 
 
 def results_of(scenario: Scenario) -> dict:
@@ -268,17 +289,20 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
              "Median seconds per call of the generated module (pytest-benchmark, one thread) for each combination, "
              "and the speed-up over the separately pruned networks (none+taylor's per task, run one after another) "
              "beside the MACs ratio, for the networks of seed 0. Measured in one run: `bench/latency.py`; other "
-             "processes sharing the 2 cores make single rows noisy.", "",
-             "| method | combination | batch | ms | separate ms | speed-up | MACs ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "processes sharing the 2 cores make single rows noisy. Gated ms: the same network generated with "
+             "`specialise=None` (the task-gated forward, no combination fused), timed in the same run.", "",
+             "| method | combination | batch | ms | gated ms | separate ms | speed-up | MACs ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     none = results.get("none+taylor", {}).get("seed0_macs", {})     # the timed networks are seed 0's
     for (method, combination, batch), seconds in sorted(latency.items()):
-        if method == "separate":
+        if method == "separate" or method.endswith(" gated"):
             continue
         separate = latency.get(("separate", combination, batch))
+        gated = latency.get((f"{method} gated", combination, batch))
         macs = results.get(method, {}).get("seed0_macs", {})
         macs_ratio = none[combination] / macs[combination] if combination in none and combination in macs else None
         lines.append(f"| {method} | {{{combination.replace(',', ', ')}}} | {batch} | {1000 * seconds:.3f} | "
+                     + (f"{1000 * gated:.3f}" if gated else "") + " | "
                      + (f"{1000 * separate:.3f} | {separate / seconds:.2f}x" if separate else "| ") + " | "
                      + (f"{macs_ratio:.2f}x" if macs_ratio else "") + " |")
     return lines + [""]

@@ -5,7 +5,8 @@
 For the scenario's cached generated networks (merge+criterion methods): each combination of tasks through each
 merged network, and "separate": the none+taylor network's tasks of the combination called one after another, which
 is running the separately pruned models in sequence. Batches of 1 and 64 Fashion-MNIST-shaped inputs. With more
-than three tasks, the combinations are every single task, three pairs and all tasks.
+than three tasks, the combinations are every single task, three pairs and all tasks. Where the harness wrote
+<method>.gated.py (the same network with `specialise=None`), "<method> gated" times it in the same run.
 """
 import importlib.util
 import itertools
@@ -22,9 +23,13 @@ METHODS = ("none+taylor", "mtz+taylor", "pam+taylor")
 BATCHES = (1, 64)
 
 
+def _file(method: str) -> Path:
+    return FOLDER / (f"{method.split()[0]}.gated.py" if method.endswith(" gated") else f"{method}.py")
+
+
 def _load(method: str):
-    path = FOLDER / f"{method}.py"
-    spec = importlib.util.spec_from_file_location(f"generated_{method.replace('+', '_')}", path)
+    path = _file(method)
+    spec = importlib.util.spec_from_file_location(f"generated_{method.replace('+', '_').replace(' ', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.load(str(path.with_suffix(".pt")))
@@ -37,18 +42,20 @@ def _combinations(tasks: list) -> list:
 
 
 def _cases() -> list:
-    available = [m for m in METHODS if (FOLDER / f"{m}.py").exists()]
+    available = [m for m in METHODS if _file(m).exists()]
     if "none+taylor" not in available:
         return []
     tasks = list(json.loads((FOLDER / "none+taylor.json").read_text())["test"])
     methods = [m for m in available if m != "none+taylor"] + ["separate"]
+    methods += [f"{m} gated" for m in methods if _file(f"{m} gated").exists()]
     return [(m, c, b) for m in methods for c in _combinations(tasks) for b in BATCHES]
 
 
 @pytest.fixture(scope="module")
 def networks():
     torch.set_num_threads(1)
-    return {m: _load(m) for m in METHODS if (FOLDER / f"{m}.py").exists()}
+    methods = list(METHODS) + [f"{m} gated" for m in METHODS]
+    return {m: _load(m) for m in methods if _file(m).exists()}
 
 
 @pytest.mark.parametrize("method,combination,batch", _cases(),

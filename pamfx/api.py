@@ -151,7 +151,7 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(merged_accuracy))
     problems = [f"the merge alone breaks the guard of task '{t}': {merged_accuracy[t]:.4f} on the guard data, "
                 f"below its floor {floors[t]:.4f} (original {original[t]:.4f} - tolerance {tolerance}); raise the "
-                "fine-tuning budget or lower the PAM thresholds" for t in tasks if merged_accuracy[t] < floors[t]]
+                f"fine-tuning budget or {REMEDY[merge]}" for t in tasks if merged_accuracy[t] < floors[t]]
     if prune is not None:
         started = time.perf_counter()
         pruned = prune_network(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
@@ -172,6 +172,10 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     report = report.with_notes([f"WARNING: {p}" for p in problems])
     return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
                   warnings=tuple(problems))
+
+
+REMEDY = {"pam": "lower the PAM thresholds", "mtz": "lower MtzConfig.degree",
+          "none": "check the models (merge='none' is exact)"}   # what to change when a merge breaks the guard
 
 
 def _listed(accuracies: dict) -> str:

@@ -3,6 +3,12 @@
 The file defines `MergedNetwork` (submodules with literal sizes, a straight-line forward whose blocks run only
 for the tasks that need them), `load()` reading the weights saved beside it, and `Combination`, the network fixed
 to one combination of tasks (for torch.export). The same network gives the same file, byte for byte.
+
+Specialised combinations (pamfx.fuse): for each combination whose fused network executes at most FUSE_LIMIT
+times its MACs, the file also holds a class `Fused<i>` computing that combination with one module per layer, and
+`MergedNetwork.forward` runs it for that combination. Many small per-group convolutions and their concatenations
+run slower than their MACs say; one dense layer per combination runs faster even with its zero blocks (measured
+in bench/results/NOTES.md). The fused weights are copies: the .pt file grows by one network per combination.
 """
 import inspect
 import re
@@ -13,16 +19,22 @@ from torch import nn
 
 from .errors import PamfxError
 from .ir import all_combinations, group_label, group_names
+from .fuse import can_fuse, fuse
 from .network import INPUT, GatedNetwork, Statement
 
 VERSION = "0.1.0"
+FUSE_LIMIT = 1.5          # specialise a combination when its fused network executes at most this many times its MACs
+AUTO_ALL = 5              # "auto" considers every combination up to this many tasks, else single tasks and all tasks
 
 
-def codegen(network: GatedNetwork, path, overwrite: bool = False) -> Path:
+def codegen(network: GatedNetwork, path, overwrite: bool = False, specialise="auto") -> Path:
     """Writes `path` (a .py file) and its weights beside it (same name, .pt); returns the path. The weights are
     saved from the CPU whatever the network's device, so the file is the same and loads anywhere.
 
-    Raises FileExistsError if either file exists and overwrite is False; ValueError if path is not a .py file.
+    specialise: "auto" (the combinations `specialised` picks), None (none: the task-gated forward only), or a
+    list of combinations (lists of task names) to specialise whatever their cost.
+    Raises FileExistsError if either file exists and overwrite is False; ValueError if path is not a .py file
+    or a listed combination cannot be fused.
     """
     path = Path(path)
     if path.suffix != ".py":
@@ -31,20 +43,52 @@ def codegen(network: GatedNetwork, path, overwrite: bool = False) -> Path:
     for target in (path, weights):
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    source = render(network, weights.name)
+    plans = specialised(network, specialise)
+    source = render(network, weights.name, plans)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source)
     state = network.state_dict()                  # a fresh dict (with torch's version metadata): moving its values
-    for name, tensor in state.items():            # leaves the network where it is
+    for index, (_, plan) in enumerate(plans):     # leaves the network where it is
+        state.update({f"fused{index}.{name}": tensor for name, tensor in plan.state_dict().items()})
+    for name, tensor in state.items():
         state[name] = tensor.detach().cpu()
     torch.save(state, weights)
     return path
 
 
-def render(network: GatedNetwork, weights_name: str) -> str:
-    """The source of the generated file."""
+def specialised(network: GatedNetwork, specialise="auto") -> list[tuple[tuple[str, ...], GatedNetwork]]:
+    """[(combination, its fused network)] for codegen. "auto": of every combination (single tasks and all tasks
+    beyond AUTO_ALL tasks), those that fuse and execute at most FUSE_LIMIT x their MACs."""
+    if specialise is None:
+        return []
+    if specialise != "auto":
+        plans = []
+        for combination in specialise:
+            tasks = tuple(t for t in network.tasks if t in network.combination(combination))
+            try:
+                plans.append((tasks, fuse(network, tasks)))
+            except ValueError as error:
+                raise ValueError(f"codegen cannot specialise {list(tasks)}: {error}") from error
+        return plans
+    if can_fuse(network) is not None:
+        return []
+    tasks = network.tasks
+    candidates = all_combinations(tasks) if len(tasks) <= AUTO_ALL else [(t,) for t in tasks] + [tuple(tasks)]
+    plans = []
+    for combination in candidates:
+        try:
+            plan = fuse(network, combination)
+        except ValueError:        # e.g. a gate's operands hold different groups in this combination
+            continue
+        if plan.macs() <= FUSE_LIMIT * network.macs(combination):
+            plans.append((tuple(combination), plan))
+    return plans
+
+
+def render(network: GatedNetwork, weights_name: str, plans=()) -> str:
+    """The source of the generated file (`plans`: see `specialised`)."""
     flags = _flag_names(network.tasks)
-    lines = _header(network, weights_name)
+    lines = _header(network, weights_name, plans)
     lines += ["class MergedNetwork(nn.Module):",
               '    """One network for all tasks: forward(x, tasks) computes only what those tasks need."""',
               "",
@@ -52,6 +96,7 @@ def render(network: GatedNetwork, weights_name: str) -> str:
               "        super().__init__()",
               "        self.tasks = list(TASKS)"]
     lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in network.named_children()]
+    lines += [f"        self.fused{index} = Fused{index}()" for index in range(len(plans))]
     lines += ["",
               "    def forward(self, x: torch.Tensor, tasks: Union[None, str, List[str]] = None) -> Dict[str, torch.Tensor]:",
               "        if tasks is None:",
@@ -64,19 +109,28 @@ def render(network: GatedNetwork, weights_name: str) -> str:
               "            if task not in self.tasks:",
               '                raise KeyError("unknown task " + repr(task) + "; this network\'s tasks are " + str(self.tasks))']
     lines += [f"        {flags[t]} = {t!r} in tasks" for t in network.tasks]
+    for index, (combination, _) in enumerate(plans):
+        test = " and ".join(flags[t] if t in combination else f"not {flags[t]}" for t in network.tasks)
+        lines += [f"        if {test}:", f"            return self.fused{index}(x)"]
     lines += _body(network, flags)
     lines += ["        outputs: Dict[str, torch.Tensor] = {}"]
     for task in network.tasks:
         lines += [f"        if {flags[task]}:", f"            outputs[{task!r}] = {network.outputs[task]}"]
-    lines += ["        return outputs", "", ""] + _FOOTER.splitlines()
+    lines += ["        return outputs", "", ""]
+    for index, (combination, plan) in enumerate(plans):
+        lines += _plan_class(index, combination, plan)
+    lines += _FOOTER.splitlines()
     return "\n".join(lines) + "\n"
 
 
-def _header(network: GatedNetwork, weights_name: str) -> list[str]:
+def _header(network: GatedNetwork, weights_name: str, plans) -> list[str]:
     names = group_names(network.tasks)
     groups = sorted({(names[s.group], group_label(s.group, network.tasks)) for s in network.statements},
                     key=lambda pair: int(pair[0][1:]))
+    executed = {frozenset(combination): plan.macs() for combination, plan in plans}
     costs = [f"    {group_label(frozenset(c), network.tasks)}: {network.macs(list(c)):,}"
+             + (f" (runs fused: {executed[frozenset(c)]:,} executed, zero blocks included)"
+                if frozenset(c) in executed else "")
              for c in all_combinations(network.tasks)]
     return [f'"""Task-gated multitask network generated by pamfx {VERSION}. Regenerate it rather than edit it.',
             "",
@@ -101,6 +155,21 @@ def _header(network: GatedNetwork, weights_name: str) -> list[str]:
             ""]
 
 
+def _plan_class(index: int, combination, plan: GatedNetwork) -> list[str]:
+    """`Fused<index>`: the fused network of one combination, a straight-line forward."""
+    lines = [f"class Fused{index}(nn.Module):",
+             f'    """{{{", ".join(combination)}}} with one module per layer (pamfx.fuse)."""',
+             "",
+             "    def __init__(self):",
+             "        super().__init__()"]
+    lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in plan.named_children()]
+    lines += ["",
+              "    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:"]
+    lines += ["        " + _statement_source(statement) for statement in plan.statements]
+    outputs = ", ".join(f"{task!r}: {plan.outputs[task]}" for task in plan.tasks)
+    return lines + [f"        return {{{outputs}}}", "", ""]
+
+
 def _body(network: GatedNetwork, flags: dict[str, str]) -> list[str]:
     """The statements, consecutive ones with the same gate under one `if`."""
     lines, current = [], None
@@ -121,7 +190,7 @@ def _statement_source(statement: Statement) -> str:
     if statement.call == "concat":
         return f"{statement.out} = torch.cat([{', '.join(inputs)}], {statement.dim})"
     if statement.call == "select":
-        return f"{statement.out} = {inputs[0]}[{before}{list(statement.args[0])}]"
+        return f"{statement.out} = {inputs[0]}[{before}{_index(statement.args[0])}]"
     if statement.call == "module":
         joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], {statement.dim})"
         if statement.args:
@@ -129,6 +198,13 @@ def _statement_source(statement: Statement) -> str:
         return f"{statement.out} = self.{statement.target}({joined})"
     arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
     return f"{statement.out} = {statement.target}({', '.join(arguments)})"
+
+
+def _index(picked: tuple[int, ...]) -> str:
+    """Channels as an index: a slice `a:b` when they are a run (a view, no copy), else a list."""
+    if list(picked) == list(range(picked[0], picked[0] + len(picked))):
+        return f"{picked[0]}:{picked[0] + len(picked)}"
+    return str(list(picked))
 
 
 def _module_source(name: str, module: nn.Module) -> str:

@@ -29,6 +29,7 @@ class Statement:
     dim: the channel dim of the inputs that "module", "concat" and "select" join or pick (1, or the last dim of
          tokens [batch, tokens, channels]).
     gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
+    node: the aligned-graph node whose tensor this statement computes a slice of (pamfx.fuse joins them).
     """
     out: str
     group: Group
@@ -40,6 +41,7 @@ class Statement:
     macs: int = 0
     dim: int = 1
     gate: Group = field(default=frozenset(), compare=False)
+    node: str = field(default="", compare=False)
 
 
 class GatedNetwork(nn.Module):
@@ -48,9 +50,11 @@ class GatedNetwork(nn.Module):
     Built by `passes.build.build_network`; users get it as `pamfx.optimize(...).model`.
     """
 
-    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module]):
+    def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module],
+                 input_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.tasks = tuple(tasks)
+        self.input_shape = input_shape   # one sample's, e.g. (1, 28, 28): what pamfx.fuse probes with
         self.outputs = dict(outputs)
         self.statements = _schedule(_gate(statements, self.outputs))
         used = {s.target for s in self.statements if s.call == "module"}

@@ -29,10 +29,17 @@ def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], groupi
     builder = _Builder(aligned, spaces, grouping, weights)
     for node in aligned.graph.nodes:
         builder.visit(node)
-    network = GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules)
+    network = GatedNetwork(aligned.tasks, builder.statements, builder.outputs, builder.modules,
+                           input_shape=_input_shape(aligned))
     tensors = {node.name: {g: Slice(builder.values[node][g], tuple(builder.layout[node][g])) for g in builder.values[node]}
                for node in builder.values}
     return network, Layout(tensors, builder.origins)
+
+
+def _input_shape(aligned: AlignedGraph) -> tuple[int, ...]:
+    """One sample's input shape, as traced."""
+    placeholder = next(node for node in aligned.graph.nodes if node.meta[OP] == "input")
+    return tuple(placeholder.meta[SHAPES][0][1:])
 
 
 class _Builder:
@@ -331,7 +338,7 @@ class _Builder:
             self.modules[target] = module
         self.statements.append(Statement(out=out, group=group, inputs=tuple(inputs), call=call, target=target,
                                          args=tuple(args), kwargs=tuple(sorted((kwargs or {}).items())), macs=macs,
-                                         dim=node.meta[AXIS]))
+                                         dim=node.meta[AXIS], node=node.name))
         self.values.setdefault(node, {})[group] = out
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from pamfx.codegen import specialised
 from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.align import align
 from pamfx.passes.build import build_network
@@ -74,6 +75,13 @@ def build_random(models, seed: int, example=None):
     aligned, spaces = compile_parts(models, example)
     grouping = random_grouping(aligned, spaces, seed)
     return build_network(aligned, spaces, grouping, stack_weights(aligned, spaces))[0].eval()
+
+
+def generated_macs(network) -> dict:
+    """{combination (frozenset): MACs the generated module runs}: a combination codegen specialises runs its
+    fused network (zero blocks included), any other the task-gated statements."""
+    fused = {frozenset(c): plan.macs() for c, plan in specialised(network)}
+    return {frozenset(c): fused.get(frozenset(c), network.macs(c)) for c in all_combinations(network.tasks)}
 
 
 def assert_equivalent(reference, model, inputs, combinations, atol=1e-5):
