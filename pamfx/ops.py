@@ -33,18 +33,21 @@ Kinds:
                 the channels (between [B, C] and [B, C, 1, 1]: flatten, view, reshape, unsqueeze, y[:, :, None, None];
                 x.flatten(2) to tokens [B, C, H*W]) keeps the channel space
     mean        a mean over dims other than the batch and the channels (spatial, tokens): keeps the channel space
-    add         residual add: both operands share one channel space
+    add         residual add: both operands share one channel space (of a torch.cat: the other operand holds the
+                cat's units, model by model)
     mul         x * gate of two tensors (a squeeze-excitation gate, [B, C, 1, 1] or [B, C, H, W]): both operands share
                 one channel space, like a residual add; the gate's layer then makes units of that space
     expand_as   gate.expand_as(x) (before x * gate): both share one channel space, like mul
-    cat         torch.cat on dim 1: the operands' channels side by side
+    cat         torch.cat on the channel dim: the operands' channels side by side
     softmax     softmax / log_softmax (functions, methods, nn.Softmax / nn.LogSoftmax) over the classes (dim 1) of a
                 task's head output: mixes that head's units only, so it is allowed in an output space
                 (channel_spaces refuses it anywhere else)
     split       x.chunk(n, dim=1), torch.split(x, sizes, dim=1): a tuple of channel pieces, read by getitem
     select      one piece of a split, or x[:, a:b]: picks channels of each model (find_channel_spaces routes them)
-    transpose   x.transpose(1, 2) inside a channel shuffle (view to [B, g, C/g, H, W], transpose(1, 2),
-                optional contiguous(), view back to [B, C, H, W]); find_channel_spaces refuses it anywhere else
+    transpose   x.transpose(a, b), torch.transpose, x.permute(...), torch.permute with the batch dim kept first: keeps
+                the channel space and moves its channel axis (node.meta["pamfx.axis"], channel_axis); inside a
+                channel shuffle (view to [B, g, C/g, H, W], transpose(1, 2), optional contiguous(), view back) a
+                permutation of each model's channels
     shape       x.size(...), x.shape, x.shape[0] and arithmetic on sizes: only feeds the arguments of a flatten
 """
 import operator
@@ -144,7 +147,8 @@ FUNCTION_KINDS = {**{function: CHANNELWISE for function in [*CHANNELWISE_FUNCTIO
                   **{function: FLATTEN for function in FLATTEN_FUNCTIONS},
                   **{function: SOFTMAX for function in SOFTMAX_FUNCTIONS},
                   **{function: SPLIT for function in SPLIT_FUNCTIONS},
-                  torch.mean: MEAN, torch.cat: CAT, torch.concat: CAT, torch.transpose: TRANSPOSE, torch.permute: TRANSPOSE}
+                  torch.mean: MEAN, torch.cat: CAT, torch.concat: CAT,
+                  torch.transpose: TRANSPOSE, torch.permute: TRANSPOSE}
 METHOD_KINDS = {**{method: CHANNELWISE for method in CHANNELWISE_METHODS},
                 **{method: FLATTEN for method in FLATTEN_METHODS},
                 **{method: SOFTMAX for method in SOFTMAX_METHODS},
