@@ -11,7 +11,7 @@ from pamfx.ir import all_combinations
 from conftest import assert_equivalent, build_random, make_models, random_data
 from test_codegen import load_generated
 from test_macs import counted_macs
-from test_patterns import inputs, models_of
+from test_patterns import SHAPE, inputs, models_of
 
 TASKS = ("a", "b", "c")
 
@@ -52,9 +52,12 @@ def test_one_group_per_layer_fuses_without_extra_macs():
 
 
 @pytest.mark.parametrize("pattern, reason", [("log_softmax", "log_softmax"), ("cat_then_mean", "concat"),
-                                             ("shufflenet_v2", "concat")])
+                                             ("shufflenet_v2", "concat"), ("norms", "Norm, which is not applied"),
+                                             ("mlp_mixer", "not applied to each channel alone")])
 def test_what_cannot_fuse_is_named_and_codegen_keeps_the_gated_forward(pattern, reason, tmp_path):
-    network = build_random(models_of(pattern), 1, example=inputs(2))
+    tasks = tuple(models_of(pattern))
+    network = pamfx.optimize(models_of(pattern), random_data(tasks, shape=SHAPE), merge="none", prune=None,
+                             progress=False).model
     assert reason in can_fuse(network)
     with pytest.raises(ValueError, match=reason):
         fuse(network, ["a"])
