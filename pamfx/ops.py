@@ -51,6 +51,8 @@ Kinds:
     shape       x.size(...), x.shape, x.shape[0] and arithmetic on sizes: only feeds the arguments of a flatten
 """
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,12 +69,6 @@ FLATTEN, MEAN, TRANSPOSE, SOFTMAX = "flatten", "mean", "transpose", "softmax"
 ADD, MUL, EXPAND_AS, CAT, SPLIT, SELECT = "add", "mul", "expand_as", "cat", "split", "select"
 KINDS = (INPUT, OUTPUT, SHAPE, CONV, DEPTHWISE, LINEAR, TOKEN_LINEAR, BATCHNORM, PRELU, NORM, CHANNELWISE, FLATTEN,
          MEAN, TRANSPOSE, SOFTMAX, ADD, MUL, EXPAND_AS, CAT, SPLIT, SELECT)
-LAYERS = (CONV, LINEAR)   # kinds that make units (each output channel one unit, reading every input feature)
-# kinds with parameters of one entry per channel (a Linear over tokens: each channel a copy of its model's layer),
-# by the names of those tensors
-PER_FEATURE_TENSORS = {DEPTHWISE: ("weight", "bias"), BATCHNORM: ("weight", "bias", "running_mean", "running_var"),
-                       PRELU: ("weight",), NORM: ("weight", "bias"), TOKEN_LINEAR: ("weight", "bias")}
-
 # Stateless modules that act on each channel on its own; kept as modules (they carry their settings in repr).
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -187,28 +183,6 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 SUPPORTED = "the ops listed in README.md, section 'Supported ops' (pamfx.ops.supported_table())"
 
-# How each kind treats channels, for the README's table (supported_table); the module docstring says more.
-KIND_RULES = {
-    CONV: "new channel space (groups = 1, or grouped: a unit reads its block)",
-    DEPTHWISE: "keeps the space (groups = in = out channels)",
-    LINEAR: "new channel space: over the channels, the last dim ([B, features] or tokens [B, T, C])",
-    TOKEN_LINEAR: "keeps the space: a Linear over another dim (tokens), each model's own on each of its channels",
-    BATCHNORM: "keeps the space (affine, running statistics)",
-    PRELU: "keeps the space (one slope per channel, or one shared)",
-    NORM: "keeps the space; each statistic set (GroupNorm group, a model's LayerNorm channels) in one group",
-    CHANNELWISE: "keeps the space: each channel on its own",
-    FLATTEN: "[B, C, H, W] to [B, C*H*W] features, or a reshape of the dims after the channels (keeps the space)",
-    MEAN: "keeps the space: over spatial dims or tokens",
-    TRANSPOSE: "keeps the space, moving its channel axis (batch first); inside a channel shuffle, a permutation",
-    SOFTMAX: "over a head's classes only",
-    ADD: "joins both operands' spaces (a residual add; of a torch.cat too)",
-    MUL: "joins both operands' spaces (a squeeze-excitation gate; of a torch.cat too)",
-    EXPAND_AS: "joins both operands' spaces (gate.expand_as(x))",
-    CAT: "on the channel dim: the operands' channels side by side",
-    SPLIT: "on channels (dim 1): a tuple of pieces, read by indexing",
-    SELECT: "picks channels of each model (routed per group)",
-    SHAPE: "sizes, followed into the arguments of a reshape",
-}
 INDEXING = {FLATTEN: "`y[:, :, None, None]`", SELECT: "`x[:, a:b]`, `pieces[i]` of a chunk / split",
             SHAPE: "`x.shape`, `x.shape[i]`, `x.size()[i]`, arithmetic on sizes (`c // groups`)",
             CHANNELWISE: "`x + s`, `x - s`, `s - x`, `x * s`, `x / s`, `x ** s`, `-x` with a Python scalar s",
@@ -220,7 +194,7 @@ def supported_table() -> str:
     holds it verbatim; a test checks that)."""
     rows = ["| kind | rule | modules | functions and methods |", "|---|---|---|---|"]
     for kind in KINDS:
-        if kind not in KIND_RULES:
+        if kind in (INPUT, OUTPUT):
             continue
         modules = sorted({f"`nn.{cls.__name__}`" for cls, k in MODULE_KINDS.items() if k == kind})
         if kind in (DEPTHWISE, TOKEN_LINEAR):   # decided from a conv's groups, a Linear's input axis
@@ -231,7 +205,7 @@ def supported_table() -> str:
             names = {CHANNELWISE: SCALAR_METHODS, ADD: ["add"], MUL: ["mul"]}[kind]
             calls += sorted({f"`torch.{name}`" for name in names} | {f"`x.{name}()`" for name in names})
         calls = ([INDEXING[kind]] if kind in INDEXING else []) + calls
-        rows.append(f"| {kind} | {KIND_RULES[kind]} | {', '.join(modules)} | {', '.join(calls)} |")
+        rows.append(f"| {kind} | {REGISTRY[kind].rule} | {', '.join(modules)} | {', '.join(calls)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -516,7 +490,74 @@ def linear_macs(module: nn.Linear, out_shape: torch.Size) -> int:
 
 # The MACs formula of each kind that multiplies (FlopCounterMode counts only these), for one module and its output
 # shape: the original models' cost (report.py) and each built module's (passes/build.py).
-MACS = {CONV: conv_macs, DEPTHWISE: conv_macs, LINEAR: linear_macs, TOKEN_LINEAR: linear_macs}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Everything pamfx knows of one op kind, in one place (the passes read these entries, never their own lists):
+    rule: how it treats channels, for README's Supported ops table;
+    space: how find_channel_spaces treats its output: "new" (it makes units: each output channel one unit),
+           "keeps" (its input's space), "joins" (two tensors whose channels meet one to one: one space), or ""
+           (handled by name: input, output, sizes, flatten, cat, split, select);
+    verb: what the node does to an operand, for error messages ("adds", "normalises");
+    per_model: its parameters are each model's, so it must read one space's units model by model;
+    builder: the passes/build.py _Builder method that builds it ("" for kinds the builder never visits);
+    macs: the MACs formula (module, output shape) -> int for kinds that multiply-accumulate;
+    per_feature: the names of its tensors with one entry per channel (stacked, pruned and merged per feature)."""
+    rule: str
+    space: str = ""
+    verb: str = ""
+    per_model: bool = False
+    builder: str = ""
+    macs: Callable | None = None
+    per_feature: tuple[str, ...] = ()
+
+
+REGISTRY = {
+    INPUT: Kind("the network input, shared by all tasks"),
+    OUTPUT: Kind("each task's head"),
+    SHAPE: Kind("sizes, followed into the arguments of a reshape"),
+    CONV: Kind("new channel space (groups = 1, or grouped: a unit reads its block)", "new", builder="visit_layer",
+               macs=conv_macs),
+    DEPTHWISE: Kind("keeps the space (groups = in = out channels)", "keeps", builder="visit_depthwise",
+                    macs=conv_macs, per_feature=("weight", "bias")),
+    LINEAR: Kind("new channel space: over the channels, the last dim ([B, features] or tokens [B, T, C])", "new",
+                 builder="visit_layer", macs=linear_macs),
+    TOKEN_LINEAR: Kind("keeps the space: a Linear over another dim (tokens), each model's own on each of its "
+                       "channels", "keeps", "applies a Linear over tokens to", per_model=True,
+                       builder="visit_token_linear", macs=linear_macs, per_feature=("weight", "bias")),
+    BATCHNORM: Kind("keeps the space (affine, running statistics)", "keeps", builder="visit_batchnorm",
+                    per_feature=("weight", "bias", "running_mean", "running_var")),
+    PRELU: Kind("keeps the space (one slope per channel, or one shared)", "keeps", builder="visit_prelu",
+                per_feature=("weight",)),
+    NORM: Kind("keeps the space; each statistic set (GroupNorm group, a model's LayerNorm channels) in one group",
+               "keeps", "normalises", per_model=True, builder="visit_norm", per_feature=("weight", "bias")),
+    CHANNELWISE: Kind("keeps the space: each channel on its own", "keeps", builder="visit_channelwise"),
+    FLATTEN: Kind("[B, C, H, W] to [B, C*H*W] features, or a reshape of the dims after the channels (keeps the "
+                  "space)", builder="visit_flatten"),
+    MEAN: Kind("keeps the space: over spatial dims or tokens", "keeps", builder="visit_mean"),
+    TRANSPOSE: Kind("keeps the space, moving its channel axis (batch first); inside a channel shuffle, a "
+                    "permutation", "keeps", builder="visit_transpose"),
+    SOFTMAX: Kind("over a head's classes only", "keeps", builder="visit_softmax"),
+    ADD: Kind("joins both operands' spaces (a residual add; of a torch.cat too)", "joins", "adds",
+              builder="visit_add"),
+    MUL: Kind("joins both operands' spaces (a squeeze-excitation gate; of a torch.cat too)", "joins",
+              "multiplies by", builder="visit_mul"),
+    EXPAND_AS: Kind("joins both operands' spaces (gate.expand_as(x))", "joins", "is expanded as",
+                    builder="visit_expand_as"),
+    CAT: Kind("on the channel dim: the operands' channels side by side", builder="visit_cat"),
+    SPLIT: Kind("on channels (dim 1): a tuple of pieces, read by indexing"),
+    SELECT: Kind("picks channels of each model (routed per group)"),
+}
+assert set(REGISTRY) == set(KINDS), "every op kind needs a registry entry"
+
+# Views of the registry that the passes read.
+LAYERS = tuple(kind for kind, entry in REGISTRY.items() if entry.space == "new")
+KEEPS_SPACE = tuple(kind for kind, entry in REGISTRY.items() if entry.space == "keeps")
+JOINS = {kind: entry.verb for kind, entry in REGISTRY.items() if entry.space == "joins"}
+PER_MODEL = {kind: entry.verb for kind, entry in REGISTRY.items() if entry.per_model}
+PER_FEATURE_TENSORS = {kind: entry.per_feature for kind, entry in REGISTRY.items() if entry.per_feature}
+MACS = {kind: entry.macs for kind, entry in REGISTRY.items() if entry.macs is not None}
 
 
 def resolve(dotted_name: str):

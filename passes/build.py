@@ -81,15 +81,11 @@ class _Builder:
             return
         if ROUTE in node.meta:
             return self.visit_route(node)
-        visit = {ops.CONV: self.visit_layer, ops.LINEAR: self.visit_layer, ops.TOKEN_LINEAR: self.visit_token_linear,
-                 ops.DEPTHWISE: self.visit_depthwise, ops.BATCHNORM: self.visit_batchnorm, ops.PRELU: self.visit_prelu,
-                 ops.NORM: self.visit_norm, ops.CHANNELWISE: self.visit_channelwise, ops.SOFTMAX: self.visit_softmax,
-                 ops.FLATTEN: self.visit_flatten, ops.MEAN: self.visit_mean, ops.TRANSPOSE: self.visit_transpose,
-                 ops.ADD: self.visit_add, ops.MUL: self.visit_mul, ops.EXPAND_AS: self.visit_expand_as,
-                 ops.CAT: self.visit_cat}.get(kind)
-        if visit is None:
+        builder = ops.REGISTRY[kind].builder if kind in ops.REGISTRY else ""
+        if not builder:
             raise UnsupportedOpError(f"node '{node.name}' is an op of kind '{kind}', which the network builder has "
                                      "no rule for")
+        visit = getattr(self, builder)
         visit(node)
 
     def visit_route(self, node):

@@ -25,16 +25,6 @@ from pamfx.errors import UnsupportedOpError
 from pamfx.ir import AXIS, FEATURES, MODULES, OP, SHAPES, SPACE, AlignedGraph, ChannelSpace, Feature, Unit
 from pamfx.passes.routes import inside_shuffle, routed, shuffle_source
 
-# op kinds whose output is in the same space as their (first) input; a softmax only in a head's output space
-KEEPS_SPACE = (ops.BATCHNORM, ops.PRELU, ops.NORM, ops.CHANNELWISE, ops.MEAN, ops.DEPTHWISE, ops.SOFTMAX,
-               ops.TOKEN_LINEAR, ops.TRANSPOSE)
-# op kinds that keep a space with parameters of each model: they must read one space (their input's units' models)
-PER_MODEL = {ops.NORM: "normalises", ops.TOKEN_LINEAR: "applies a Linear over tokens to"}
-# op kinds of two tensors whose channels meet one to one: both operands and the result share one space (and
-# how an error message says what the node does with an operand)
-JOINS = {ops.ADD: "adds", ops.MUL: "multiplies by", ops.EXPAND_AS: "is expanded as"}
-
-
 def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
     """Finds every channel space of the aligned graph; raises UnsupportedOpError naming the node whose channel
     handling pamfx cannot follow (a conv reading flattened features, a cat off the channel dim, ...)."""
@@ -85,12 +75,12 @@ def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.
                                      f"dim {tensor_inputs[0].meta[AXIS]}; transpose them back to dim 1 first")
         if kind in (ops.INPUT, ops.CONV, ops.LINEAR):
             parent[node] = node
-        elif kind in PER_MODEL and tensor_inputs[0] not in parent:
+        elif kind in ops.PER_MODEL and tensor_inputs[0] not in parent:
             raise UnsupportedOpError(
-                f"node '{node.name}' {PER_MODEL[kind]} '{tensor_inputs[0].name}', which holds flattened or "
+                f"node '{node.name}' {ops.PER_MODEL[kind]} '{tensor_inputs[0].name}', which holds flattened or "
                 "concatenated features: pamfx supports it on the output of one layer (or of a residual add), whose "
                 "channels it can give to their models")
-        elif kind in KEEPS_SPACE and tensor_inputs[0] in parent:
+        elif kind in ops.KEEPS_SPACE and tensor_inputs[0] in parent:
             if kind == ops.SOFTMAX:
                 _check_softmax_dim(node)
             if kind == ops.NORM:
@@ -100,11 +90,11 @@ def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.
             parent[node] = find(tensor_inputs[0])
         elif kind == ops.FLATTEN and tensor_inputs[0] in parent and _keeps_channels(node):
             parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
-        elif kind in JOINS and all(operand in parent for operand in tensor_inputs):
+        elif kind in ops.JOINS and all(operand in parent for operand in tensor_inputs):
             parent[node] = find(tensor_inputs[0])
             for operand in tensor_inputs[1:]:
                 parent[find(operand)] = parent[node]
-        elif kind in JOINS:   # an operand holds several spaces (a cat) or flattened features
+        elif kind in ops.JOINS:   # an operand holds several spaces (a cat) or flattened features
             for operand in tensor_inputs:
                 if operand in parent:
                     onto.setdefault(find(operand), node)
@@ -125,7 +115,7 @@ def _check_mapped(nodes: list[fx.Node], root: dict, onto: dict) -> None:
         if node.meta[OP] in (ops.INPUT, ops.NORM, ops.TOKEN_LINEAR) or node in heads or grouped:
             what = "the network input" if node.meta[OP] == ops.INPUT else f"the output of '{node.name}'"
             raise UnsupportedOpError(
-                f"node '{join.name}' {JOINS[join.meta[OP]]} a concatenation {what}, so its channels would be units "
+                f"node '{join.name}' {ops.JOINS[join.meta[OP]]} a concatenation {what}, so its channels would be units "
                 "of several spaces; pamfx supports that for convs, Linear layers and per-channel ops, not for the "
                 "network input, a head, a GroupNorm / LayerNorm, a Linear over tokens or a grouped conv")
 
@@ -142,9 +132,9 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
         kind = "input" if first.meta[OP] == ops.INPUT else "hidden"
         if any(node in heads for node in group):
             kind = "output"
-        per_model = [n for n in group if n.meta[OP] in PER_MODEL]
+        per_model = [n for n in group if n.meta[OP] in ops.PER_MODEL]
         if per_model and kind == "input":
-            raise UnsupportedOpError(f"node '{per_model[0].name}' {PER_MODEL[per_model[0].meta[OP]]} the network "
+            raise UnsupportedOpError(f"node '{per_model[0].name}' {ops.PER_MODEL[per_model[0].meta[OP]]} the network "
                                      "input; pamfx needs the input to reach the first conv or linear unchanged")
         mixing = [n for n in group if n.meta[OP] == ops.SOFTMAX]
         if mixing and kind != "output":
@@ -152,7 +142,7 @@ def _name_spaces(nodes: list[fx.Node], root: dict) -> dict[fx.Node, ChannelSpace
                 f"node '{mixing[0].name}' takes a softmax over the channels of '{group[0].name}', which is not a "
                 "task's output: it would mix units of different groups; pamfx supports softmax / log_softmax only "
                 "over a head's classes, after the last layer")
-        joins = [n for n in group if n.meta[OP] in JOINS]
+        joins = [n for n in group if n.meta[OP] in ops.JOINS]
         if kind == "input" and len(group) > 1 and joins:
             verb = "adds the network input to" if joins[0].meta[OP] == ops.ADD else "multiplies the network input by"
             raise UnsupportedOpError(f"node '{joins[0].name}' {verb} a hidden tensor; pamfx needs the input to stay "
@@ -170,7 +160,7 @@ def _widths(group: list[fx.Node]) -> list[int]:
     for node in group:
         got = [shape[node.meta[AXIS]] for shape in node.meta[SHAPES]]
         if got != widths:
-            joins = [n.name for n in group if n.meta[OP] in JOINS]
+            joins = [n.name for n in group if n.meta[OP] in ops.JOINS]
             joined = (f" (the space is joined at {', '.join(repr(j) for j in joins)}, whose operands need the same "
                       "channels: broadcasting over channels is not supported)") if joins else ""
             raise UnsupportedOpError(f"node '{node.name}' has {got} channels per model where its channel space "
@@ -196,7 +186,7 @@ class _FeatureFinder:
             return
         if node in self.running:
             join = self.onto[self.first[node]]
-            raise UnsupportedOpError(f"node '{join.name}' {JOINS[join.meta[OP]]} a concatenation that holds its own "
+            raise UnsupportedOpError(f"node '{join.name}' {ops.JOINS[join.meta[OP]]} a concatenation that holds its own "
                                      "other operand's channels; pamfx cannot tell which units they are")
         self.running.add(node)
         if node in self.first:
@@ -221,10 +211,10 @@ class _FeatureFinder:
         features = reference.meta.get(FEATURES)
         if features is None or any(feature.position for feature in features):
             raise UnsupportedOpError(
-                f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds flattened features; "
+                f"node '{join.name}' {ops.JOINS[join.meta[OP]]} '{reference.name}', which holds flattened features; "
                 "pamfx supports residual adds and gates of channel tensors (or of a concatenation of them)")
         if any(self.spaces[f.space].kind == "input" for f in features):
-            raise UnsupportedOpError(f"node '{join.name}' {JOINS[join.meta[OP]]} '{reference.name}', which holds "
+            raise UnsupportedOpError(f"node '{join.name}' {ops.JOINS[join.meta[OP]]} '{reference.name}', which holds "
                                      "channels of the network input; pamfx needs the input to stay shared by all tasks")
         by_model = _by_model(features, self.spaces)
         widths = [shape[node.meta[AXIS]] for shape in node.meta[SHAPES]]
@@ -263,19 +253,19 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
                if source.meta[OP] == ops.SPLIT else "a transpose or 5-D view is followed only inside a channel shuffle")
         raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
                                  f"follow: {why}")
-    if kind in (ops.CHANNELWISE, ops.BATCHNORM, ops.PRELU, ops.DEPTHWISE, ops.MEAN, ops.TRANSPOSE):   # (PER_MODEL: one space)
+    if kind in (ops.CHANNELWISE, ops.BATCHNORM, ops.PRELU, ops.DEPTHWISE, ops.MEAN, ops.TRANSPOSE):   # (ops.PER_MODEL: one space)
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == ops.FLATTEN:
         return _flattened(node, inputs[0])
-    if kind in JOINS:   # of a concatenation: every operand holds the same units, model by model
+    if kind in ops.JOINS:   # of a concatenation: every operand holds the same units, model by model
         for operand in node.all_input_nodes:
             if operand.meta[OP] != ops.SHAPE and any(feature.position for feature in operand.meta[FEATURES]):
                 raise UnsupportedOpError(
-                    f"node '{node.name}' {JOINS[kind]} '{operand.name}', which holds flattened features; pamfx "
+                    f"node '{node.name}' {ops.JOINS[kind]} '{operand.name}', which holds flattened features; pamfx "
                     "supports residual adds and gates of channel tensors (or of a concatenation of them)")
         for operand in node.all_input_nodes[1:]:
             if operand.meta[OP] != ops.SHAPE and _by_model(operand.meta[FEATURES], spaces) != _by_model(inputs[0], spaces):
-                raise UnsupportedOpError(f"node '{node.name}' {JOINS[kind]} '{operand.name}', whose channels are other "
+                raise UnsupportedOpError(f"node '{node.name}' {ops.JOINS[kind]} '{operand.name}', whose channels are other "
                                          f"units than those of '{node.all_input_nodes[0].name}'")
         return inputs[0]
     if kind == ops.CAT:

@@ -27,7 +27,18 @@ def test_the_readme_lists_exactly_the_ops_of_the_registry():
 def test_every_kind_classify_returns_is_a_named_constant_with_a_rule():
     assert set(ops.MODULE_KINDS.values()) | set(ops.FUNCTION_KINDS.values()) | set(ops.METHOD_KINDS.values()) \
         <= set(ops.KINDS)
-    assert set(ops.KINDS) - {ops.INPUT, ops.OUTPUT} <= set(ops.KIND_RULES)
+    assert set(ops.KINDS) == set(ops.REGISTRY)
+
+
+def test_every_registered_builder_and_formula_exists():
+    """The registry names a _Builder method for each kind the builder visits; each one exists, and every kind that
+    makes units has a MACs formula and builds as a layer."""
+    from pamfx.passes.build import _Builder
+    for kind, entry in ops.REGISTRY.items():
+        assert not entry.builder or callable(getattr(_Builder, entry.builder, None)), kind
+        assert entry.space in ("", "new", "keeps", "joins"), kind
+        assert (entry.space == "joins") <= bool(entry.verb) and entry.per_model <= bool(entry.verb), kind
+    assert all(ops.REGISTRY[kind].macs and ops.REGISTRY[kind].builder == "visit_layer" for kind in ops.LAYERS)
 
 
 def test_a_kind_the_builder_has_no_rule_for_is_named():
