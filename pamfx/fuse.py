@@ -22,6 +22,7 @@ from torch import nn
 
 from . import ops
 from .network import INPUT, GatedNetwork, Statement
+from .passes.build import resized
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
@@ -152,7 +153,8 @@ def _fused_layer(network: GatedNetwork, statements, columns: list, source: dict)
     """A conv or linear with every group's rows, reading the whole fused input (`columns`: its groups and
     widths), zero where a group does not read an input group."""
     parts = [network.get_submodule(s.target) for s in statements]
-    module = _resized(parts[0], sum(width for _, width in columns), sum(p.weight.shape[0] for p in parts))
+    module = resized(parts[0], sum(width for _, width in columns), sum(p.weight.shape[0] for p in parts),
+                     parts[0].weight.device)
     with torch.no_grad():
         module.weight.zero_()
         row = 0
@@ -175,7 +177,7 @@ def _fused_per_channel(network: GatedNetwork, statements) -> nn.Module:
     parts = [network.get_submodule(s.target) for s in statements]
     template = parts[0]
     width = sum(len(p.weight) if hasattr(p, "weight") else p.num_features for p in parts)
-    module = _resized(template, width, width)
+    module = resized(template, width, width, template.weight.device)
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if tensor.dim() == 0:                      # BatchNorm's num_batches_tracked
@@ -191,21 +193,6 @@ def _stateless(module: nn.Module) -> bool:
 
 def _per_channel(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels != 1
-
-
-def _resized(template: nn.Module, in_size: int, out_size: int) -> nn.Module:
-    parameter = next(template.parameters())
-    options = {"device": parameter.device, "dtype": parameter.dtype}
-    if isinstance(template, nn.Conv2d):
-        groups = in_size if _per_channel(template) else 1
-        return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
-                         template.dilation, groups, template.bias is not None, template.padding_mode, **options)
-    if isinstance(template, nn.Linear):
-        return nn.Linear(in_size, out_size, template.bias is not None, **options)
-    if isinstance(template, nn.PReLU):
-        return nn.PReLU(out_size, **options)
-    return type(template)(out_size, eps=template.eps, momentum=template.momentum, affine=template.affine,
-                          track_running_stats=template.track_running_stats, **options)
 
 
 def _macs(statement: Statement, part: nn.Module, module: nn.Module) -> int:

@@ -159,7 +159,7 @@ class _Builder:
                     raise GroupingError(f"layer '{node.name}': group {sorted(group)} has units in block {block} of "
                                         "its grouped convolution but no input of that block it may read")
                 columns = [joined[p] for p in picked]
-                module = _resized(template, len(columns), len(run), stacked["weight"].device)
+                module = resized(template, len(columns), len(run), stacked["weight"].device)
                 with torch.no_grad():
                     module.weight.copy_(stacked["weight"].get(run, columns))
                     if module.bias is not None:
@@ -188,7 +188,7 @@ class _Builder:
         stacked = self.weights[node.name]
         template = node.meta[MODULES][0]
         for group, features in self.layout[node].items():
-            module = _resized(template, len(features), len(features), next(iter(stacked.values())).device)
+            module = resized(template, len(features), len(features), next(iter(stacked.values())).device)
             with torch.no_grad():
                 for name in tensor_names:
                     if name in stacked:
@@ -359,7 +359,7 @@ def _norm(template: nn.Module, sets: int, channels: int, device: torch.device) -
     return nn.LayerNorm(channels, template.eps, template.elementwise_affine, template.bias is not None, device=device)
 
 
-def _resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
+def resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
     """A fresh module like `template` but with the given channel counts, on `device` (the stacked weights'); a
     depthwise conv stays depthwise, the blocks of a grouped conv are built as ungrouped modules."""
     if isinstance(template, nn.Conv2d):
