@@ -399,6 +399,20 @@ def test_pam_search_with_no_working_thresholds_says_so():
         optimize(None, models=models, data=data, merge="pam", pam=config)
 
 
+def test_pam_search_keeps_the_largest_thresholds_that_pass_trying_from_the_top():
+    """The largest pair cuts a task off (a failed trial), the next passes (tolerance 1: any accuracy) and is kept;
+    the smaller pair is never tried."""
+    models, data = twin_tasks()
+    config = pamfx.PamConfig(search=((0.1, 0.25), (1e9, 1e-9), (0.5, 0.75)), samples=32)
+    result = optimize(None, models=models, data=data, merge="pam", pam=config, tolerance=1.0,
+                      finetune=pamfx.FinetuneConfig(steps=2))
+    trials = [note for note in result.report.notes if note.startswith("pam search: alpha")]
+    assert [t.split(" x H")[0] for t in trials] == ["pam search: alpha 1000000000.0 / 1e-09",
+                                                   "pam search: alpha 0.5 / 0.75"]
+    assert "task 'a' has no unit left" in trials[0] and "meets the floors" in trials[1]
+    assert "pam search: chose alpha 0.5 / 0.75 x H(Y_t)" in result.report.notes
+
+
 def test_merge_pam_wants_thresholds():
     aligned, spaces, _ = lenet_parts()
     with pytest.raises(ValueError, match="merge_pam needs PamConfig.alpha_conv / alpha_linear"):
