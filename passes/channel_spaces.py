@@ -253,7 +253,7 @@ def _features(node: fx.Node, spaces: dict[str, ChannelSpace]) -> tuple[Feature, 
                if source.meta[OP] == ops.SPLIT else "a transpose or 5-D view is followed only inside a channel shuffle")
         raise UnsupportedOpError(f"node '{node.name}' ({kind}) reads '{source.name}', whose channels pamfx cannot "
                                  f"follow: {why}")
-    if kind in (ops.CHANNELWISE, ops.BATCHNORM, ops.PRELU, ops.DEPTHWISE, ops.MEAN, ops.TRANSPOSE):   # (ops.PER_MODEL: one space)
+    if kind in ops.KEEPS_SPACE and kind not in ops.PER_MODEL and kind != ops.SOFTMAX:   # per-model: one space only
         return inputs[0]   # per-feature ops on flattened or concatenated features (a mean: concatenated only)
     if kind == ops.FLATTEN:
         return _flattened(node, inputs[0])
