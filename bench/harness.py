@@ -40,7 +40,9 @@ RESULTS = BENCH / "results"
 TOLERANCE = 0.01
 FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
-CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False)}
+CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False),
+            "taylor own": pamfx.PruneConfig(alone=True)}   # own: each task also gets its own network (prune_alone)
+PAM_METHODS = ("pam+taylor", "pam+taylor own")
 PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
 
 
@@ -130,9 +132,15 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
                                 tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], seed=seed,
                                 progress=False)
         combos = all_combinations(tasks)
-        record.update(macs={_key(c): result.model.macs(c) for c in combos},
+        network = result.model
+        with network.gated_only():
+            shared = evaluate(network, test)
+        own = {t: evaluate(network.own_network(t), {t: test[t]})[t] for t in network.alone_tasks}
+        record.update(macs={_key(c): network.macs(c) for c in combos},
                       merged_macs={_key(c): result.report.row(c).merged_macs for c in combos},
-                      test=evaluate(result.model, test), guard={t: result.report.row([t]).accuracy[t] for t in tasks},
+                      test={t: min(shared[t], own.get(t, shared[t])) for t in tasks},   # a task's worse version
+                      shared_test=shared, own_test=own, own_macs={t: network.own_network(t).macs() for t in own},
+                      guard={t: result.report.row([t]).accuracy[t] for t in tasks},
                       stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings))
         network = cached(scenario, method, seed).with_suffix(".py")
         pamfx.codegen(result.model, network, overwrite=True)
@@ -241,8 +249,9 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
               "accuracy of any task and seed against the original model (negative: a gain). Seconds: median wall "
               "time of one seed on the 2-core machine, shared with other work; peak MB: the process's peak resident "
               "memory.", ""]
-    if "pam+taylor" in results:
-        lines += ratio_lines(results, tasks, columns)
+    for method in PAM_METHODS:
+        if method in results:
+            lines += ratio_lines(results, tasks, columns, method)
     if latency:
         lines += latency_lines(latency, results, tasks)
     for method, result in results.items():
@@ -257,10 +266,10 @@ def _attribute_note(scenario: Scenario) -> str:
             "label, averaged over attributes and images)." if multilabel else "")
 
 
-def ratio_lines(results: dict, tasks: tuple, columns: list) -> list[str]:
+def ratio_lines(results: dict, tasks: tuple, columns: list, method: str = "pam+taylor") -> list[str]:
     """none/pam and mtz/pam per combination, the perfect-sharing limit, and where pam costs more than a baseline."""
-    pam = results["pam+taylor"]["macs"]
-    lines = ["## Ratios against pam+taylor", "",
+    pam = results[method]["macs"]
+    lines = [f"## Ratios against {method}", "",
              "Each cell: median (min - max) over the combinations of the column. The perfect-sharing limit is "
              "none(S) / the dearest separately pruned task of S: the ratio of a merged network that costs S no more "
              "than S's dearest task pruned alone (perfect sharing). Pruning the merged network further than each "
@@ -369,23 +378,24 @@ def write_summary() -> None:
              "",
              "| scenario | tasks | all-task none/pam | best none/pam | best mtz/pam | pam dearer than none / mtz | "
              "pam worst test drop | pam s | pam peak MB |", "|---|---|---|---|---|---|---|---|---|"]
-    for scenario in SCENARIOS.values():
+    for scenario, method in [(s, m) for s in SCENARIOS.values() for m in PAM_METHODS]:
         results = results_of(scenario)
-        if not {"pam+taylor", "none+taylor", "mtz+taylor"} <= set(results):
+        if not {method, "none+taylor", "mtz+taylor"} <= set(results):
             continue
-        pam, none, mtz = (results[m]["macs"] for m in ("pam+taylor", "none+taylor", "mtz+taylor"))
-        tasks = tuple(results["pam+taylor"]["test"])
+        pam, none, mtz = (results[m]["macs"] for m in (method, "none+taylor", "mtz+taylor"))
+        tasks = tuple(results[method]["test"])
         combos = [_key(c) for c in all_combinations(tasks)]
         best_none = max(combos, key=lambda c: none[c] / pam[c])
         best_mtz = max(combos, key=lambda c: mtz[c] / pam[c])
-        original = results["pam+taylor"]["original_test"]
-        drop = max(100 * (original[t] - results["pam+taylor"]["test"][t]) for t in tasks)
-        lines.append(f"| [{scenario.name}]({scenario.name}.md) | {len(tasks)} | "
+        original = results[method]["original_test"]
+        drop = max(100 * (original[t] - results[method]["test"][t]) for t in tasks)
+        variant = "" if method == "pam+taylor" else f" ({method})"
+        lines.append(f"| [{scenario.name}]({scenario.name}.md){variant} | {len(tasks)} | "
                      f"{none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
                      f"{none[best_none] / pam[best_none]:.2f}x | {mtz[best_mtz] / pam[best_mtz]:.2f}x "
                      f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
                      f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "
-                     f"{results['pam+taylor']['seconds']:.0f} | {results['pam+taylor']['peak_rss_mb']:.0f} |")
+                     f"{results[method]['seconds']:.0f} | {results[method]['peak_rss_mb']:.0f} |")
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 

@@ -19,12 +19,14 @@ import torch
 
 SCENARIO = os.environ.get("PAMFX_BENCH_SCENARIO", "paper")
 FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO
-METHODS = ("none+taylor", "mtz+taylor", "pam+taylor")
+METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own")
 BATCHES = (1, 64)
 
 
 def _file(method: str) -> Path:
-    return FOLDER / (f"{method.split()[0]}.gated.py" if method.endswith(" gated") else f"{method}.py")
+    gated = method.endswith(" gated")
+    stem = (method[:-len(" gated")] if gated else method).replace(" ", "_")   # as harness.cached names it
+    return FOLDER / f"{stem}{'.gated' if gated else ''}.py"
 
 
 def _load(method: str):

@@ -18,7 +18,7 @@ from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from .passes.merge_mtz import MtzConfig, merge_mtz
 from .passes.merge_none import merge_none
 from .passes.merge_pam import PamConfig, group_table, merge_pam, search_pam
-from .passes.prune import PruneConfig, prune as prune_network
+from .passes.prune import PruneConfig, prune as prune_network, prune_alone
 from .passes.stack import stack_weights
 from .passes.trace import trace
 from .report import Report, make_report
@@ -62,7 +62,7 @@ class Result:
     report: Report
     grouping: Grouping
     spaces: dict[str, ChannelSpace]
-    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "prune", "report"
+    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "prune", "alone", "report"
     warnings: tuple[str, ...] = ()
 
 
@@ -160,6 +160,14 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         notes += pruned.notes() + group_table(spaces, grouping, tasks)
         problems += [f"task '{t}' ends at {a:.4f} on the guard data, below its floor {floors[t]:.4f}"
                      for t, a in pruned.below_floor.items()]
+        if pruning.alone and merge != "none" and len(tasks) > 1:   # under none each task's network is its own
+            say("[pamfx] pruning each task's own network")
+            started = time.perf_counter()
+            alone = prune_alone(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+            tuned.network.with_alone(alone)
+            seconds["alone"] = time.perf_counter() - started
+            notes += [f"own network of task '{t}': {own.macs():,} MACs against {tuned.network.gated_macs([t]):,} on "
+                      f"the shared network" for t, own in alone.items()]
     say("[pamfx] measuring every combination")
     started = time.perf_counter()
     report = make_report(tuned.network, aligned, guard, original, notes,   # MACs, params, accuracy

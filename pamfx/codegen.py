@@ -44,12 +44,17 @@ def codegen(network: GatedNetwork, path, overwrite: bool = False, specialise="au
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     plans = specialised(network, specialise)
-    source = render(network, weights.name, plans)
+    own = own_networks(network, specialise)
+    source = render(network, weights.name, plans, own)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source)
     state = network.state_dict()                  # a fresh dict (with torch's version metadata): moving its values
-    for index, (_, plan) in enumerate(plans):     # leaves the network where it is
+    for name in [name for name in state if name.startswith("alone.")]:   # leaves the network where it is
+        del state[name]
+    for index, (_, plan) in enumerate(plans):
         state.update({f"fused{index}.{name}": tensor for name, tensor in plan.state_dict().items()})
+    for task, plan in own.items():
+        state.update({f"own{network.tasks.index(task)}.{name}": tensor for name, tensor in plan.state_dict().items()})
     for name, tensor in state.items():
         state[name] = tensor.detach().cpu()
     torch.save(state, weights)
@@ -74,6 +79,8 @@ def specialised(network: GatedNetwork, specialise="auto") -> list[tuple[tuple[st
         return []
     tasks = network.tasks
     candidates = all_combinations(tasks) if len(tasks) <= AUTO_ALL else [(t,) for t in tasks] + [tuple(tasks)]
+    gated = {tuple(t for t in tasks if t in network.combination(c) - network.plan(c)) for c in candidates}
+    candidates = [c for c in candidates if c in gated]   # combinations the gated statements run (see plan)
     plans = []
     for combination in candidates:
         try:
@@ -85,9 +92,24 @@ def specialised(network: GatedNetwork, specialise="auto") -> list[tuple[tuple[st
     return plans
 
 
-def render(network: GatedNetwork, weights_name: str, plans=()) -> str:
-    """The source of the generated file (`plans`: see `specialised`)."""
+def own_networks(network: GatedNetwork, specialise="auto") -> dict[str, GatedNetwork]:
+    """{task: the network the file runs for its own network}: fused (one module per layer) when `specialise` is
+    not None and that executes at most FUSE_LIMIT x its MACs, else as it is."""
+    own = {}
+    for task in network.alone_tasks:
+        plan = network.own_network(task)
+        if specialise is not None and can_fuse(plan) is None:
+            fused = fuse(plan, (task,))
+            plan = fused if fused.macs() <= FUSE_LIMIT * plan.macs() else plan
+        own[task] = plan
+    return own
+
+
+def render(network: GatedNetwork, weights_name: str, plans=(), own=None) -> str:
+    """The source of the generated file (`plans`: see `specialised`; `own`: see `own_networks`)."""
+    own = own_networks(network, None) if own is None else own
     flags = _flag_names(network.tasks)
+    number = {task: i for i, task in enumerate(network.tasks)}
     lines = _header(network, weights_name, plans)
     lines += ["class MergedNetwork(nn.Module):",
               '    """One network for all tasks: forward(x, tasks) computes only what those tasks need."""',
@@ -95,8 +117,10 @@ def render(network: GatedNetwork, weights_name: str, plans=()) -> str:
               "    def __init__(self):",
               "        super().__init__()",
               "        self.tasks = list(TASKS)"]
-    lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in network.named_children()]
-    lines += [f"        self.fused{index} = Fused{index}()" for index in range(len(plans))]
+    lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in network.named_children()
+              if name != "alone"]
+    lines += [f"        self.fused{i} = Fused{i}()" for i in range(len(plans))]
+    lines += [f"        self.own{number[task]} = Own{number[task]}()" for task in own]
     lines += ["",
               "    def forward(self, x: torch.Tensor, tasks: Union[None, str, List[str]] = None) -> Dict[str, torch.Tensor]:",
               "        if tasks is None:",
@@ -108,6 +132,15 @@ def render(network: GatedNetwork, weights_name: str, plans=()) -> str:
               "        for task in tasks:",
               "            if task not in self.tasks:",
               '                raise KeyError("unknown task " + repr(task) + "; this network\'s tasks are " + str(self.tasks))']
+    if own:
+        lines += ["        alone = ALONE.get(tuple(t for t in TASKS if t in tasks), ())",
+                  "        outputs = self.shared(x, [t for t in tasks if t not in alone]) if len(alone) < len(tasks) else {}"]
+        lines += [f"        if {task!r} in alone:\n            outputs[{task!r}] = self.own{number[task]}(x)[{task!r}]"
+                  for task in own]
+        lines += ["        return {t: outputs[t] for t in TASKS if t in outputs}",
+                  "",
+                  "    def shared(self, x: torch.Tensor, tasks: List[str]) -> Dict[str, torch.Tensor]:",
+                  '        """The tasks that run on the shared statements."""']
     lines += [f"        {flags[t]} = {t!r} in tasks" for t in network.tasks]
     for index, (combination, _) in enumerate(plans):
         test = " and ".join(flags[t] if t in combination else f"not {flags[t]}" for t in network.tasks)
@@ -117,8 +150,12 @@ def render(network: GatedNetwork, weights_name: str, plans=()) -> str:
     for task in network.tasks:
         lines += [f"        if {flags[task]}:", f"            outputs[{task!r}] = {network.outputs[task]}"]
     lines += ["        return outputs", "", ""]
-    for index, (combination, plan) in enumerate(plans):
-        lines += _plan_class(index, combination, plan)
+    for i, (combination, plan) in enumerate(plans):
+        lines += _plan_class(f"Fused{i}", f"{{{', '.join(combination)}}} with one module per layer (pamfx.fuse).",
+                             plan)
+    for task, plan in own.items():
+        lines += _plan_class(f"Own{number[task]}", f"The own network of task {task!r} (pruned further for it alone).",
+                             plan)
     lines += _FOOTER.splitlines()
     return "\n".join(lines) + "\n"
 
@@ -128,10 +165,18 @@ def _header(network: GatedNetwork, weights_name: str, plans) -> list[str]:
     groups = sorted({(names[s.group], group_label(s.group, network.tasks)) for s in network.statements},
                     key=lambda pair: int(pair[0][1:]))
     executed = {frozenset(combination): plan.macs() for combination, plan in plans}
-    costs = [f"    {group_label(frozenset(c), network.tasks)}: {network.macs(list(c)):,}"
-             + (f" (runs fused: {executed[frozenset(c)]:,} executed, zero blocks included)"
-                if frozenset(c) in executed else "")
-             for c in all_combinations(network.tasks)]
+    costs, alone = [], {}
+    for c in all_combinations(network.tasks):
+        own = tuple(t for t in c if t in network.plan(c))
+        line = f"    {group_label(frozenset(c), network.tasks)}: {network.macs(list(c)):,}"
+        if own:
+            alone[c] = own
+            line += f" ({', '.join(own)} on {'its' if len(own) == 1 else 'their'} own network)"
+        elif frozenset(c) in executed:
+            line += f" (runs fused: {executed[frozenset(c)]:,} executed, zero blocks included)"
+        costs.append(line)
+    table = ["# combination -> the tasks that run on their own network in it (the fewest MACs); the rest run shared",
+             "ALONE = {"] + [f"    {c!r}: {own!r}," for c, own in alone.items()] + ["}"] if alone else []
     return [f'"""Task-gated multitask network generated by pamfx {VERSION}. Regenerate it rather than edit it.',
             "",
             f"Tasks: {', '.join(network.tasks)}.",
@@ -151,14 +196,15 @@ def _header(network: GatedNetwork, weights_name: str, plans) -> list[str]:
             "",
             f"TASKS = {list(network.tasks)!r}",
             f"WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), {weights_name!r})",
+            *table,
             "",
             ""]
 
 
-def _plan_class(index: int, combination, plan: GatedNetwork) -> list[str]:
-    """`Fused<index>`: the fused network of one combination, a straight-line forward."""
-    lines = [f"class Fused{index}(nn.Module):",
-             f'    """{{{", ".join(combination)}}} with one module per layer (pamfx.fuse)."""',
+def _plan_class(name: str, doc: str, plan: GatedNetwork) -> list[str]:
+    """A network computing all its tasks (a fused combination, a task's own network), a straight-line forward."""
+    lines = [f"class {name}(nn.Module):",
+             f'    """{doc}"""',
              "",
              "    def __init__(self):",
              "        super().__init__()"]
@@ -166,7 +212,7 @@ def _plan_class(index: int, combination, plan: GatedNetwork) -> list[str]:
     lines += ["",
               "    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:"]
     lines += ["        " + _statement_source(statement) for statement in plan.statements]
-    outputs = ", ".join(f"{task!r}: {plan.outputs[task]}" for task in plan.tasks)
+    outputs = ", ".join(f"{task!r}: {plan.outputs[task]}" for task in plan.tasks if task in plan.outputs)
     return lines + [f"        return {{{outputs}}}", "", ""]
 
 

@@ -4,6 +4,8 @@ A statement computes one group's slice of one tensor: `conv2_g1 = self.conv2_g1(
 `model(x, tasks=S)` runs exactly the statements that some task of S needs, so the cost of S is the sum of the
 MACs of those statements. The same statements are what `pamfx.codegen` writes out as Python source.
 """
+import contextlib
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -49,6 +51,7 @@ class GatedNetwork(nn.Module):
 
     Built by `passes.build.build_network`; users get it as `pamfx.optimize(...).model`.
     """
+    alone_tasks: tuple[str, ...] = ()   # tasks with their own network (with_alone), in task order
 
     def __init__(self, tasks, statements, outputs: dict[str, str], modules: dict[str, nn.Module],
                  input_shape: tuple[int, ...] | None = None):
@@ -64,14 +67,61 @@ class GatedNetwork(nn.Module):
         self._functions = {s.target: ops.resolve(s.target) for s in self.statements if s.call == "function"}
         self.check()
 
+    def with_alone(self, alone: dict[str, "GatedNetwork"]) -> "GatedNetwork":
+        """Gives tasks their own networks (passes.prune.prune_alone: one-task networks pruned further for that task
+        alone); returns self. A combination then runs the tasks whose own networks make it cheapest on those, the
+        rest on the gated statements (`plan`), so each task's output depends on the combination it runs in."""
+        self.alone_tasks = tuple(t for t in self.tasks if t in alone)
+        self.alone = nn.ModuleDict({_alone_key(self.tasks, t): alone[t] for t in self.alone_tasks})
+        self._cache().clear()
+        self.check()
+        return self
+
+    def own_network(self, task: str) -> "GatedNetwork":
+        return self.alone[_alone_key(self.tasks, task)]
+
+    @contextlib.contextmanager
+    def gated_only(self):
+        """Within the block every combination runs on the gated statements, tasks' own networks unused."""
+        alone = self.alone_tasks
+        self.alone_tasks = ()
+        self._cache().clear()
+        try:
+            yield self
+        finally:
+            self.alone_tasks = alone
+            self._cache().clear()
+
+    def plan(self, tasks=None) -> Group:
+        """The tasks of the combination that run on their own networks: the set giving the combination the fewest
+        MACs (the gated statements alone on a tie). Exhaustive over the combination's tasks that have one."""
+        combination = self.combination(tasks)
+        cached = self._cache().get(("plan", combination))
+        if cached is not None:
+            return cached
+        candidates = [t for t in self.alone_tasks if t in combination]
+        best, best_macs = frozenset(), self.gated_macs(combination)
+        for size in range(1, len(candidates) + 1):
+            for chosen in itertools.combinations(candidates, size):
+                macs = self.gated_macs(combination - frozenset(chosen)) + sum(
+                    self.own_network(t).macs() for t in chosen)
+                if macs < best_macs:
+                    best, best_macs = frozenset(chosen), macs
+        self._cache()[("plan", combination)] = best
+        return best
+
     def forward(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
         """Returns {task: output} for `tasks` (default: all tasks, in order)."""
         combination = self.combination(tasks)
-        values = self.values(x, combination)
-        return {t: values[self.outputs[t]] for t in self.tasks if t in combination}
+        alone = self.plan(combination)
+        values = self.values(x, combination - alone) if combination - alone else {}
+        outputs = {t: self.own_network(t)(x)[t] if t in alone else values[self.outputs[t]] for t in combination
+                   if t in self.outputs}
+        return {t: outputs[t] for t in self.tasks if t in outputs}
 
     def values(self, x: torch.Tensor, tasks=None, hook=None) -> dict[str, torch.Tensor]:
-        """Every variable that running `tasks` computes, by name (the builder's Layout says what each holds).
+        """Every variable that running `tasks` on the gated statements computes, by name (the builder's Layout says
+        what each holds); tasks' own networks (with_alone) are not run.
 
         hook(name, value) -> value, if given, sees each variable as it is computed and may replace it (the
         pruning criteria put a gate on units there)."""
@@ -112,15 +162,37 @@ class GatedNetwork(nn.Module):
         return frozenset(tasks)
 
     def macs(self, tasks=None) -> int:
-        """Multiply-accumulates of conv and linear layers for one input sample, running `tasks`."""
+        """Multiply-accumulates of conv and linear layers for one input sample, running `tasks` (as `plan` says)."""
         combination = self.combination(tasks)
-        return int(sum(s.macs for s in self.statements if s.gate & combination))
+        alone = self.plan(combination)
+        return self.gated_macs(combination - alone) + sum(self.own_network(t).macs() for t in alone)
+
+    def gated_macs(self, tasks) -> int:
+        """MACs of the gated statements that `tasks` (a set, maybe empty) need; tasks' own networks not used."""
+        key = ("macs", frozenset(tasks))
+        cache = self._cache()
+        if key not in cache:
+            cache[key] = int(sum(s.macs for s in self.statements if s.gate & key[1]))
+        return cache[key]
+
+    def _cache(self) -> dict:
+        """Plans and gated MACs per combination: the statements never change once built."""
+        return self.__dict__.setdefault("_per_combination", {})
 
     def params(self, tasks=None) -> int:
-        """Learnable parameters of the statements that running `tasks` uses (BatchNorm statistics not counted)."""
+        """Learnable parameters that running `tasks` uses (BatchNorm statistics not counted)."""
         combination = self.combination(tasks)
-        used = {s.target for s in self.statements if s.call == "module" and s.gate & combination}
-        return int(sum(p.numel() for name in used for p in self._modules[name].parameters()))
+        alone = self.plan(combination)
+        used = {s.target for s in self.statements if s.call == "module" and s.gate & (combination - alone)}
+        return int(sum(p.numel() for name in used for p in self._modules[name].parameters())
+                   + sum(self.own_network(t).params() for t in alone))
+
+    def restricted(self, task: str) -> "GatedNetwork":
+        """The statements `task` needs as a network with that one output, sharing their modules (its groups keep
+        their names: `tasks` still lists every task, `outputs` only this one)."""
+        statements = [s for s in self.statements if task in s.gate]
+        modules = {s.target: self._modules[s.target] for s in statements if s.call == "module"}
+        return GatedNetwork(self.tasks, statements, {task: self.outputs[task]}, modules, self.input_shape)
 
     def group_of(self) -> dict[str, Group]:
         """The group of every variable: the input belongs to all tasks."""
@@ -141,6 +213,16 @@ class GatedNetwork(nn.Module):
             if task not in groups[name]:
                 raise GroupingError(f"rule 3 broken: head of task '{task}' reads '{name}' "
                                     f"(group {group_label(groups[name], self.tasks)})")
+        for task in self.alone_tasks:
+            own = self.own_network(task)
+            if list(own.outputs) != [task]:
+                raise GroupingError(f"the own network of task '{task}' computes {list(own.outputs)}")
+            own.check()
+
+
+def _alone_key(tasks: tuple[str, ...], task: str) -> str:
+    """The ModuleDict key of a task's own network (task names may hold dots)."""
+    return f"task{tasks.index(task)}"
 
 
 def _gate(statements, outputs: dict[str, str]) -> tuple[Statement, ...]:

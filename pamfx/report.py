@@ -15,6 +15,7 @@ class Row:
     separate_macs: int           # running the original models of the combination one after another
     accuracy: dict               # task -> top-1 (multi-label: mean attribute) accuracy in [0, 1] on the guard data
     merged_macs: int | None = None   # after merging, before pruning (None: not pruned)
+    alone: tuple[str, ...] = ()      # tasks that run on their own network in this combination
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,15 @@ class Report:
                  for t in self.tasks]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
-            cells = ["{" + ", ".join(row.combination) + "}"] + ([f"{row.merged_macs:,}"] if pruned else [])
+            named = [f"{t}*" if t in row.alone else t for t in row.combination]
+            cells = ["{" + ", ".join(named) + "}"] + ([f"{row.merged_macs:,}"] if pruned else [])
             cells += [f"{row.macs:,}", f"{row.separate_macs:,}", f"{row.separate_macs / row.macs:.2f}x",
                       f"{row.params:,}"]
             cells += [f"{row.accuracy[t]:.4f}" if t in row.accuracy else "" for t in self.tasks]
             lines.append("| " + " | ".join(cells) + " |")
-        legend = [f"mean attribute accuracy ({', '.join(self.multilabel)}): the share of attributes whose logit sign "
+        legend = ["t*: task t runs on its own network in that combination (pruned further for t alone); the "
+                  "others run on the shared network"] if any(row.alone for row in self.rows) else []
+        legend += [f"mean attribute accuracy ({', '.join(self.multilabel)}): the share of attributes whose logit sign "
                   "matches the label (logit > 0 vs 1), averaged over attributes and samples"] if self.multilabel else []
         return "\n".join(lines + [""] + legend + list(self.notes))
 
@@ -58,12 +62,19 @@ def make_report(network, aligned: AlignedGraph, guard: dict, original_accuracy: 
                 merged_macs: dict | None = None) -> Report:
     """Measures every combination of the network on the guard data, against the original models' accuracy there
     (computed once by the caller); `merged_macs` ({combination: MACs}) are the costs before pruning."""
-    accuracy = evaluate(network, guard)
+    with network.gated_only():
+        shared = evaluate(network, guard)
+    own = {t: evaluate(network.own_network(t), as_task_data(guard).only([t]))[t] for t in network.alone_tasks}
     separate = original_macs(aligned)
-    rows = tuple(Row(combination=c, macs=network.macs(c), params=network.params(c),
-                     separate_macs=sum(separate[t] for t in c), accuracy={t: accuracy[t] for t in c},
-                     merged_macs=None if merged_macs is None else merged_macs[c])
-                 for c in all_combinations(aligned.tasks))
+    rows = []
+    for c in all_combinations(aligned.tasks):
+        alone = network.plan(c)
+        rows.append(Row(combination=c, macs=network.macs(c), params=network.params(c),
+                        separate_macs=sum(separate[t] for t in c),
+                        accuracy={t: own[t] if t in alone else shared[t] for t in c},
+                        merged_macs=None if merged_macs is None else merged_macs[c],
+                        alone=tuple(t for t in c if t in alone)))
+    rows = tuple(rows)
     return Report(tasks=aligned.tasks, rows=rows, original_accuracy=dict(original_accuracy), notes=tuple(notes),
                   multilabel=tuple(t for t in aligned.tasks if as_task_data(guard).multilabel(t)))
 

@@ -14,6 +14,7 @@ tasks share the inputs x:
 augmentation stays live. Its batch size, order and sampling are the loader's own: `batch_size` and `seed` are
 the tensors' settings and a loader ignores them.
 """
+import copy
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -58,6 +59,10 @@ class TaskData:
         raise NotImplementedError
 
     def size(self) -> str:
+        raise NotImplementedError
+
+    def only(self, tasks) -> "TaskData":
+        """The same data for `tasks` alone (the prune pass's per-task networks train and decide on one task)."""
         raise NotImplementedError
 
 
@@ -115,6 +120,9 @@ class TensorData(TaskData):
     def size(self):
         return f"{len(next(iter(self.pairs.values()))[0])} samples per task"
 
+    def only(self, tasks):
+        return TensorData({t: self.pairs[t] for t in tasks}, self.argument)
+
 
 class LoaderData(TaskData):
     """DataLoaders, read a batch at a time: {task: DataLoader of (inputs, labels)} or one DataLoader of
@@ -151,7 +159,7 @@ class LoaderData(TaskData):
         for batch in loader:
             x, labels = self.check(batch, task, self, offset)
             offset += len(x)
-            yield x, labels
+            yield x, {t: y for t, y in labels.items() if t in self.tasks}
 
     def sample(self, samples, seed):
         picked = {}
@@ -228,6 +236,14 @@ class LoaderData(TaskData):
             return f"{len(loader.dataset)} samples per task, streamed from a DataLoader"
         except TypeError:
             return "streamed from a DataLoader"
+
+    def only(self, tasks):
+        narrowed = copy.copy(self)
+        narrowed.tasks = tuple(tasks)   # each batch is still checked against all tasks, then narrowed
+        narrowed.check = lambda batch, task, _, offset: self.check(batch, task, self, offset)
+        narrowed.loaders = {task: loader for task, loader in self.loaders.items() if task is None or task in tasks}
+        narrowed._cycles = {}
+        return narrowed
 
 
 class _Indices(Sequence):

@@ -141,12 +141,13 @@ def vib(aligned, spaces, tuned, data: dict, config, seed: int) -> dict[str, torc
 CRITERIA = {"taylor": taylor, "l1": l1, "vib": vib}
 
 
-def unit_macs(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], tuned) -> dict[str, torch.Tensor]:
-    """MACs per sample that removing each unit saves when all tasks run: its rows in the layers that produce it
-    (and its depthwise channel) and its columns in every layer that reads it."""
+def unit_macs(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], tuned, tasks=None) -> dict[str, torch.Tensor]:
+    """MACs per sample that removing each unit saves when `tasks` run (default: all): its rows in the layers that
+    produce it (and its depthwise channel) and its columns in every layer that reads it."""
     nodes = _nodes_by_name(aligned)
     saved = {name: torch.zeros(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
-    macs = {s.target: s.macs for s in tuned.network.statements if s.call == "module" and s.macs}
+    running = frozenset(aligned.tasks if tasks is None else tasks)
+    macs = {s.target: s.macs for s in tuned.network.statements if s.call == "module" and s.macs and s.gate & running}
     for module_name, origin in tuned.layout.origins.items():
         if not macs.get(module_name):
             continue

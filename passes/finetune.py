@@ -92,8 +92,7 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
             if len(inputs) == 0:
                 continue
             weight = len(inputs) / rows * distributed.world_size()
-            everything = len(labels) == len(data.tasks)
-            outputs = network(to_device(device, inputs), tasks=None if everything else list(labels))
+            outputs = network(to_device(device, inputs), tasks=list(labels))
             part = weight * sum(task_loss(outputs[task], to_device(device, distributed.shard(task_labels)))
                                 for task, task_labels in labels.items())
             part.backward()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping
+from pamfx.network import GatedNetwork
 from pamfx.passes.criteria import CRITERIA, unit_macs
 from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from pamfx.passes.rules import check_paths, drop_unreadable
@@ -40,7 +41,10 @@ class PruneConfig:
     saves that much); min_fraction: a task whose share fell below this (halved at each failure) is done; max_steps: a cap on steps. step_steps / final_steps: fine-tuning
     steps (batches of batch_size per task, Adam at lr) after each step and at the end. cost_aware: rank units by
     importance per MAC their removal saves (all tasks running) instead of importance alone. importance_batches:
-    batches the Taylor criterion accumulates. vib_steps / vib_kl / vib_lr: the VIB criterion's gate training
+    batches the Taylor criterion accumulates. alone: after pruning a merged network of several tasks, also prune
+    each task's own copy for that task alone (prune_alone); a combination runs a task on its own network when
+    that costs fewer MACs. Off by default: a task's output then depends on the combination it runs in (each
+    version meets its guard), where the task-gated network alone gives it the same output in every combination. vib_steps / vib_kl / vib_lr: the VIB criterion's gate training
     (steps, weight of the KL term per unit, learning rate). guard_fraction: share of `data` held out as the guard
     when optimize() is given no eval_data.
     """
@@ -57,6 +61,7 @@ class PruneConfig:
     vib_kl: float = 1e-3
     vib_lr: float = 1e-2
     guard_fraction: float = 0.1
+    alone: bool = False
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
@@ -80,7 +85,7 @@ class Step:
     """One pruning step as the report's notes tell it."""
     index: int
     removed: dict           # task -> units removed from groups containing it (accepted steps)
-    macs: int               # all tasks, after the step (or before it, if nothing was accepted)
+    macs: int               # the pruned tasks together, after the step (or before it, if nothing was accepted)
     accuracy: dict          # task -> guard accuracy after the step's fine-tuning
     restored_for: tuple     # tasks that failed and got their units back
     accepted: bool
@@ -111,8 +116,10 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
     """Prunes the network `tuned` (built from `grouping`) until no task can lose more units without falling below
     its floor (floors[t]: the least accuracy task t may have on `guard`). `data` trains, `guard` decides.
     A task already below its floor at the start keeps its starting accuracy as its floor (and is reported in
-    `below_floor`)."""
-    tasks = aligned.tasks
+    `below_floor`). Only the tasks in `floors` are pruned and guarded: a task left out may lose any unit but its
+    last path to its head (prune_alone prunes one task's own copy of the network that way)."""
+    tasks = tuple(floors)
+    unguarded = frozenset(aligned.tasks) - frozenset(tasks)
     score_units = CRITERIA[criterion]
     start = evaluate(tuned.network, guard)
     required, floors = floors, {t: min(floors[t], start[t]) for t in tasks}
@@ -126,7 +133,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         if done >= set(tasks):
             break
         scores = score_units(aligned, spaces, tuned, data, config, seed + index)
-        saved = unit_macs(aligned, spaces, tuned)
+        saved = unit_macs(aligned, spaces, tuned, frozenset(tasks))
         if config.cost_aware:
             scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
         budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
@@ -137,9 +144,9 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
             # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
             # outputs and cannot fail: under merge="none" each task's pruning is its own.
-            changed = frozenset().union(*(group for name in groups
-                                          for group, after in zip(groups[name], trial_groups[name])
-                                          if group is not None and after is None))
+            changed = unguarded.union(*(group for name in groups
+                                        for group, after in zip(groups[name], trial_groups[name])
+                                        if group is not None and after is None))
             trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), tuned.weights, data,
                                          config.tuning(config.step_steps), seed=seed + index, changed=changed)
             accuracy = evaluate(trial.network, guard)
@@ -160,11 +167,11 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             removed = {t: 0 for t in tasks}
             if not restored_for:                  # nobody could offer a unit: every task is done
                 break
-        history.append(Step(index, removed, tuned.network.macs(), accuracy, tuple(sorted(restored_for)),
+        history.append(Step(index, removed, tuned.network.macs(tasks), accuracy, tuple(sorted(restored_for)),
                             accepted is not None))
         margin = min(accuracy[t] - floors[t] for t in tasks)
         bar.update()
-        bar.set_postfix(macs=f"{tuned.network.macs():,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
+        bar.set_postfix(macs=f"{tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
     bar.close()
     final = rebuild_and_finetune(aligned, spaces, Grouping(groups), tuned.weights, data,
                                  config.tuning(config.final_steps), seed=seed + config.max_steps)
@@ -180,6 +187,23 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             final, accuracy = tuned, evaluate(tuned.network, guard)
     below = {t: accuracy[t] for t in tasks if accuracy[t] < required[t]}
     return Pruned(final, Grouping(groups, grouping.notes), history, below)
+
+
+def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned,
+                data, guard, floors: dict, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
+                progress: bool = True) -> dict[str, GatedNetwork]:
+    """{task: its own network}: for each task, the pruned network `tuned` pruned further for that task alone (its
+    loss, its guard) and cut down to what it computes; only tasks whose own network costs fewer MACs than the
+    shared one's statements for it. Merged networks end mostly shared, so one task alone runs nearly everything all
+    tasks run; its own network drops what only the others need (GatedNetwork.with_alone runs it when cheaper)."""
+    alone = {}
+    for task in aligned.tasks:
+        pruned = prune(aligned, spaces, grouping, tuned, data.only([task]), guard.only([task]), {task: floors[task]},
+                       criterion, config, seed, progress)
+        own = pruned.tuned.network.restricted(task)
+        if not pruned.below_floor and own.macs() < tuned.network.macs([task]):
+            alone[task] = own
+    return alone
 
 
 def _choose(aligned, spaces, groups: dict, scores: dict, saved: dict, budget: dict, done: set) -> list[tuple[str, int]]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pamfx.codegen import specialised
+from pamfx.codegen import own_networks, specialised
 from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.align import align
 from pamfx.passes.build import build_network
@@ -78,10 +78,18 @@ def build_random(models, seed: int, example=None):
 
 
 def generated_macs(network) -> dict:
-    """{combination (frozenset): MACs the generated module runs}: a combination codegen specialises runs its
-    fused network (zero blocks included), any other the task-gated statements."""
+    """{combination (frozenset): MACs the generated module runs}: tasks on their own networks run those (fused or
+    not), the others the fused network of their combination if codegen specialises it (zero blocks included),
+    else the task-gated statements."""
     fused = {frozenset(c): plan.macs() for c, plan in specialised(network)}
-    return {frozenset(c): fused.get(frozenset(c), network.macs(c)) for c in all_combinations(network.tasks)}
+    own = {t: plan.macs() for t, plan in own_networks(network).items()}
+    executed = {}
+    for c in all_combinations(network.tasks):
+        alone = network.plan(c)
+        shared = frozenset(c) - alone
+        executed[frozenset(c)] = (fused.get(shared, network.gated_macs(shared)) if shared else 0) + sum(
+            own[t] for t in alone)
+    return executed
 
 
 def assert_equivalent(reference, model, inputs, combinations, atol=1e-5):
