@@ -163,11 +163,11 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         if pruning.alone and merge != "none" and len(tasks) > 1:   # under none each task's network is its own
             say("[pamfx] pruning each task's own network")
             started = time.perf_counter()
-            alone = prune_alone(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+            alone, own_notes = _own_networks(models, aligned, spaces, grouping, tuned, data, guard, floors, prune,
+                                             pruning, seed, progress, device)
             tuned.network.with_alone(alone)
             seconds["alone"] = time.perf_counter() - started
-            notes += [f"own network of task '{t}': {own.macs():,} MACs against {tuned.network.gated_macs([t]):,} on "
-                      f"the shared network" for t, own in alone.items()]
+            notes += own_notes
     say("[pamfx] measuring every combination")
     started = time.perf_counter()
     report = make_report(tuned.network, aligned, guard, original, notes,   # MACs, params, accuracy
@@ -180,6 +180,37 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     report = report.with_notes([f"WARNING: {p}" for p in problems])
     return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
                   warnings=tuple(problems))
+
+
+def _own_networks(models, aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress,
+                  device) -> tuple[dict, list[str]]:
+    """{task: its own network} and the report's lines on them. Each task's own network is the cheaper of two
+    prunings for that task alone under its guard: the pruned merged network's copy (passes.prune.prune_alone),
+    and its original model (what pruning it separately gives with this seed). Kept only where it costs fewer MACs
+    than the task's statements on the shared network."""
+    from_merged = prune_alone(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+    alone, notes = {}, []
+    for task in aligned.tasks:
+        single = align(trace({task: models[task]}, data.example, device))
+        single_spaces = find_channel_spaces(single)
+        own_grouping, weights = merge_none(single, single_spaces), stack_weights(single, single_spaces)
+        start = Tuned(*build_network(single, single_spaces, own_grouping, weights), weights)
+        pruned = prune_network(single, single_spaces, own_grouping, start, data.only([task]), guard.only([task]),
+                               {task: floors[task]}, prune, pruning, seed, progress)
+        candidates = {"the merged network": from_merged.get(task)}
+        if not pruned.below_floor:
+            candidates["its original model"] = pruned.tuned.network
+        candidates = {source: network for source, network in candidates.items() if network is not None}
+        shared = tuned.network.gated_macs([task])
+        source = min(candidates, key=lambda name: candidates[name].macs(), default=None)
+        if source is None or candidates[source].macs() >= shared:
+            notes.append(f"own network of task '{task}': none cheaper than its {shared:,} MACs on the shared network")
+            continue
+        alone[task] = candidates[source]
+        notes.append(f"own network of task '{task}': {alone[task].macs():,} MACs, pruned from {source} ("
+                     + ", ".join(f"from {name}: {network.macs():,}" for name, network in candidates.items())
+                     + f"), against {shared:,} on the shared network")
+    return alone, notes
 
 
 REMEDY = {"pam": "lower the PAM thresholds", "mtz": "lower MtzConfig.degree",

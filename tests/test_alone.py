@@ -1,7 +1,8 @@
 """Tasks' own networks (PruneConfig(alone=True), GatedNetwork.with_alone): a combination runs the tasks whose own
 network makes it cheapest on those, the rest on the shared statements. Checked: the plan is the cheapest split
 (against every split), outputs and MACs follow it (FlopCounterMode), the generated file equals the in-memory
-network on every combination, and optimize() builds own networks that meet the guard and cost less."""
+network on every combination, and optimize() builds own networks that meet the guard and cost no more than the
+task's share of the shared network or its model pruned alone."""
 import itertools
 
 import pytest
@@ -94,15 +95,20 @@ def optimized():
                    pam=PamConfig(alpha_conv=0.3, alpha_linear=0.5, relative=True, samples=32),
                    finetune=FinetuneConfig(steps=5, batch_size=32))
     pruning = PruneConfig(step_steps=5, final_steps=5, max_steps=4, importance_batches=2, batch_size=32)
+    separate = {t: pamfx.optimize({t: models[t]}, {t: data[t]}, **{**options, "merge": "none",
+                                                                   "eval_data": {t: guard[t]}}, pruning=pruning)
+                for t in TASKS}
     return (models, guard, pamfx.optimize(models, data, pruning=pruning, **options),
-            pamfx.optimize(models, data, pruning=PruneConfig(**{**vars(pruning), "alone": True}), **options))
+            pamfx.optimize(models, data, pruning=PruneConfig(**{**vars(pruning), "alone": True}), **options), separate)
 
 
 @pytest.mark.filterwarnings("ignore::pamfx.PamfxWarning")
 def test_optimize_prunes_own_networks_under_their_guard(optimized):
-    models, guard, shared, result = optimized
+    models, guard, shared, result, separate = optimized
     network = result.model
     assert shared.model.alone_tasks == () and network.alone_tasks
+    for task in TASKS:   # the cheaper of the merged network's copy and the original model pruned alone
+        assert network.macs([task]) <= min(separate[task].model.macs(), shared.model.macs([task]))
     original = {t: accuracy(m.eval(), *guard[t]) for t, m in models.items()}   # what the guard compares with
     for task in network.alone_tasks:
         own = network.own_network(task)
