@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="pruner passed to optimize; 'none' prunes nothing (default: %(default)s)")
     demo.add_argument("--tolerance", type=float, default=0.01,
                       help="largest drop of a task's accuracy on the guard data (default: %(default)s)")
+    demo.add_argument("--own", action="store_true",
+                      help="also give each task its own network, pruned for it alone, run where that is cheaper "
+                           "(PruneConfig(alone=True); a task's output then depends on the combination)")
     demo.add_argument("--device", default=None,
                       help="where optimize runs: 'cpu', 'cuda', 'cuda:1' (default: where the models are, the CPU)")
     demo.add_argument("--quiet", action="store_true", help="print results only, no progress")
@@ -105,11 +108,16 @@ def run_demo(args: argparse.Namespace) -> int:
                             seed=args.seed, progress=progress, device=args.device,
                             pam=pamfx.PamConfig(alpha_conv=args.alpha_conv, alpha_linear=args.alpha_linear,
                                                 relative=not args.alpha_in_nats),
-                            finetune=pamfx.FinetuneConfig(epochs=args.finetune_epochs))
+                            finetune=pamfx.FinetuneConfig(epochs=args.finetune_epochs),
+                            pruning=pamfx.PruneConfig(alone=args.own))
     print(result.report.to_markdown())
-    tested = evaluate(result.model, test_data)
+    with result.model.gated_only():
+        tested = evaluate(result.model, test_data)
     print("test accuracy (never used for a decision): " + ", ".join(
         f"{t} {_named(test_data[t][1])}{accuracy(models[t], *test_data[t]):.4f} -> {tested[t]:.4f}" for t in tasks))
+    for task in result.model.alone_tasks:
+        own = evaluate(result.model.own_network(task), {task: test_data[task]})[task]
+        print(f"test accuracy of {task}'s own network: {own:.4f}")
     out = pamfx.codegen(result.model, args.out, overwrite=args.overwrite)
     print(f"wrote {out} and {out.with_suffix('.pt')}")
     matches = check_generated(out, result.model, next(iter(test_data.values()))[0][:CHECK_IMAGES])

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import pamfx
 from pamfx.__main__ import main
 
 TASKS = ("classes_0_4", "classes_5_9")
@@ -98,3 +99,20 @@ def test_python_m_pamfx_exits_2_without_traceback(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert run.returncode == 2
     assert "dataset-fashion-mnist" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_own_asks_optimize_for_own_networks(demo_args, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(pamfx, "optimize", spy)
+    for extra, wanted in (([], False), (["--own"], True)):
+        with pytest.raises(Stop):
+            main(demo_args + extra)
+        assert seen["pruning"].alone is wanted

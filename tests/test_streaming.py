@@ -207,3 +207,32 @@ def test_loaders_of_different_input_shapes_are_refused():
     with pytest.raises(pamfx.DataError, match=r"data: a batch's inputs have shape \(1, 20, 28\) but the first "
                                               r"batch's \(1, 28, 28\); all models read one input"):
         pamfx.optimize(models, loaders, progress=False)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_only_narrows_loader_data_to_some_tasks_and_keeps_checking_every_batch(joint):
+    """TaskData.only (each task's own network trains and decides on that task alone): batches carry the chosen
+    tasks' labels only, from one loader of all tasks or from that task's own loader, and are still checked."""
+    tasks = ("a", "b")
+    if joint:
+        data = check_data(DataLoader(Virtual(64, tasks), batch_size=16), tasks)
+    else:
+        data = check_data({t: DataLoader(Virtual(64, tasks, task=t), batch_size=16) for t in tasks}, tasks)
+    narrowed = data.only(["b"])
+    assert narrowed.tasks == ("b",) and data.tasks == tasks
+    batches = list(narrowed.batches())
+    assert len(batches) == 4 and all(set(labels) == {"b"} for _, labels in batches)
+    assert all(set(labels) == {"b"} for step in [next(narrowed.stream(16, 0))] for _, labels in step)
+    tensors = check_data(random_data(tasks), tasks).only(["a"])
+    assert tensors.tasks == ("a",) and [set(labels) for _, labels in tensors.batches()] == [{"a"}]
+    broken = check_data(DataLoader(NaNsLater(64, tasks), batch_size=16), tasks).only(["a"])   # first batch fine
+    with pytest.raises(pamfx.DataError, match="NaN"):
+        list(broken.batches())
+
+
+class NaNsLater(Virtual):
+    """Items from index 16 on (the second batch of 16) hold a NaN."""
+
+    def __getitem__(self, index):
+        image, labels = super().__getitem__(index)
+        return (image * float("nan") if index >= 16 else image), labels
