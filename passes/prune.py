@@ -38,15 +38,20 @@ class PruneConfig:
     """The prune pass's knobs.
 
     step_fraction: share of each task's MACs the first step removes (its lowest-ranked units until their removal
-    saves that much); min_fraction: a task whose share fell below this (halved at each failure) is done; max_steps: a cap on steps. step_steps / final_steps: fine-tuning
-    steps (batches of batch_size per task, Adam at lr) after each step and at the end. cost_aware: rank units by
-    importance per MAC their removal saves (all tasks running) instead of importance alone. importance_batches:
-    batches the Taylor criterion accumulates. alone: after pruning a merged network of several tasks, also prune
-    each task's own copy for that task alone (prune_alone); a combination runs a task on its own network when
-    that costs fewer MACs. Off by default: a task's output then depends on the combination it runs in (each
-    version meets its guard), where the task-gated network alone gives it the same output in every combination. vib_steps / vib_kl / vib_lr: the VIB criterion's gate training
-    (steps, weight of the KL term per unit, learning rate). guard_fraction: share of `data` held out as the guard
-    when optimize() is given no eval_data.
+    saves that much); min_fraction: a task whose share fell below this (halved at each failure) is done;
+    max_steps: a cap on steps. step_steps / final_steps: fine-tuning steps (batches of batch_size per task, Adam at
+    lr) after each step and at the end. cost_aware: rank units by importance per MAC their removal saves (all tasks
+    running) instead of importance alone. importance_batches: batches the Taylor criterion accumulates.
+    vib_steps / vib_kl / vib_lr: the VIB criterion's gate training (steps, weight of the KL term per unit, learning
+    rate). guard_fraction: share of `data` held out as the guard when optimize() is given no eval_data.
+    alone: after pruning a merged network of several tasks, give each task its own network pruned for it alone
+    (see pamfx.api._own_networks); a combination runs a task on it when that costs fewer MACs. Off by default: a
+    task's output then depends on the combination it runs in (each version meets its guard), where the task-gated
+    network alone gives it the same output in every combination.
+    halve_sharers: when a failing task's units are restored, also halve the share of the tasks that share them (they
+    offered those units too); without it, in a network shared by all tasks the tasks that did not fail keep
+    offering the same share, the next step fails alike, and the failing task halves until it is done.
+    Under merge="none" no unit is shared, so it changes nothing there.
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
@@ -62,6 +67,7 @@ class PruneConfig:
     vib_lr: float = 1e-2
     guard_fraction: float = 0.1
     alone: bool = False
+    halve_sharers: bool = False
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
@@ -139,6 +145,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
         removal = _choose(aligned, spaces, groups, scores, saved, budget, done)
         restored_for: set = set()
+        halved: set = set()     # tasks whose fraction this step already halved
         accepted = None
         while removal:
             trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
@@ -154,10 +161,15 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             if not failing:
                 accepted = (trial, trial_groups)
                 break
-            for t in failing - restored_for:
-                fraction[t] /= 2
             restored_for |= failing
             kept = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
+            shrinking = set(failing)
+            if config.halve_sharers:   # the tasks sharing a restored unit offered it too: smaller steps for them
+                restored = set(removal) - set(kept)
+                shrinking |= set().union(*(groups[name][unit] for name, unit in restored)) & set(tasks)
+            for t in shrinking - halved:
+                fraction[t] /= 2
+            halved |= shrinking
             removal = kept if len(kept) < len(removal) else []   # nothing to restore: the step is undone
         if accepted is not None:
             removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
