@@ -41,8 +41,7 @@ TOLERANCE = 0.01
 FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
 CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False),
-            "taylor own": pamfx.PruneConfig(alone=True),   # own: each task also gets its own network (prune_alone)
-            "taylor halve": pamfx.PruneConfig(halve_sharers=True)}
+            "taylor own": pamfx.PruneConfig(alone=True)}   # own: each task also gets its own network
 PAM_METHODS = ("pam+taylor", "pam+taylor own")
 PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
 

@@ -48,10 +48,6 @@ class PruneConfig:
     (see pamfx.api._own_networks); a combination runs a task on it when that costs fewer MACs. Off by default: a
     task's output then depends on the combination it runs in (each version meets its guard), where the task-gated
     network alone gives it the same output in every combination.
-    halve_sharers: when a failing task's units are restored, also halve the share of the tasks that share them (they
-    offered those units too); without it, in a network shared by all tasks the tasks that did not fail keep
-    offering the same share, the next step fails alike, and the failing task halves until it is done.
-    Under merge="none" no unit is shared, so it changes nothing there.
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
@@ -67,7 +63,6 @@ class PruneConfig:
     vib_lr: float = 1e-2
     guard_fraction: float = 0.1
     alone: bool = False
-    halve_sharers: bool = False
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
@@ -145,7 +140,6 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
         removal = _choose(aligned, spaces, groups, scores, saved, budget, done)
         restored_for: set = set()
-        halved: set = set()     # tasks whose fraction this step already halved
         accepted = None
         while removal:
             trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
@@ -161,15 +155,10 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             if not failing:
                 accepted = (trial, trial_groups)
                 break
+            for t in failing - restored_for:
+                fraction[t] /= 2
             restored_for |= failing
             kept = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
-            shrinking = set(failing)
-            if config.halve_sharers:   # the tasks sharing a restored unit offered it too: smaller steps for them
-                restored = set(removal) - set(kept)
-                shrinking |= set().union(*(groups[name][unit] for name, unit in restored)) & set(tasks)
-            for t in shrinking - halved:
-                fraction[t] /= 2
-            halved |= shrinking
             removal = kept if len(kept) < len(removal) else []   # nothing to restore: the step is undone
         if accepted is not None:
             removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)

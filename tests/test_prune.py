@@ -3,7 +3,6 @@ with the in-memory network on every combination), keeps the grouping rules, neve
 task on its own under merge="none", and reports what it did. Budgets are tiny: these tests check structure and
 bookkeeping, not how good the pruning is."""
 import re
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from pamfx import FinetuneConfig, MtzConfig, PamConfig, PruneConfig
 from pamfx.api import hold_out
 from pamfx.ir import all_combinations
 from pamfx.network import INPUT
-from pamfx.passes import prune as prune_pass
 from pamfx.passes.build import build_network
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.stack import read_back, stack_weights
@@ -370,26 +368,3 @@ def test_a_merge_dearer_than_the_originals_is_warned_about():
 def test_prune_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=rf"PruneConfig\.{field}={value!r}"):
         PruneConfig(**{field: value})
-
-
-@pytest.mark.parametrize("halve", [False, True])
-def test_halve_sharers_shrinks_the_steps_of_the_tasks_sharing_restored_units(halve, monkeypatch):
-    """'shaky' fails every step. In a network shared by both tasks (PAM with zero thresholds), 'solid' offers the
-    same shared units: without halve_sharers its share stays while shaky's halves (their budgets drift apart), with
-    it both halve together. Under merge="none" it changes nothing (no unit is shared)."""
-    models, data, guard = solid_and_shaky(("solid", "shaky"), seed=1)
-    budgets = []
-    choose = prune_pass._choose
-    monkeypatch.setattr(prune_pass, "_choose", lambda *args: budgets.append(dict(args[5])) or choose(*args))
-    config = PruneConfig(step_steps=5, final_steps=0, max_steps=4, importance_batches=1, batch_size=32,
-                         halve_sharers=halve)
-    shared = PamConfig(alpha_conv=0.0, alpha_linear=0.0, samples=32)
-    result = run(models, data, guard, merge="pam", tolerance=0.0, pruning=config, pam=shared,
-                 finetune=FinetuneConfig(steps=0))   # untrained, the merge keeps shaky's guard predictions
-    assert any("restored units of shaky" in note for note in result.report.notes)
-    drift = max(budget["solid"] / budget["shaky"] for budget in budgets if "shaky" in budget and budget["shaky"])
-    assert (drift < 1.5) if halve else (drift > 3)
-    del budgets[:]
-    plain, halved = (run(models, data, guard, prune="taylor", tolerance=0.0, pruning=replace(config, halve_sharers=h))
-                     for h in (False, True))
-    assert plain.model.macs(["solid"]) == halved.model.macs(["solid"]) < plain.report.row(["solid"]).merged_macs
