@@ -163,8 +163,8 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         if pruning.alone and merge != "none" and len(tasks) > 1:   # under none each task's network is its own
             say("[pamfx] pruning each task's own network")
             started = time.perf_counter()
-            alone, own_notes = _own_networks(models, aligned, spaces, grouping, tuned, data, guard, floors, prune,
-                                             pruning, seed, progress, device)
+            alone, own_notes = _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning,
+                                             seed, progress)
             tuned.network.with_alone(alone)
             seconds["alone"] = time.perf_counter() - started
             notes += own_notes
@@ -182,24 +182,23 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
                   warnings=tuple(problems))
 
 
-def _own_networks(models, aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress,
-                  device) -> tuple[dict, list[str]]:
+def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress
+                  ) -> tuple[dict, list[str]]:
     """{task: its own network} and the report's lines on them. Each task's own network is the cheaper of two
     prunings for that task alone under its guard: the pruned merged network's copy (passes.prune.prune_alone),
-    and its original model (what pruning it separately gives with this seed). Kept only where it costs fewer MACs
-    than the task's statements on the shared network."""
+    and its original model as merge="none" prunes it (the very network optimize(merge="none") gives with this
+    seed, so that no combination costs more than pruning the models separately). Kept only where it costs fewer
+    MACs than the task's statements on the shared network."""
     from_merged = prune_alone(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+    separate_grouping, weights = _merge_none(aligned, spaces, data, None)
+    separate = prune_network(aligned, spaces, separate_grouping,
+                             Tuned(*build_network(aligned, spaces, separate_grouping, weights), weights),
+                             data, guard, floors, prune, pruning, seed, progress)
     alone, notes = {}, []
     for task in aligned.tasks:
-        single = align(trace({task: models[task]}, data.example, device))
-        single_spaces = find_channel_spaces(single)
-        own_grouping, weights = merge_none(single, single_spaces), stack_weights(single, single_spaces)
-        start = Tuned(*build_network(single, single_spaces, own_grouping, weights), weights)
-        pruned = prune_network(single, single_spaces, own_grouping, start, data.only([task]), guard.only([task]),
-                               {task: floors[task]}, prune, pruning, seed, progress)
-        candidates = {"the merged network": from_merged.get(task)}
-        if not pruned.below_floor:
-            candidates["its original model"] = pruned.tuned.network
+        candidates = {"the merged network": from_merged.get(task),
+                      "its original model": None if task in separate.below_floor
+                      else separate.tuned.network.restricted(task)}
         candidates = {source: network for source, network in candidates.items() if network is not None}
         shared = tuned.network.gated_macs([task])
         source = min(candidates, key=lambda name: candidates[name].macs(), default=None)

@@ -13,8 +13,9 @@ The schedule, one step at a time:
    model's accuracy there minus the tolerance);
 4. when tasks fail, restore the removed units whose group contains a failing task, halve those tasks' fractions
    and check again; a task whose fraction falls below the minimum is done, and units serving it are kept from
-   then on. Under merge="none" groups never mix tasks, so each task is pruned under its own guard exactly as
-   pruning its model alone would.
+   then on. Under merge="none" groups never mix tasks, so each task is pruned under its own guard, as
+   pruning its model alone would until that run would stop: a task whose every wanted unit is a last path ends
+   a run of its own, while beside other tasks the loop goes on and draws its scores anew (so it may remove more).
 A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
 
     pruned = prune(aligned, spaces, grouping, tuned, data, guard, floors, "taylor", PruneConfig())
@@ -193,17 +194,16 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
 def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned,
                 data, guard, floors: dict, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
                 progress: bool = True) -> dict[str, GatedNetwork]:
-    """{task: its own network}: for each task, the pruned network `tuned` pruned further for that task alone (its
-    loss, its guard) and cut down to what it computes; only tasks whose own network costs fewer MACs than the
-    shared one's statements for it. Merged networks end mostly shared, so one task alone runs nearly everything all
-    tasks run; its own network drops what only the others need (GatedNetwork.with_alone runs it when cheaper)."""
+    """{task: its own network}: for each task that keeps its floor, the pruned network `tuned` pruned further for
+    that task alone (its loss, its guard) and cut down to what it computes. Merged networks end mostly shared, so
+    one task alone runs nearly everything all tasks run; its own network drops what only the others need
+    (pamfx.api._own_networks keeps it where it is the cheapest way to run the task)."""
     alone = {}
     for task in aligned.tasks:
         pruned = prune(aligned, spaces, grouping, tuned, data.only([task]), guard.only([task]), {task: floors[task]},
                        criterion, config, seed, progress)
-        own = pruned.tuned.network.restricted(task)
-        if not pruned.below_floor and own.macs() < tuned.network.macs([task]):
-            alone[task] = own
+        if not pruned.below_floor:
+            alone[task] = pruned.tuned.network.restricted(task)
     return alone
 
 
