@@ -69,8 +69,9 @@ def main(argv=None) -> None:
                     if not cached(scenario, method, seed).exists():
                         started = time.perf_counter()
                         print(f"[bench] {name} / {method} / seed {seed}", file=sys.stderr, flush=True)
+                        # one thread: float sums, hence pruning decisions, do not depend on the core count
                         subprocess.run([sys.executable, __file__, "--run", name, method, "--seed", str(seed)],
-                                       check=True)
+                                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                         print(f"[bench] {name} / {method} / seed {seed}: {time.perf_counter() - started:.0f} s",
                               file=sys.stderr, flush=True)
             if not args.no_latency:
