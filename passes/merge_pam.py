@@ -117,7 +117,7 @@ def group_table(spaces: dict[str, ChannelSpace], grouping: Grouping, tasks: tupl
         counts: dict = {}
         for group in groups:
             counts[group] = counts.get(group, 0) + 1
-        ordered = sorted((g for g in counts if g is not None), key=lambda g: (len(g), [tasks.index(t) for t in g]))
+        ordered = sorted((g for g in counts if g is not None), key=lambda g: (len(g), sorted(tasks.index(t) for t in g)))
         cells = [f"{group_label(g, tasks)}: {counts[g]}" for g in ordered] + [f"dropped: {counts.get(None, 0)}"]
         lines.append(f"{name} ({len(groups)} units): " + ", ".join(cells))
     return lines

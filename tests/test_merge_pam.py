@@ -164,3 +164,13 @@ def test_tasks_on_the_same_inputs_share_their_unit_kernels_and_group_alike(monke
                             pam=pamfx.PamConfig(alpha_conv=0.01, alpha_linear=0.05))
     assert len(builds) == (1 if shared else len(TASKS))
     assert result.grouping.groups["hidden"] == tuple(frozenset(tasks) or None for _ in TASKS for tasks in WIRING)
+
+
+def test_group_table_lists_groups_in_task_order_whatever_the_hash_order():
+    from pamfx.ir import Grouping
+    from pamfx.passes.merge_pam import group_table
+    tasks = ("a", "b", "c")
+    groups = (frozenset("cb"), frozenset("ca"), frozenset("c"), None, frozenset("cba"), frozenset("ca"))
+    space = type("Space", (), {})()   # group_table reads only the grouping
+    assert group_table({"fc1": space}, Grouping({"fc1": groups}), tasks) == [
+        "fc1 (6 units): {c}: 1, {a, c}: 2, {b, c}: 1, {a, b, c}: 1, dropped: 1"]
