@@ -41,8 +41,10 @@ TOLERANCE = 0.01
 FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
 CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False),
-            "taylor own": pamfx.PruneConfig(alone=True)}   # own: each task also gets its own network
-PAM_METHODS = ("pam+taylor", "pam+taylor own")
+            "taylor own": pamfx.PruneConfig(alone=True),   # own: each task also gets its own network
+            "taylor zip": PRUNING}
+ZIP = pamfx.PamConfig(zip_degree=0.9)          # zip: PAM's shared groups zipped in pairs before pruning
+PAM_METHODS = ("pam+taylor", "pam+taylor own", "pam+taylor zip")
 PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
 
 
@@ -131,7 +133,7 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
         merge, criterion = method.split("+")
         result = pamfx.optimize(models, train, eval_data=guard, merge=merge, prune=criterion.split()[0],
                                 tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], seed=seed,
-                                progress=False)
+                                pam=ZIP if criterion.endswith("zip") else pamfx.PamConfig(), progress=False)
         combos = all_combinations(tasks)
         network = result.model
         with network.gated_only():

@@ -1,7 +1,8 @@
 """optimize(): the pipeline from N single-task models to one task-gated multitask network, read top to bottom."""
+import copy
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -15,7 +16,7 @@ from .passes.align import align
 from .passes.build import build_network
 from .passes.channel_spaces import find_channel_spaces
 from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
-from .passes.merge_mtz import MtzConfig, merge_mtz
+from .passes.merge_mtz import MtzConfig, merge_mtz, zip_groups
 from .passes.merge_none import merge_none
 from .passes.merge_pam import PamConfig, group_table, merge_pam, search_pam
 from .passes.prune import PruneConfig, prune as prune_network, prune_alone
@@ -62,7 +63,7 @@ class Result:
     report: Report
     grouping: Grouping
     spaces: dict[str, ChannelSpace]
-    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "prune", "alone", "report"
+    seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "zip", "prune", "alone", "report"
     warnings: tuple[str, ...] = ()
 
 
@@ -124,12 +125,12 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
         f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
     started = time.perf_counter()
+    # NOTE: PAM's search and zipping keep `pam.prune_share` of the tolerance for the prune pass; a merge that spends
+    # all of it leaves pruning nothing to remove.
+    share = pam.prune_share if prune is not None else 0.0
+    merge_floors = {t: original[t] - tolerance * (1 - share) for t in tasks}
     if merge == "pam" and pam.alpha_conv is None:                    # thresholds chosen under the guard
-        # NOTE: the search keeps `pam.prune_share` of the tolerance for the prune pass; a merge that spends all of
-        # it leaves pruning nothing to remove.
-        share = pam.prune_share if prune is not None else 0.0
-        search_floors = {t: original[t] - tolerance * (1 - share) for t in tasks}
-        grouping, tuned = search_pam(aligned, spaces, data, guard, search_floors, pam, finetune, seed, progress)
+        grouping, tuned = search_pam(aligned, spaces, data, guard, merge_floors, pam, finetune, seed, progress)
         seconds = {"merge": time.perf_counter() - started}
         notes += [f"merge=pam: thresholds searched, {seconds['merge']:.1f} s with fine-tuning"]
     else:
@@ -146,6 +147,12 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
             tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, finetune, seed, progress)
             seconds["finetune"] = time.perf_counter() - started
     notes += group_table(spaces, grouping, tasks) + list(grouping.notes)
+    if merge == "pam" and pam.zip_degree > 0 and len(tasks) > 1:
+        started = time.perf_counter()
+        grouping, tuned, zip_notes = _zip_shared(aligned, spaces, grouping, tuned, data, guard, merge_floors,
+                                                 MergeSettings(pam, mtz, finetune, seed, progress))
+        seconds["zip"] = time.perf_counter() - started
+        notes += zip_notes
     merged_macs = {c: tuned.network.macs(c) for c in all_combinations(tasks)}
     merged_accuracy = evaluate(tuned.network, guard)
     notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(merged_accuracy))
@@ -180,6 +187,29 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     report = report.with_notes([f"WARNING: {p}" for p in problems])
     return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
                   warnings=tuple(problems))
+
+
+def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings: MergeSettings
+                ) -> tuple[Grouping, Tuned, list[str]]:
+    """PAM's merged network with the units of different models in each shared group zipped in pairs
+    (merge_mtz.zip_groups, MTZ's schedule) and fine-tuned as after a merge. Tries `pam.zip_degree` of the fewer
+    side, then half and a quarter of it, and keeps the first network that leaves every task at or above `floors` on
+    the guard; if none does, the network as merged."""
+    notes = []
+    for degree in (settings.pam.zip_degree, settings.pam.zip_degree / 2, settings.pam.zip_degree / 4):
+        config = replace(settings.mtz, degree=degree)
+        zipped, weights = zip_groups(aligned, spaces, grouping, copy.deepcopy(tuned.weights), data, config,
+                                     settings.finetune, settings.seed, settings.progress)
+        candidate = rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
+                                         settings.progress, desc=f"pam: zipped {degree:.3g}")
+        accuracy = evaluate(candidate.network, guard)
+        failing = [t for t in aligned.tasks if accuracy[t] < floors[t]]
+        notes.append(f"pam zip (degree {degree:.3g}): all-task MACs {tuned.network.macs():,} -> "
+                     f"{candidate.network.macs():,}; guard {_listed(accuracy)}"
+                     + (f"; breaks the floor of {', '.join(failing)}" if failing else "; kept"))
+        if not failing:
+            return zipped, candidate, notes + group_table(spaces, zipped, aligned.tasks)
+    return grouping, tuned, notes + ["pam zip: every degree breaks a floor; kept the network unzipped"]
 
 
 def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress

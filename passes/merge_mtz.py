@@ -50,20 +50,48 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
               tuning: FinetuneConfig = FinetuneConfig(), seed: int = 0, progress: bool = True):
     """Returns the grouping (zipped units in the group of the tasks zipped into them) and the edited stacked
     weights."""
+    def zip_layer(node, groups, weights, inputs, zipped):
+        for model in range(1, len(aligned.tasks)):
+            _zip_model(aligned, spaces, node, model, groups, weights, inputs, config.degree, zipped)
+
+    groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
+    return _zip_layers(aligned, spaces, groups, stack_weights(aligned, spaces), data, config, tuning, seed, progress,
+                       zip_layer, "mtz: zip layers")
+
+
+def zip_groups(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, weights: dict, data: dict,
+               config: MtzConfig, tuning: FinetuneConfig = FinetuneConfig(), seed: int = 0, progress: bool = True):
+    """Zips units of different models that stand in the same group of two or more tasks (PAM's shared groups), layer
+    by layer from the input with MTZ's fine-tuning schedule; returns (grouping, stacked weights).
+
+    Such units serve the same tasks and read the same inputs (every feature whose group contains theirs), so one
+    Hessian H (summed over the group's tasks) weighs both, the cost of a pair is 1/4 d^T H d and the zipped row is
+    the pair's mean (weighted by how many units each side already holds). In each group the units of each model
+    after the first are zipped into the units of the models before it, `config.degree` of the fewer side,
+    cheapest first; consumers of a partner read its survivor. Rule 2 holds: a survivor keeps its group."""
+    def zip_layer(node, groups, weights, inputs, zipped):
+        _zip_within_groups(aligned, spaces, node, groups, weights, inputs, config.degree, zipped)
+
+    groups = {name: list(g) for name, g in grouping.groups.items()}
+    return _zip_layers(aligned, spaces, groups, weights, data, config, tuning, seed, progress, zip_layer,
+                       "pam: zip shared units")
+
+
+def _zip_layers(aligned, spaces, groups: dict, weights: dict, data, config: MtzConfig, tuning: FinetuneConfig, seed,
+                progress, zip_layer, desc: str):
+    """The loop MTZ and zip_groups share: for each hidden layer from the input, `zip_layer(node, groups, weights,
+    inputs, zipped)` edits `groups` and `weights` in place, then a short joint fine-tuning (base_steps +
+    steps_per_layer x the layer's index) recovers."""
     # NOTE: a layer whose output is joined with a cat (its units belong to the cat's spaces) is not zipped: its rows
     # of a zipped-away partner go, and fine-tuning recovers.
     layers = [n for n in aligned.nodes_of_kind(*ops.LAYERS)
               if SPACE in n.meta and spaces[n.meta[SPACE]].kind == "hidden"]
-    groups = {name: list(g) for name, g in merge_none(aligned, spaces).groups.items()}
-    weights = stack_weights(aligned, spaces)
     calibration = {t: x for t, (x, _) in as_task_data(data).sample(config.samples, seed).items()}
-    zipped: dict[tuple[str, int], list[tuple[int, int]]] = {}   # (space, model) -> its (survivor, partner) pairs
-    frozen = _frozen(aligned, spaces, groups)
-    tuned = rebuild_and_finetune(aligned, spaces, frozen, weights, data, FinetuneConfig(steps=0))
-    for index, node in enumerate(tqdm(layers, desc="mtz: zip layers", disable=not progress)):
-        inputs = _layer_inputs(tuned, node, calibration)
-        for model in range(1, len(aligned.tasks)):
-            _zip_model(aligned, spaces, node, model, groups, weights, inputs, config.degree, zipped)
+    zipped: dict = {}   # what zip_layer paired in a space, for the space's later layers (a residual add)
+    tuned = rebuild_and_finetune(aligned, spaces, _frozen(aligned, spaces, groups), weights, data,
+                                 FinetuneConfig(steps=0))
+    for index, node in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        zip_layer(node, groups, weights, _layer_inputs(tuned, node, calibration), zipped)
         steps = FinetuneConfig(steps=config.base_steps + config.steps_per_layer * index,
                                batch_size=tuning.batch_size, lr=tuning.lr)
         try:
@@ -79,6 +107,64 @@ def merge_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict
     return Grouping(drop_unreadable(aligned, spaces, _frozen(aligned, spaces, groups).groups)), weights
 
 
+def _zip_within_groups(aligned, spaces, node, groups, weights, inputs, degree, zipped: dict) -> None:
+    """zip_groups' step at one layer. A space made by several layers (a residual add) is paired at its first layer;
+    each later layer of the space merges the same pairs' rows (`zipped[space]`: (group, [(survivor, partner,
+    partner's share)]) lists)."""
+    name = node.meta[SPACE]
+    source = node.all_input_nodes[0]
+    if name not in zipped:
+        zipped[name] = []
+        space = spaces[name]
+        row_blocks, column_blocks = blocks(node, spaces)
+        held = {u: 1 for u in range(len(space.units))}   # how many original units each unit stands for
+        for group in sorted({g for g in groups[name] if g is not None and len(g) > 1}, key=sorted):
+            readable = _readable(aligned, spaces, source, group, groups)
+            if not readable:
+                continue
+            served = {column_blocks[f] for f in readable}
+            members = [u for u, g in enumerate(groups[name]) if g == group and row_blocks[u] in served]
+            hessian = sum(_hessian(inputs[t][:, readable]) for t in group)
+            models = sorted({space.units[u].model for u in members})
+            pairs = []
+            for model in models[1:]:
+                base = [u for u in members if space.units[u].model < model and groups[name][u] == group]
+                incoming = [u for u in members if space.units[u].model == model]
+                count = int(degree * min(len(base), len(incoming)))
+                if not count:
+                    continue
+                a = _rows(weights[node.name]["weight"], base, readable)
+                b = _rows(weights[node.name]["weight"], incoming, readable)
+                allowed = _same_blocks(aligned, spaces, node, base, incoming)
+                for i, j in _cheapest_pairs(a, b, hessian, count, allowed):
+                    unit, partner = base[i], incoming[j]
+                    pairs.append((unit, partner, held[partner] / (held[unit] + held[partner])))
+                    held[unit] += held[partner]
+                    groups[name][partner] = None
+            zipped[name].append((group, pairs))
+        for group, pairs in zipped[name]:
+            for share, units in _by_share(pairs):
+                _redirect_consumers(aligned, weights, name, units, share)
+    for group, pairs in zipped[name]:
+        readable = _readable(aligned, spaces, source, group, groups)
+        for share, units in _by_share(pairs):
+            _merge_rows(weights[node.name], units, readable, share * torch.eye(len(readable), dtype=torch.float64),
+                        share)
+
+
+def _by_share(pairs) -> list[tuple[float, list[tuple[int, int]]]]:
+    """(share, [(survivor, partner)]) from the largest share down: a survivor's shares fall as it takes in more
+    units (1/2, 1/3, ...), so applying them in this order gives each survivor the mean of all its units."""
+    shares = sorted({share for *_, share in pairs}, reverse=True)
+    return [(share, [(unit, partner) for unit, partner, s in pairs if s == share]) for share in shares]
+
+
+def _readable(aligned, spaces, source, group, groups) -> list[int]:
+    """The input features of `source` a unit of `group` may read (rule 2)."""
+    return [f for f, feature in enumerate(source.meta[FEATURES])
+            if may_read(group, group_of_feature(feature, spaces, groups, aligned.tasks) or frozenset())]
+
+
 def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zipped: dict) -> None:
     """Zips the units of `model` into the units shared by models 0..model-1 (or model 0's own, for model 1).
 
@@ -89,8 +175,7 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
     base_group, incoming_group = frozenset(tasks[:model]), frozenset([tasks[model]])
     target = base_group | incoming_group
     source = node.all_input_nodes[0]
-    readable = [f for f, feature in enumerate(source.meta[FEATURES])
-                if may_read(target, group_of_feature(feature, spaces, groups, tasks) or frozenset())]
+    readable = _readable(aligned, spaces, source, target, groups)
     if (name, model) in zipped:
         units = zipped[(name, model)]
     else:
@@ -114,8 +199,8 @@ def _zip_model(aligned, spaces, node, model, groups, weights, inputs, degree, zi
             groups[name][unit], groups[name][partner] = target, None
         _redirect_consumers(aligned, weights, name, units, share)
     if units and readable:
-        _merge_rows(weights[node.name], units, readable, *_compensation(inputs, readable, base_group, tasks[model]),
-                    share=len(base_group) / (len(base_group) + 1))
+        _, move = _compensation(inputs, readable, base_group, tasks[model])
+        _merge_rows(weights[node.name], units, readable, move, share=len(base_group) / (len(base_group) + 1))
 
 
 def _with_partner_rows(tuned: dict, before: dict, later_layers, groups: dict) -> dict:
@@ -142,7 +227,7 @@ def _compensation(inputs, readable, base_group, incoming_task):
     return joint, base_inverse @ joint
 
 
-def _merge_rows(stacked, units, readable, joint, move, share) -> None:
+def _merge_rows(stacked, units, readable, move, share) -> None:
     """Each survivor's row moves toward its partner's by `move`; it keeps only the readable inputs (rule 2)."""
     weight = stacked["weight"]
     every_column = range(weight.shape[1])

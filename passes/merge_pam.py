@@ -38,6 +38,9 @@ class PamConfig:
     deviation first, so that sigma2 means the same in every layer and model (the reference uses raw activations).
     prune_share: the share of the tolerance the search leaves to the prune pass (a trial passes when every task is
     within (1 - prune_share) x tolerance of its original model).
+    zip_degree: after the merge, zip this share of the fewer side of each group's units of different models in
+    pairs, MTZ-style (merge_mtz.zip_groups), and keep the zipped network if every task still passes as above (else
+    half, then a quarter of it); 0 keeps every model's shared units side by side, as the reference does.
     """
     alpha_conv: float | None = None
     alpha_linear: float | None = None
@@ -47,6 +50,7 @@ class PamConfig:
     rescale: bool = True
     search: tuple = ((0.9, 0.95), (0.7, 0.9), (0.5, 0.75), (0.3, 0.5), (0.1, 0.25))
     prune_share: float = 0.5
+    zip_degree: float = 0.0
 
     def __post_init__(self):
         if (self.alpha_conv is None) != (self.alpha_linear is None):
@@ -57,8 +61,9 @@ class PamConfig:
                 continue
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"PamConfig.{name}={value!r} must be a number >= 0")
-        if not 0 <= self.prune_share <= 1:
-            raise ValueError(f"PamConfig.prune_share={self.prune_share!r} must be in [0, 1]")
+        for name in ("prune_share", "zip_degree"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PamConfig.{name}={getattr(self, name)!r} must be a number in [0, 1]")
         if not self.search or any(len(pair) != 2 or not all(0 < a for a in pair) for pair in self.search):
             raise ValueError(f"PamConfig.search={self.search!r} must be (conv, linear) pairs of fractions > 0")
         if not isinstance(self.samples, int) or self.samples < 2:

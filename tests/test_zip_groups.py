@@ -1,0 +1,118 @@
+"""PamConfig(zip_degree): the units of different models in a shared group zipped in pairs after PAM's merge."""
+import copy
+
+import pytest
+import torch
+
+import pamfx
+from pamfx.api import MergeSettings, _zip_shared
+from pamfx.ir import Grouping, all_combinations
+from pamfx.passes.build import build_network
+from pamfx.passes.finetune import FinetuneConfig, Tuned
+from pamfx.passes.layer_weights import LayerWeights
+from pamfx.passes.merge_mtz import MtzConfig, zip_groups
+from pamfx.passes.stack import stack_weights
+
+from conftest import compile_parts, make_models, random_data, random_grouping
+
+NO_TUNING = MtzConfig(degree=1.0, base_steps=0, steps_per_layer=0)
+
+
+def _all_shared(aligned, spaces) -> Grouping:
+    return Grouping({name: (frozenset(aligned.tasks),) * len(space.units)
+                     for name, space in spaces.items() if space.kind == "hidden"})
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "vgg_bn", "resnet_small"])
+def test_zipping_shared_twins_computes_the_original(arch):
+    """Three copies of one model, every unit shared: each unit zips with its copies at zero cost into their mean,
+    so the zipped network is one model wide and computes the original exactly for every combination."""
+    original = make_models(arch, ("a",))["a"]
+    models = {"a": original, "b": copy.deepcopy(original), "c": copy.deepcopy(original)}
+    data = random_data(("a", "b", "c"), n=64)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    grouping, weights = zip_groups(aligned, spaces, _all_shared(aligned, spaces), stack_weights(aligned, spaces),
+                                   data, NO_TUNING, progress=False)
+    for name, groups in grouping.groups.items():
+        width = len(spaces[name].units) // 3
+        assert groups == (frozenset("abc"),) * width + (None,) * (2 * width), name
+    network = build_network(aligned, spaces, grouping, weights)[0].eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = original(x)
+        for combination in all_combinations(aligned.tasks):
+            outputs = network(x, tasks=list(combination))
+            for t in combination:
+                torch.testing.assert_close(outputs[t], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_shared_group_keeps_its_largest_models_share(seed):
+    """At degree 1 every group of two or more tasks ends with as many units as the model holding most of it (each
+    model's units zip into the models' before it); groups of one task and dropped units stay as they were, and the
+    zipped network builds (rule 2 is checked on construction)."""
+    tasks = ("a", "b", "c")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=64)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    before = random_grouping(aligned, spaces, seed, drop=False)
+    after, weights = zip_groups(aligned, spaces, before, stack_weights(aligned, spaces), data, NO_TUNING,
+                                progress=False)
+    for name, groups in before.groups.items():
+        units = spaces[name].units
+        for group in set(groups):
+            held = [sum(1 for u, g in enumerate(groups) if g == group and units[u].model == m) for m in range(3)]
+            expected = max(held) if len(group) > 1 else sum(held)
+            assert sum(1 for g in after.groups[name] if g == group) == expected, (name, sorted(group))
+        assert all(a in (b, None) for a, b in zip(after.groups[name], groups)), name   # no unit changes group
+    build_network(aligned, spaces, after, weights)
+
+
+def test_optimize_zips_pam_shared_groups_and_says_so():
+    tasks = ("a", "b")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=128)
+    settings = dict(merge="pam", prune=None, tolerance=1.0, progress=False, finetune=FinetuneConfig(steps=5),
+                    mtz=MtzConfig(base_steps=1, steps_per_layer=0))
+    plain = pamfx.optimize(models, data, pam=pamfx.PamConfig(alpha_conv=0.0, alpha_linear=0.0), **settings)
+    zipped = pamfx.optimize(models, data, pam=pamfx.PamConfig(alpha_conv=0.0, alpha_linear=0.0, zip_degree=1.0),
+                            **settings)
+    shared = frozenset(tasks)
+    for name, groups in plain.grouping.groups.items():   # alpha 0: almost every unit is relevant to both
+        units = plain.spaces[name].units
+        held = [sum(1 for u, g in enumerate(groups) if g == shared and units[u].model == m) for m in (0, 1)]
+        assert zipped.grouping.groups[name].count(shared) == max(held), name
+    assert zipped.model.macs() < plain.model.macs()
+    assert any(note.startswith("pam zip (degree 1)") for note in zipped.report.notes)
+    assert "zip" in zipped.seconds
+
+
+def test_zipping_that_breaks_a_floor_is_undone():
+    tasks = ("a", "b")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=64)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    grouping = _all_shared(aligned, spaces)
+    weights = stack_weights(aligned, spaces)
+    tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
+    settings = MergeSettings(pamfx.PamConfig(zip_degree=1.0), NO_TUNING, FinetuneConfig(steps=0), 0, False)
+    before = copy.deepcopy(tuned.weights)
+    kept, network, notes = _zip_shared(aligned, spaces, grouping, tuned, data, data, {t: 1.01 for t in tasks},
+                                       settings)
+    assert kept is grouping and network is tuned
+    assert [n.split(":")[0] for n in notes] == ["pam zip (degree 1)", "pam zip (degree 0.5)", "pam zip (degree 0.25)",
+                                                "pam zip"]
+    assert all(n.endswith("breaks the floor of a, b") for n in notes[:3])
+    for name, tensors in before.items():   # the weights the prune pass starts from are the merged network's
+        for key, tensor in tensors.items():
+            assert torch.equal(_dense(network.weights[name][key]), _dense(tensor)), f"{name}.{key}"
+
+
+def _dense(weights):
+    return weights.get(range(weights.shape[0]), range(weights.shape[1])) if isinstance(weights, LayerWeights) else weights
+
+
+@pytest.mark.parametrize("degree", [-0.1, 1.5, "half"])
+def test_zip_degree_out_of_range_is_refused(degree):
+    with pytest.raises(ValueError, match="PamConfig.zip_degree"):
+        pamfx.PamConfig(zip_degree=degree)
