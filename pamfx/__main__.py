@@ -13,6 +13,7 @@ Exit codes: 0 success; 1 the generated file disagrees with the network; 2 bad us
 import argparse
 import functools
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -79,11 +80,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="epochs of multitask fine-tuning after a merge (default: %(default)s)")
     demo.add_argument("--prune", choices=PRUNE_CHOICES, default="taylor",
                       help="pruner passed to optimize; 'none' prunes nothing (default: %(default)s)")
-    demo.add_argument("--tolerance", type=float, default=0.01,
+    demo.add_argument("--tolerance", type=_fraction, default=0.01,
                       help="largest drop of a task's accuracy on the guard data (default: %(default)s)")
     demo.add_argument("--own", action="store_true",
                       help="also give each task its own network, pruned for it alone, run where that is cheaper "
                            "(PruneConfig(alone=True); a task's output then depends on the combination)")
+    demo.add_argument("--zip", type=_fraction, default=0.0, metavar="DEGREE",
+                      help="zip this share of PAM's shared units of different models in pairs before pruning "
+                           "(PamConfig(zip_degree); 0.9 as MTZ; default: %(default)s, no zipping)")
     demo.add_argument("--device", default=None,
                       help="where optimize runs: 'cpu', 'cuda', 'cuda:1' (default: where the models are, the CPU)")
     demo.add_argument("--quiet", action="store_true", help="print results only, no progress")
@@ -99,6 +103,8 @@ def run_demo(args: argparse.Namespace) -> int:
     resolve_device(args.device, {})                                # an unknown or missing device, too
     if (args.alpha_conv is None) != (args.alpha_linear is None):
         raise DataError("give both --alpha-conv and --alpha-linear, or neither (to choose them under the guard)")
+    pam = pamfx.PamConfig(alpha_conv=args.alpha_conv, alpha_linear=args.alpha_linear,
+                          relative=not args.alpha_in_nats, zip_degree=args.zip)
     tasks = paper_split()
     train_data, guard_data, test_data = load_tasks(tasks, args.seed, progress)
     models = train_models(tasks, train_data, test_data, args.cache_dir, args.epochs, args.seed, progress)
@@ -106,8 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result = pamfx.optimize(models, data, eval_data=guard_data, merge=args.merge,
                             prune=None if args.prune == "none" else args.prune, tolerance=args.tolerance,
                             seed=args.seed, progress=progress, device=args.device,
-                            pam=pamfx.PamConfig(alpha_conv=args.alpha_conv, alpha_linear=args.alpha_linear,
-                                                relative=not args.alpha_in_nats),
+                            pam=pam,
                             finetune=pamfx.FinetuneConfig(epochs=args.finetune_epochs),
                             pruning=pamfx.PruneConfig(alone=args.own))
     print(result.report.to_markdown())
@@ -196,6 +201,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
 
 
 def _python_path(text: str) -> Path:

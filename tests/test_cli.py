@@ -84,7 +84,8 @@ def test_missing_dataset_exits_2_naming_the_package(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "merged.py").exists()
 
 
-@pytest.mark.parametrize("option", [["--out", "merged.txt"], ["--epochs", "0"], ["--merge", "bogus"]])
+@pytest.mark.parametrize("option", [["--out", "merged.txt"], ["--epochs", "0"], ["--merge", "bogus"], ["--zip", "2"],
+                                    ["--zip", "half"], ["--tolerance", "-0.1"], ["--tolerance", "nan"]])
 def test_bad_option_is_a_usage_error(demo_args, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(demo_args + option)
@@ -101,7 +102,7 @@ def test_python_m_pamfx_exits_2_without_traceback(tmp_path):
     assert "dataset-fashion-mnist" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_own_asks_optimize_for_own_networks(demo_args, monkeypatch):
+def test_own_and_zip_reach_optimize(demo_args, monkeypatch):
     seen = {}
 
     class Stop(Exception):
@@ -116,3 +117,7 @@ def test_own_asks_optimize_for_own_networks(demo_args, monkeypatch):
         with pytest.raises(Stop):
             main(demo_args + extra)
         assert seen["pruning"].alone is wanted
+    for extra, wanted in (([], 0.0), (["--zip", "0.9"], 0.9)):
+        with pytest.raises(Stop):
+            main(demo_args + extra)
+        assert seen["pam"].zip_degree == wanted
