@@ -42,9 +42,9 @@ FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
 CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False),
             "taylor own": pamfx.PruneConfig(alone=True),   # own: each task also gets its own network
-            "taylor zip": PRUNING}
+            "taylor zip": PRUNING, "taylor zip own": pamfx.PruneConfig(alone=True)}
 ZIP = pamfx.PamConfig(zip_degree=0.9)          # zip: PAM's shared groups zipped in pairs before pruning
-PAM_METHODS = ("pam+taylor", "pam+taylor own", "pam+taylor zip")
+PAM_METHODS = ("pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own")
 PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
 
 
@@ -133,7 +133,7 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
         merge, criterion = method.split("+")
         result = pamfx.optimize(models, train, eval_data=guard, merge=merge, prune=criterion.split()[0],
                                 tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], seed=seed,
-                                pam=ZIP if criterion.endswith("zip") else pamfx.PamConfig(), progress=False)
+                                pam=ZIP if "zip" in criterion.split() else pamfx.PamConfig(), progress=False)
         combos = all_combinations(tasks)
         network = result.model
         with network.gated_only():
