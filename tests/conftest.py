@@ -70,6 +70,12 @@ def random_grouping(aligned, spaces, seed: int, drop: bool = True) -> Grouping:
     return Grouping(groups)
 
 
+def all_shared(aligned, spaces) -> Grouping:
+    """Every hidden unit in the group of all tasks."""
+    return Grouping({name: (frozenset(aligned.tasks),) * len(space.units)
+                     for name, space in spaces.items() if space.kind == "hidden"})
+
+
 def build_random(models, seed: int, example=None):
     example = torch.randn(2, 1, 28, 28) if example is None else example
     aligned, spaces = compile_parts(models, example)

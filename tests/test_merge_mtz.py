@@ -9,21 +9,33 @@ import pamfx
 from pamfx.ir import all_combinations
 from pamfx.passes.build import build_network
 from pamfx.passes.finetune import FinetuneConfig
-from pamfx.passes.merge_mtz import MtzConfig, _cheapest_pairs, merge_mtz
+from pamfx.passes.merge_mtz import MtzConfig, _cheapest_pairs, merge_mtz, zip_groups
+from pamfx.passes.stack import stack_weights
 
-from conftest import compile_parts, make_models, random_data
+from conftest import all_shared, compile_parts, make_models, random_data
 
 NO_TUNING = MtzConfig(degree=1.0, base_steps=0, steps_per_layer=0)
 
 
+ZIPPERS = {   # (aligned, spaces, data) -> (grouping, stacked weights)
+    "mtz": lambda aligned, spaces, data: merge_mtz(aligned, spaces, data, NO_TUNING, progress=False),
+    # PAM's shared groups zipped (PamConfig.zip_degree), every unit in the group of all tasks
+    "zip_groups": lambda aligned, spaces, data: zip_groups(aligned, spaces, all_shared(aligned, spaces),
+                                                           stack_weights(aligned, spaces), data, NO_TUNING,
+                                                           progress=False),
+}
+
+
+@pytest.mark.parametrize("zipper", sorted(ZIPPERS))
 @pytest.mark.parametrize("arch", ["lenet5", "vgg_bn", "resnet_small"])
-def test_zipping_identical_models_changes_nothing(arch):
-    """Twins zip unit for unit at zero cost, and the zipped network computes both originals exactly."""
+def test_zipping_identical_models_changes_nothing(arch, zipper):
+    """Twins zip unit for unit at zero cost (into their mean, for zip_groups), and the zipped network computes the
+    original exactly for every combination."""
     original = make_models(arch, ("a",))["a"]
     models = {"a": original, "b": copy.deepcopy(original), "c": copy.deepcopy(original)}
     data = random_data(("a", "b", "c"), n=64)
     aligned, spaces = compile_parts(models, data["a"][0][:2])
-    grouping, weights = merge_mtz(aligned, spaces, data, NO_TUNING, progress=False)
+    grouping, weights = ZIPPERS[zipper](aligned, spaces, data)
     for name, groups in grouping.groups.items():
         width = len(spaces[name].units) // 3
         assert groups == (frozenset("abc"),) * width + (None,) * (2 * width), name
@@ -31,8 +43,10 @@ def test_zipping_identical_models_changes_nothing(arch):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = original(x)
-        for t in "abc":
-            torch.testing.assert_close(network(x, tasks=[t])[t], expected, atol=1e-5, rtol=0)
+        for combination in all_combinations(aligned.tasks):
+            outputs = network(x, tasks=list(combination))
+            for t in combination:
+                torch.testing.assert_close(outputs[t], expected, atol=1e-5, rtol=0)
     head = [m for m in original.modules() if isinstance(m, torch.nn.Linear)][-1]
     assert network.macs(["a", "b", "c"]) == network.macs(["a"]) + 2 * head.in_features * head.out_features
 

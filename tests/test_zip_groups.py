@@ -1,4 +1,5 @@
-"""PamConfig(zip_degree): the units of different models in a shared group zipped in pairs after PAM's merge."""
+"""PamConfig(zip_degree): the units of different models in a shared group zipped in pairs after PAM's merge
+(twins zipping exactly: tests/test_merge_mtz.py)."""
 import copy
 
 import pytest
@@ -6,44 +7,15 @@ import torch
 
 import pamfx
 from pamfx.api import MergeSettings, _zip_shared
-from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.build import build_network
 from pamfx.passes.finetune import FinetuneConfig, Tuned
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_mtz import MtzConfig, zip_groups
 from pamfx.passes.stack import stack_weights
 
-from conftest import compile_parts, make_models, random_data, random_grouping
+from conftest import all_shared, compile_parts, make_models, random_data, random_grouping
 
 NO_TUNING = MtzConfig(degree=1.0, base_steps=0, steps_per_layer=0)
-
-
-def _all_shared(aligned, spaces) -> Grouping:
-    return Grouping({name: (frozenset(aligned.tasks),) * len(space.units)
-                     for name, space in spaces.items() if space.kind == "hidden"})
-
-
-@pytest.mark.parametrize("arch", ["lenet5", "vgg_bn", "resnet_small"])
-def test_zipping_shared_twins_computes_the_original(arch):
-    """Three copies of one model, every unit shared: each unit zips with its copies at zero cost into their mean,
-    so the zipped network is one model wide and computes the original exactly for every combination."""
-    original = make_models(arch, ("a",))["a"]
-    models = {"a": original, "b": copy.deepcopy(original), "c": copy.deepcopy(original)}
-    data = random_data(("a", "b", "c"), n=64)
-    aligned, spaces = compile_parts(models, data["a"][0][:2])
-    grouping, weights = zip_groups(aligned, spaces, _all_shared(aligned, spaces), stack_weights(aligned, spaces),
-                                   data, NO_TUNING, progress=False)
-    for name, groups in grouping.groups.items():
-        width = len(spaces[name].units) // 3
-        assert groups == (frozenset("abc"),) * width + (None,) * (2 * width), name
-    network = build_network(aligned, spaces, grouping, weights)[0].eval()
-    x = torch.randn(4, 1, 28, 28)
-    with torch.no_grad():
-        expected = original(x)
-        for combination in all_combinations(aligned.tasks):
-            outputs = network(x, tasks=list(combination))
-            for t in combination:
-                torch.testing.assert_close(outputs[t], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -92,7 +64,7 @@ def test_zipping_that_breaks_a_floor_is_undone():
     models = make_models("lenet5", tasks)
     data = random_data(tasks, n=64)
     aligned, spaces = compile_parts(models, data["a"][0][:2])
-    grouping = _all_shared(aligned, spaces)
+    grouping = all_shared(aligned, spaces)
     weights = stack_weights(aligned, spaces)
     tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
     settings = MergeSettings(pamfx.PamConfig(zip_degree=1.0), NO_TUNING, FinetuneConfig(steps=0), 0, False)
