@@ -9,7 +9,9 @@ Each scenario x method runs in its own process (its peak memory is its own) and 
 .cache/bench/suite/<scenario>/<method>.json with the generated network beside it, so an interrupted suite resumes
 where it stopped. Then bench/latency.py (pytest-benchmark) times the generated networks, and the tables
 (bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are rewritten from the cache.
-Methods: merge+criterion runs pamfx.optimize; "alone+taylor" runs pamfx on each model by itself; "peer" is
+Methods: merge+criterion runs pamfx.optimize, with words after the criterion for variants ("plain": ranking not
+cost-aware; "own": each task also gets its own network; "zip": PAM's shared groups zipped, PamConfig(zip_degree=0.9));
+"alone+taylor" runs pamfx on each model by itself; "peer" is
 Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`). All prune at tolerance TOLERANCE
 with the same fine-tuning budget; every decision reads the guard slice, never the test split.
 """
