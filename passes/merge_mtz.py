@@ -124,8 +124,10 @@ def _zip_within_groups(aligned, spaces, node, groups, weights, inputs, degree, z
                 continue
             served = {column_blocks[f] for f in readable}
             members = [u for u, g in enumerate(groups[name]) if g == group and row_blocks[u] in served]
-            hessian = sum(_hessian(inputs[t][:, readable]) for t in group)
             models = sorted({space.units[u].model for u in members})
+            if len(models) < 2:   # one model's units only: nothing to zip
+                continue
+            hessian = sum(_hessian(inputs[t][:, readable]) for t in group)
             pairs = []
             for model in models[1:]:
                 base = [u for u in members if space.units[u].model < model and groups[name][u] == group]
