@@ -10,7 +10,8 @@ Each scenario x method runs in its own process (its peak memory is its own) and 
 where it stopped. Then bench/latency.py (pytest-benchmark) times the generated networks, and the tables
 (bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are rewritten from the cache.
 Methods: merge+criterion runs pamfx.optimize, with words after the criterion for variants ("plain": ranking not
-cost-aware; "own": each task also gets its own network; "zip": PAM's shared groups zipped, PamConfig(zip_degree=0.9));
+cost-aware; "own": each task also gets its own network; "zip": PAM's shared groups zipped, PamConfig(zip_degree=0.9);
+"auto": zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned"));
 "alone+taylor" runs pamfx on each model by itself; "peer" is
 Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`). All prune at tolerance TOLERANCE
 with the same fine-tuning budget; every decision reads the guard slice, never the test split.
@@ -44,9 +45,12 @@ FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
 CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False),
             "taylor own": pamfx.PruneConfig(alone=True),   # own: each task also gets its own network
-            "taylor zip": PRUNING, "taylor zip own": pamfx.PruneConfig(alone=True)}
-ZIP = pamfx.PamConfig(zip_degree=0.9)          # zip: PAM's shared groups zipped in pairs before pruning
-PAM_METHODS = ("pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own")
+            "taylor zip": PRUNING, "taylor zip own": pamfx.PruneConfig(alone=True),
+            "taylor auto": PRUNING, "taylor auto own": pamfx.PruneConfig(alone=True)}
+PAM = {"zip": pamfx.PamConfig(zip_degree=0.9),   # zip: PAM's shared groups zipped in pairs before pruning
+       "auto": pamfx.PamConfig(zip_degree=0.9, zip_choice="pruned")}   # auto: zipped only if it prunes cheaper
+PAM_METHODS = ("pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own", "pam+taylor auto",
+               "pam+taylor auto own")
 PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
 
 
@@ -135,7 +139,8 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
         merge, criterion = method.split("+")
         result = pamfx.optimize(models, train, eval_data=guard, merge=merge, prune=criterion.split()[0],
                                 tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], seed=seed,
-                                pam=ZIP if "zip" in criterion.split() else pamfx.PamConfig(), progress=False)
+                                pam=next((PAM[word] for word in criterion.split() if word in PAM), pamfx.PamConfig()),
+                                progress=False)
         combos = all_combinations(tasks)
         network = result.model
         with network.gated_only():

@@ -19,7 +19,8 @@ import torch
 
 SCENARIO = os.environ.get("PAMFX_BENCH_SCENARIO", "paper")
 FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO
-METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own")
+METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own",
+           "pam+taylor auto", "pam+taylor auto own")
 BATCHES = (1, 64)
 
 

@@ -15,7 +15,7 @@ from pamfx.zoo import lenet5, resnet_small, vgg_bn
 
 GUARD_SIZE = 6000
 MAIN_METHODS = ("peer", "none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip",
-                "pam+taylor zip own")
+                "pam+taylor zip own", "pam+taylor auto", "pam+taylor auto own")
 # The paper's split also compares criteria, ranking and pamfx's pruner alone against the peer.
 PAPER_METHODS = MAIN_METHODS + ("alone+taylor", "none+l1", "mtz+l1", "pam+l1", "none+vib", "mtz+vib", "pam+vib",
                                 "none+taylor plain", "pam+taylor plain")

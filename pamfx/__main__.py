@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--zip", type=_fraction, default=0.0, metavar="DEGREE",
                       help="zip this share of PAM's shared units of different models in pairs before pruning "
                            "(PamConfig(zip_degree); 0.9 as MTZ; default: %(default)s, no zipping)")
+    demo.add_argument("--zip-choice", choices=("guard", "pruned"), default="guard",
+                      help="keep the zipped network once it passes the guard, or prune both it and the unzipped "
+                           "one and keep the cheaper (PamConfig(zip_choice); default: %(default)s)")
     demo.add_argument("--device", default=None,
                       help="where optimize runs: 'cpu', 'cuda', 'cuda:1' (default: where the models are, the CPU)")
     demo.add_argument("--quiet", action="store_true", help="print results only, no progress")
@@ -104,7 +107,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if (args.alpha_conv is None) != (args.alpha_linear is None):
         raise DataError("give both --alpha-conv and --alpha-linear, or neither (to choose them under the guard)")
     pam = pamfx.PamConfig(alpha_conv=args.alpha_conv, alpha_linear=args.alpha_linear,
-                          relative=not args.alpha_in_nats, zip_degree=args.zip)
+                          relative=not args.alpha_in_nats, zip_degree=args.zip,
+                          zip_choice=args.zip_choice)
     tasks = paper_split()
     train_data, guard_data, test_data = load_tasks(tasks, args.seed, progress)
     models = train_models(tasks, train_data, test_data, args.cache_dir, args.epochs, args.seed, progress)

@@ -133,6 +133,11 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         grouping, tuned = search_pam(aligned, spaces, data, guard, merge_floors, pam, finetune, seed, progress)
         seconds = {"merge": time.perf_counter() - started}
         notes += [f"merge=pam: thresholds searched, {seconds['merge']:.1f} s with fine-tuning"]
+    elif merge == "mtz":                                             # lowers its degree while a task breaks its floor
+        grouping, tuned, mtz_notes = _mtz_under_guard(aligned, spaces, data, guard, floors,
+                                                      MergeSettings(pam, mtz, finetune, seed, progress))
+        seconds = {"merge": time.perf_counter() - started}
+        notes += [f"merge=mtz: zipped and fine-tuned in {seconds['merge']:.1f} s"] + mtz_notes
     else:
         settings = MergeSettings(pam, mtz, finetune, seed, progress)
         grouping, weights = MERGES[merge](aligned, spaces, data, settings)   # the group of every unit (+ weights)
@@ -147,12 +152,16 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
             tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, finetune, seed, progress)
             seconds["finetune"] = time.perf_counter() - started
     notes += group_table(spaces, grouping, tasks) + list(grouping.notes)
+    unzipped = None                                                  # pruned too when zip_choice="pruned"
     if merge == "pam" and pam.zip_degree > 0 and len(tasks) > 1:
         started = time.perf_counter()
-        grouping, tuned, zip_notes = _zip_shared(aligned, spaces, grouping, tuned, data, guard, merge_floors,
-                                                 MergeSettings(pam, mtz, finetune, seed, progress))
+        zipped_grouping, zipped, zip_notes = _zip_shared(aligned, spaces, grouping, tuned, data, guard, merge_floors,
+                                                         MergeSettings(pam, mtz, finetune, seed, progress))
         seconds["zip"] = time.perf_counter() - started
         notes += zip_notes
+        if zipped is not tuned and pam.zip_choice == "pruned" and prune is not None:
+            unzipped = (grouping, tuned)
+        grouping, tuned = zipped_grouping, zipped
     merged_macs = {c: tuned.network.macs(c) for c in all_combinations(tasks)}
     merged_accuracy = evaluate(tuned.network, guard)
     notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(merged_accuracy))
@@ -162,6 +171,16 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     if prune is not None:
         started = time.perf_counter()
         pruned = prune_network(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+        if unzipped is not None:
+            say("[pamfx] pruning the unzipped network too (zip_choice='pruned')")
+            other = prune_network(aligned, spaces, *unzipped, data, guard, floors, prune, pruning, seed, progress)
+            cost = {"zipped": _mean_macs(pruned), "unzipped": _mean_macs(other)}
+            kept = min(cost, key=cost.get)   # a tie keeps the zipped network
+            notes.append(f"zip_choice='pruned': after pruning, the combinations cost on average "
+                         f"{cost['zipped']:,.0f} MACs zipped and {cost['unzipped']:,.0f} unzipped; kept {kept}")
+            if kept == "unzipped":
+                pruned = other
+                merged_macs = {c: unzipped[1].network.macs(c) for c in all_combinations(tasks)}
         tuned, grouping = pruned.tuned, pruned.grouping
         seconds["prune"] = time.perf_counter() - started
         notes += pruned.notes() + group_table(spaces, grouping, tasks)
@@ -187,6 +206,25 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     report = report.with_notes([f"WARNING: {p}" for p in problems])
     return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
                   warnings=tuple(problems))
+
+
+def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettings
+                     ) -> tuple[Grouping, Tuned, list[str]]:
+    """MTZ's merge at `mtz.degree`, fine-tuned; while a task ends below its floor on the guard, the merge is redone
+    at half and then a quarter of the degree (what a user would do on the warning), and the last try is kept."""
+    notes = []
+    for degree in (settings.mtz.degree, settings.mtz.degree / 2, settings.mtz.degree / 4):
+        config = replace(settings, mtz=replace(settings.mtz, degree=degree))
+        grouping, weights = _merge_mtz(aligned, spaces, data, config)
+        tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune, settings.seed,
+                                     settings.progress)
+        accuracy = evaluate(tuned.network, guard)
+        failing = [t for t in aligned.tasks if accuracy[t] < floors[t]]
+        notes.append(f"mtz (degree {degree:.3g}): all-task MACs {tuned.network.macs():,}; guard {_listed(accuracy)}"
+                     + (f"; breaks the floor of {', '.join(failing)}" if failing else "; kept"))
+        if not failing:
+            break
+    return grouping, tuned, notes
 
 
 def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings: MergeSettings
@@ -240,6 +278,15 @@ def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, 
                      + ", ".join(f"from {name}: {network.macs():,}" for name, network in candidates.items())
                      + f"), against {shared:,} on the shared network")
     return alone, notes
+
+
+def _mean_macs(pruned) -> float:
+    """The mean MACs over every combination of tasks, a task below its floor counting as infinitely dear."""
+    if pruned.below_floor:
+        return float("inf")
+    network = pruned.tuned.network
+    combinations = all_combinations(tuple(network.tasks))
+    return sum(network.macs(c) for c in combinations) / len(combinations)
 
 
 REMEDY = {"pam": "lower the PAM thresholds", "mtz": "lower MtzConfig.degree",

@@ -41,6 +41,11 @@ class PamConfig:
     zip_degree: after the merge, zip this share of the fewer side of each group's units of different models in
     pairs, MTZ-style (merge_mtz.zip_groups), and keep the zipped network if every task still passes as above (else
     half, then a quarter of it); 0 keeps every model's shared units side by side, as the reference does.
+    zip_choice: how optimize() decides to keep a zipped network. "guard": as soon as it passes as above. "pruned"
+    (with a prune pass): prune both the zipped and the unzipped network and keep the one whose combinations cost
+    fewer MACs on average. Zipping pays where pruning cannot remove the side-by-side copies itself (narrow layers)
+    and loses where it can (zipped units carry both models' features and prune less); "pruned" finds out at about
+    twice the pruning time.
     """
     alpha_conv: float | None = None
     alpha_linear: float | None = None
@@ -51,6 +56,7 @@ class PamConfig:
     search: tuple = ((0.9, 0.95), (0.7, 0.9), (0.5, 0.75), (0.3, 0.5), (0.1, 0.25))
     prune_share: float = 0.5
     zip_degree: float = 0.0
+    zip_choice: str = "guard"
 
     def __post_init__(self):
         if (self.alpha_conv is None) != (self.alpha_linear is None):
@@ -64,6 +70,8 @@ class PamConfig:
         for name in ("prune_share", "zip_degree"):
             if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"PamConfig.{name}={getattr(self, name)!r} must be a number in [0, 1]")
+        if self.zip_choice not in ("guard", "pruned"):
+            raise ValueError(f"PamConfig.zip_choice={self.zip_choice!r} must be 'guard' or 'pruned'")
         if not self.search or any(len(pair) != 2 or not all(0 < a for a in pair) for pair in self.search):
             raise ValueError(f"PamConfig.search={self.search!r} must be (conv, linear) pairs of fractions > 0")
         if not isinstance(self.samples, int) or self.samples < 2:

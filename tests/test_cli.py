@@ -85,7 +85,8 @@ def test_missing_dataset_exits_2_naming_the_package(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("option", [["--out", "merged.txt"], ["--epochs", "0"], ["--merge", "bogus"], ["--zip", "2"],
-                                    ["--zip", "half"], ["--tolerance", "-0.1"], ["--tolerance", "nan"]])
+                                    ["--zip", "half"], ["--zip-choice", "cheapest"],
+                                    ["--tolerance", "-0.1"], ["--tolerance", "nan"]])
 def test_bad_option_is_a_usage_error(demo_args, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(demo_args + option)
@@ -117,7 +118,7 @@ def test_own_and_zip_reach_optimize(demo_args, monkeypatch):
         with pytest.raises(Stop):
             main(demo_args + extra)
         assert seen["pruning"].alone is wanted
-    for extra, wanted in (([], 0.0), (["--zip", "0.9"], 0.9)):
+    for extra, degree, choice in (([], 0.0, "guard"), (["--zip", "0.9", "--zip-choice", "pruned"], 0.9, "pruned")):
         with pytest.raises(Stop):
             main(demo_args + extra)
-        assert seen["pam"].zip_degree == wanted
+        assert (seen["pam"].zip_degree, seen["pam"].zip_choice) == (degree, choice)

@@ -72,7 +72,7 @@ def test_mtz_keeps_rule_2_and_consistent_gating():
     tasks = ("a", "b", "c")
     models = make_models("lenet5", tasks)
     data = random_data(tasks, n=64)
-    result = pamfx.optimize(models, data, merge="mtz", prune=None, progress=False,
+    result = pamfx.optimize(models, data, merge="mtz", prune=None, progress=False, tolerance=1.0,   # degree 0.5 kept
                             mtz=MtzConfig(degree=0.5, base_steps=1, steps_per_layer=1),
                             finetune=FinetuneConfig(steps=2, batch_size=16))
     network = result.model
@@ -123,3 +123,26 @@ def test_with_equal_hessians_a_zipped_unit_is_the_mean_of_its_pair():
     for j, i in enumerate(permutation.tolist()):   # b's unit j is a's unit i
         expected = (models["a"].conv1.weight[i] + twin.conv1.weight[j]) / 2
         torch.testing.assert_close(weights["conv1"]["weight"].get([i], [0])[0], expected.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("floor, degrees", [(-1.0, [1.0]), (1.01, [1.0, 0.5, 0.25])])
+def test_an_mtz_merge_that_breaks_a_floor_is_redone_at_a_lower_degree(floor, degrees):
+    """optimize(merge="mtz") halves MtzConfig.degree (twice at most) while a task ends below its floor on the
+    guard, and keeps the last try: at a quarter of the degree fewer units are zipped than at the full degree."""
+    from pamfx.api import MergeSettings, _mtz_under_guard
+    tasks = ("a", "b")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=64)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    settings = MergeSettings(pamfx.PamConfig(), NO_TUNING, FinetuneConfig(steps=0), 0, False)
+    grouping, tuned, notes = _mtz_under_guard(aligned, spaces, data, data, {t: floor for t in tasks}, settings)
+    assert [note.split(":")[0] for note in notes] == [f"mtz (degree {d:.3g})" for d in degrees]
+    assert all(note.endswith("breaks the floor of a, b") for note in notes[:-1])
+    assert notes[-1].endswith("kept" if floor < 0 else "breaks the floor of a, b")
+    full, _ = merge_mtz(aligned, spaces, data, NO_TUNING, progress=False)
+    last, _ = merge_mtz(aligned, spaces, data, MtzConfig(degree=degrees[-1], base_steps=0, steps_per_layer=0),
+                        progress=False)
+    assert grouping.groups == last.groups
+    kept = lambda g: sum(u is not None for groups in g.groups.values() for u in groups)
+    assert (kept(grouping) > kept(full)) == (len(degrees) > 1)
+    assert tuned.network.macs() == build_network(aligned, spaces, last, tuned.weights)[0].macs()

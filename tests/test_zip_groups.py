@@ -59,6 +59,40 @@ def test_optimize_zips_pam_shared_groups_and_says_so():
     assert "zip" in zipped.seconds
 
 
+@pytest.mark.parametrize("inverted", [False, True])
+def test_zip_choice_pruned_keeps_the_cheaper_of_zipped_and_unzipped_after_pruning(inverted, monkeypatch):
+    """zip_choice="pruned" prunes the zipped and the unzipped network exactly as the two plain runs do (same seed)
+    and keeps the one whose combinations cost fewer MACs on average. Zipping wins on these random models, so the
+    inverted case makes the choice's cost negative to take the unzipped branch too."""
+    tasks = ("a", "b")
+    models = make_models("lenet5", tasks)
+    data = random_data(tasks, n=128)
+    settings = dict(merge="pam", prune="l1", tolerance=1.0, progress=False, finetune=FinetuneConfig(steps=5),
+                    mtz=MtzConfig(base_steps=1, steps_per_layer=0),
+                    pruning=pamfx.PruneConfig(max_steps=3, step_steps=2, final_steps=2, step_fraction=0.5))
+    runs = {name: pamfx.optimize(models, data, pam=pamfx.PamConfig(alpha_conv=0.0, alpha_linear=0.0, **config),
+                                 **settings)
+            for name, config in (("unzipped", {}), ("zipped", dict(zip_degree=1.0)))}
+    cost = pamfx.api._mean_macs
+    sign = -1 if inverted else 1
+    monkeypatch.setattr(pamfx.api, "_mean_macs", lambda pruned: sign * cost(pruned))
+    chosen = pamfx.optimize(models, data, pam=pamfx.PamConfig(alpha_conv=0.0, alpha_linear=0.0, zip_degree=1.0,
+                                                              zip_choice="pruned"), **settings)
+    combinations = pamfx.ir.all_combinations(tasks)
+    mean = {name: sum(run.model.macs(c) for c in combinations) / len(combinations) for name, run in runs.items()}
+    kept = min(mean, key=lambda name: sign * mean[name])
+    assert [chosen.model.macs(c) for c in combinations] == [runs[kept].model.macs(c) for c in combinations]
+    assert chosen.grouping.groups == runs[kept].grouping.groups
+    note = next(note for note in chosen.report.notes if note.startswith("zip_choice='pruned'"))
+    assert note.endswith(f"kept {kept}") and f"{sign * mean['unzipped']:,.0f} unzipped" in note
+    assert [row.merged_macs for row in chosen.report.rows] == [row.merged_macs for row in runs[kept].report.rows]
+
+
+def test_zip_choice_must_be_named():
+    with pytest.raises(ValueError, match="PamConfig.zip_choice"):
+        pamfx.PamConfig(zip_choice="cheapest")
+
+
 def test_zipping_that_breaks_a_floor_is_undone():
     tasks = ("a", "b")
     models = make_models("lenet5", tasks)
