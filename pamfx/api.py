@@ -45,12 +45,9 @@ def _merge_pam(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping
     return grouping, stack_weights(aligned, spaces)
 
 
-def _merge_mtz(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping, dict]:
-    return merge_mtz(aligned, spaces, data, settings.mtz, settings.finetune, settings.seed, settings.progress)
-
-
-# merge name -> merge(aligned, spaces, data, settings) -> (the group of every unit, the stacked weights)
-MERGES = {"none": _merge_none, "pam": _merge_pam, "mtz": _merge_mtz}
+# merge name -> merge(aligned, spaces, data, settings) -> (the group of every unit, the stacked weights); "mtz" runs
+# in _mtz_under_guard
+MERGES = {"none": _merge_none, "pam": _merge_pam}
 
 
 @dataclass
@@ -214,8 +211,8 @@ def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettin
     at half and then a quarter of the degree (what a user would do on the warning), and the last try is kept."""
     notes = []
     for degree in (settings.mtz.degree, settings.mtz.degree / 2, settings.mtz.degree / 4):
-        config = replace(settings, mtz=replace(settings.mtz, degree=degree))
-        grouping, weights = _merge_mtz(aligned, spaces, data, config)
+        grouping, weights = merge_mtz(aligned, spaces, data, replace(settings.mtz, degree=degree), settings.finetune,
+                                      settings.seed, settings.progress)
         tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune, settings.seed,
                                      settings.progress)
         accuracy = evaluate(tuned.network, guard)
