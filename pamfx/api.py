@@ -209,19 +209,15 @@ def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettin
                      ) -> tuple[Grouping, Tuned, list[str]]:
     """MTZ's merge at `mtz.degree`, fine-tuned; while a task ends below its floor on the guard, the merge is redone
     at half and then a quarter of the degree (what a user would do on the warning), and the last try is kept."""
-    notes = []
-    for degree in (settings.mtz.degree, settings.mtz.degree / 2, settings.mtz.degree / 4):
+    def merge(degree):
         grouping, weights = merge_mtz(aligned, spaces, data, replace(settings.mtz, degree=degree), settings.finetune,
                                       settings.seed, settings.progress)
-        tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune, settings.seed,
-                                     settings.progress)
-        accuracy = evaluate(tuned.network, guard)
-        failing = [t for t in aligned.tasks if accuracy[t] < floors[t]]
-        notes.append(f"mtz (degree {degree:.3g}): all-task MACs {tuned.network.macs():,}; guard {_listed(accuracy)}"
-                     + (f"; breaks the floor of {', '.join(failing)}" if failing else "; kept"))
-        if not failing:
-            break
-    return grouping, tuned, notes
+        return grouping, rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune,
+                                              settings.seed, settings.progress)
+
+    kept, last, notes = _halving(settings.mtz.degree, merge, guard, floors, lambda d, network: (
+        f"mtz (degree {d:.3g}): all-task MACs {network.macs():,}"))
+    return *(kept or last), notes
 
 
 def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings: MergeSettings
@@ -230,21 +226,34 @@ def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings:
     (merge_mtz.zip_groups, MTZ's schedule) and fine-tuned as after a merge. Tries `pam.zip_degree` of the fewer
     side, then half and a quarter of it, and keeps the first network that leaves every task at or above `floors` on
     the guard; if none does, the network as merged."""
+    def zipped(degree):
+        zipped, weights = zip_groups(aligned, spaces, grouping, copy.deepcopy(tuned.weights), data,
+                                     replace(settings.mtz, degree=degree), settings.finetune, settings.seed,
+                                     settings.progress)
+        return zipped, rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
+                                            settings.progress, desc=f"pam: zipped {degree:.3g}")
+
+    kept, _, notes = _halving(settings.pam.zip_degree, zipped, guard, floors, lambda d, network: (
+        f"pam zip (degree {d:.3g}): all-task MACs {tuned.network.macs():,} -> {network.macs():,}"))
+    if kept is None:
+        return grouping, tuned, notes + ["pam zip: every degree breaks a floor; kept the network unzipped"]
+    return *kept, notes + group_table(spaces, kept[0], aligned.tasks)
+
+
+def _halving(degree, attempt, guard, floors, head) -> tuple[tuple | None, tuple, list[str]]:
+    """Runs attempt(d) -> (grouping, Tuned) for d = degree, degree / 2, degree / 4 until every task meets its floor
+    on the guard. Returns the first such result (None if none), the last result and one note per try (`head(d,
+    network)` followed by the guard accuracies and the verdict)."""
     notes = []
-    for degree in (settings.pam.zip_degree, settings.pam.zip_degree / 2, settings.pam.zip_degree / 4):
-        config = replace(settings.mtz, degree=degree)
-        zipped, weights = zip_groups(aligned, spaces, grouping, copy.deepcopy(tuned.weights), data, config,
-                                     settings.finetune, settings.seed, settings.progress)
-        candidate = rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
-                                         settings.progress, desc=f"pam: zipped {degree:.3g}")
-        accuracy = evaluate(candidate.network, guard)
-        failing = [t for t in aligned.tasks if accuracy[t] < floors[t]]
-        notes.append(f"pam zip (degree {degree:.3g}): all-task MACs {tuned.network.macs():,} -> "
-                     f"{candidate.network.macs():,}; guard {_listed(accuracy)}"
+    for d in (degree, degree / 2, degree / 4):
+        result = attempt(d)
+        accuracy = evaluate(result[1].network, guard)
+        failing = [t for t in floors if accuracy[t] < floors[t]]
+        notes.append(f"{head(d, result[1].network)}; guard {_listed(accuracy)}"
                      + (f"; breaks the floor of {', '.join(failing)}" if failing else "; kept"))
         if not failing:
-            return zipped, candidate, notes + group_table(spaces, zipped, aligned.tasks)
-    return grouping, tuned, notes + ["pam zip: every degree breaks a floor; kept the network unzipped"]
+            return result, result, notes
+    return None, result, notes
 
 
 def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress
