@@ -4,7 +4,8 @@
 
 For the scenario's cached generated networks (merge+criterion methods): each combination of tasks through each
 merged network, and "separate": the none+taylor network's tasks of the combination called one after another, which
-is running the separately pruned models in sequence. Batches of 1 and 64 Fashion-MNIST-shaped inputs. With more
+is running the separately pruned models in sequence. Batches of 1 and 64 Fashion-MNIST-shaped inputs; the methods
+of one combination and batch are timed back to back, so that their ratios do not span the machine's drift. With more
 than three tasks, the combinations are every single task, three pairs and all tasks. Where the harness wrote
 <method>.gated.py (the same network with `specialise=None`), "<method> gated" times it in the same run.
 """
@@ -51,7 +52,9 @@ def _cases() -> list:
     tasks = list(json.loads((FOLDER / "none+taylor.json").read_text())["test"])
     methods = [m for m in available if m != "none+taylor"] + ["separate"]
     methods += [f"{m} gated" for m in methods if _file(f"{m} gated").exists()]
-    return [(m, c, b) for m in methods for c in _combinations(tasks) for b in BATCHES]
+    # every method of one combination and batch back to back: the machine's speed drifts over a run, and a ratio of
+    # two timings taken minutes apart measures that drift as much as the networks (see bench/results/NOTES.md)
+    return [(m, c, b) for c in _combinations(tasks) for b in BATCHES for m in methods]
 
 
 @pytest.fixture(scope="module")
