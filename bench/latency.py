@@ -5,7 +5,7 @@
 For the scenario's cached generated networks (merge+criterion methods): each combination of tasks through each
 merged network, and "separate": the none+taylor network's tasks of the combination called one after another, which
 is running the separately pruned models in sequence. Batches of 1 and 64 Fashion-MNIST-shaped inputs; the methods
-of one combination and batch are timed back to back, so that their ratios do not span the machine's drift. With more
+of one combination and batch are timed interleaved, call by call (see test_latency). With more
 than three tasks, the combinations are every single task, three pairs and all tasks. Where the harness wrote
 <method>.gated.py (the same network with `specialise=None`), "<method> gated" times it in the same run.
 """
@@ -13,7 +13,9 @@ import importlib.util
 import itertools
 import json
 import os
+import time
 from pathlib import Path
+from statistics import median
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENA
 METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own",
            "pam+taylor auto", "pam+taylor auto own")
 BATCHES = (1, 64)
+ROUNDS = {1: 300, 64: 60}   # interleaved rounds per combination and batch (each calls every network once)
+WARMUP = 5
 
 
 def _file(method: str) -> Path:
@@ -50,11 +54,7 @@ def _cases() -> list:
     if "none+taylor" not in available:
         return []
     tasks = list(json.loads((FOLDER / "none+taylor.json").read_text())["test"])
-    methods = [m for m in available if m != "none+taylor"] + ["separate"]
-    methods += [f"{m} gated" for m in methods if _file(f"{m} gated").exists()]
-    # every method of one combination and batch back to back: the machine's speed drifts over a run, and a ratio of
-    # two timings taken minutes apart measures that drift as much as the networks (see bench/results/NOTES.md)
-    return [(m, c, b) for c in _combinations(tasks) for b in BATCHES for m in methods]
+    return [(c, b) for c in _combinations(tasks) for b in BATCHES]
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +64,35 @@ def networks():
     return {m: _load(m) for m in methods if _file(m).exists()}
 
 
-@pytest.mark.parametrize("method,combination,batch", _cases(),
-                         ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
-def test_latency(benchmark, networks, method, combination, batch):
-    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    benchmark.extra_info.update(method=method, combination=",".join(combination), batch=batch)
+def _runner(networks: dict, method: str, combination: list, x: torch.Tensor):
+    """A call of `method`'s network on `combination`; "separate": none+taylor's network once per task."""
     if method == "separate":
         network = networks["none+taylor"]
+        return lambda: [network(x, [t]) for t in combination]
+    return lambda: networks[method](x, combination)
 
-        def run():
-            with torch.no_grad():
-                return [network(x, [t]) for t in combination]
-    else:
-        network = networks[method]
 
-        def run():
-            with torch.no_grad():
-                return network(x, combination)
-    outputs = benchmark(run)
-    assert len(outputs) == len(combination)
+@pytest.mark.parametrize("combination,batch", _cases(), ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
+def test_latency(benchmark, networks, combination, batch):
+    """One round calls every method's network once, in an order that rotates from round to round; each call is
+    timed on its own and extra_info["seconds"] keeps each method's median. The machine's speed changes in phases
+    of seconds (bench/results/NOTES.md), which one network timed after another would take for a difference
+    between the networks; interleaved, every method sees the same phases."""
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    methods = [m for m in networks if m != "none+taylor"] + ["separate"]
+    runs = {m: _runner(networks, m, combination, x) for m in methods}
+    times: dict = {m: [] for m in methods}
+    turn = iter(range(10 ** 9))
+
+    def round_():
+        start = next(turn) % len(methods)
+        with torch.no_grad():
+            for method in methods[start:] + methods[:start]:
+                began = time.perf_counter()
+                outputs = runs[method]()
+                times[method].append(time.perf_counter() - began)
+        assert len(outputs) == len(combination)
+
+    benchmark.pedantic(round_, rounds=ROUNDS[batch], warmup_rounds=WARMUP)
+    benchmark.extra_info.update(combination=",".join(combination), batch=batch,
+                                seconds={m: median(t[WARMUP:]) for m, t in times.items()})
