@@ -82,7 +82,7 @@ def test_latency(benchmark, networks, combination, batch):
     methods = [m for m in networks if m != "none+taylor"] + ["separate"]
     runs = {m: _runner(networks, m, combination, x) for m in methods}
     times: dict = {m: [] for m in methods}
-    turn = iter(range(10 ** 9))
+    turn = itertools.count()
 
     def round_():
         start = next(turn) % len(methods)
@@ -91,7 +91,7 @@ def test_latency(benchmark, networks, combination, batch):
                 began = time.perf_counter()
                 outputs = runs[method]()
                 times[method].append(time.perf_counter() - began)
-        assert len(outputs) == len(combination)
+                assert len(outputs) == len(combination), method
 
     benchmark.pedantic(round_, rounds=ROUNDS[batch], warmup_rounds=WARMUP)
     benchmark.extra_info.update(combination=",".join(combination), batch=batch,
