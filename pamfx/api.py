@@ -215,9 +215,9 @@ def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettin
         return grouping, rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune,
                                               settings.seed, settings.progress)
 
-    kept, last, notes = _halving(settings.mtz.degree, merge, guard, floors, lambda d, network: (
+    (grouping, tuned), _, notes = _halving(settings.mtz.degree, merge, guard, floors, lambda d, network: (
         f"mtz (degree {d:.3g}): all-task MACs {network.macs():,}"))
-    return *(kept or last), notes
+    return grouping, tuned, notes
 
 
 def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings: MergeSettings
@@ -233,17 +233,18 @@ def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings:
         return zipped, rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
                                             settings.progress, desc=f"pam: zipped {degree:.3g}")
 
-    kept, _, notes = _halving(settings.pam.zip_degree, zipped, guard, floors, lambda d, network: (
-        f"pam zip (degree {d:.3g}): all-task MACs {tuned.network.macs():,} -> {network.macs():,}"))
-    if kept is None:
+    (zipped_grouping, zipped_tuned), passed, notes = _halving(
+        settings.pam.zip_degree, zipped, guard, floors, lambda d, network: (
+            f"pam zip (degree {d:.3g}): all-task MACs {tuned.network.macs():,} -> {network.macs():,}"))
+    if not passed:
         return grouping, tuned, notes + ["pam zip: every degree breaks a floor; kept the network unzipped"]
-    return *kept, notes + group_table(spaces, kept[0], aligned.tasks)
+    return zipped_grouping, zipped_tuned, notes + group_table(spaces, zipped_grouping, aligned.tasks)
 
 
-def _halving(degree, attempt, guard, floors, head) -> tuple[tuple | None, tuple, list[str]]:
+def _halving(degree, attempt, guard, floors, head) -> tuple[tuple, bool, list[str]]:
     """Runs attempt(d) -> (grouping, Tuned) for d = degree, degree / 2, degree / 4 until every task meets its floor
-    on the guard. Returns the first such result (None if none), the last result and one note per try (`head(d,
-    network)` followed by the guard accuracies and the verdict)."""
+    on the guard. Returns the last result, whether it meets every floor, and one note per try (`head(d, network)`
+    followed by the guard accuracies and the verdict)."""
     notes = []
     for d in (degree, degree / 2, degree / 4):
         result = attempt(d)
@@ -252,8 +253,8 @@ def _halving(degree, attempt, guard, floors, head) -> tuple[tuple | None, tuple,
         notes.append(f"{head(d, result[1].network)}; guard {_listed(accuracy)}"
                      + (f"; breaks the floor of {', '.join(failing)}" if failing else "; kept"))
         if not failing:
-            return result, result, notes
-    return None, result, notes
+            return result, True, notes
+    return result, False, notes
 
 
 def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress
