@@ -7,15 +7,17 @@ unit whose removal would cut a task's last path to its head is kept.
 
 The schedule, one step at a time:
 1. score every kept unit with the criterion (passes/criteria.py), per MAC its removal saves if cost-aware;
-2. each task t still being pruned offers its lowest-ranked units (of groups containing t), across all layers,
-   until their removal saves a share fraction[t] of the MACs t costs; the step removes the union;
+2. each task t still being pruned offers its lowest-ranked units (of groups containing t), across all layers, in
+   rank order while their removal saves at most a share fraction[t] of the MACs t costs (its lowest-ranked unit
+   always); it passes over a unit whose removal would cut a task's last path to its head, and a unit another
+   task offers counts for it too. The step removes the union;
 3. fine-tune briefly, then check the guard: every task's accuracy on the guard data >= its floor (its original
    model's accuracy there minus the tolerance);
-4. when tasks fail, restore the removed units whose group contains a failing task, halve those tasks' fractions
-   and check again; a task whose fraction falls below the minimum is done, and units serving it are kept from
-   then on. Under merge="none" groups never mix tasks, so each task is pruned under its own guard, as
-   pruning its model alone would until that run would stop: a task whose every wanted unit is a last path ends
-   a run of its own, while beside other tasks the loop goes on and draws its scores anew (so it may remove more).
+4. when tasks fail, restore the removed units whose group contains a failing task and check again. A failing task
+   that offered one unit keeps that unit for good (it cannot go) and tries the next one up at the next step; one
+   that offered several halves its fraction. A task whose fraction falls below the minimum, or that has nothing
+   left to offer, is done, and units serving it are kept from then on. Under merge="none" groups never mix tasks,
+   so each task is pruned under its own guard, as pruning its model alone would.
 A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
 
     pruned = prune(aligned, spaces, grouping, tuned, data, guard, floors, "taylor", PruneConfig())
@@ -127,6 +129,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
     required, floors = floors, {t: min(floors[t], start[t]) for t in tasks}
     fraction = {t: config.step_fraction for t in tasks}
     done: set = set()
+    needed: set = set()     # units whose removal alone failed a task
     groups = dict(grouping.groups)
     history = []
     bar = tqdm(total=config.max_steps, desc=f"prune ({criterion})", disable=not progress)
@@ -139,7 +142,10 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         if config.cost_aware:
             scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
         budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
-        removal = _choose(aligned, spaces, groups, scores, saved, budget, done)
+        removal = _choose(aligned, spaces, groups, scores, saved, budget, done, needed)
+        done |= {t for t in tasks if not any(t in groups[name][unit] for name, unit in removal)}   # nothing to offer
+        if done >= set(tasks):
+            break
         restored_for: set = set()
         accepted = None
         while removal:
@@ -157,18 +163,20 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
                 accepted = (trial, trial_groups)
                 break
             for t in failing - restored_for:
-                fraction[t] /= 2
+                offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
+                if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
+                    needed.add(offered[0])
+                else:
+                    fraction[t] /= 2
             restored_for |= failing
-            kept = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
-            removal = kept if len(kept) < len(removal) else []   # nothing to restore: the step is undone
+            remaining = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
+            removal = remaining if len(remaining) < len(removal) else []   # nothing to restore: the step is undone
         if accepted is not None:
             removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
                               if group is not None and t in group and accepted[1][name][unit] is None) for t in tasks}
             tuned, groups = accepted
         else:
             removed = {t: 0 for t in tasks}
-            if not restored_for:                  # nobody could offer a unit: every task is done
-                break
         history.append(Step(index, removed, tuned.network.macs(tasks), accuracy, tuple(sorted(restored_for)),
                             accepted is not None))
         margin = min(accuracy[t] - floors[t] for t in tasks)
@@ -207,36 +215,38 @@ def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping
     return alone
 
 
-def _choose(aligned, spaces, groups: dict, scores: dict, saved: dict, budget: dict, done: set) -> list[tuple[str, int]]:
-    """The units this step removes: for each task still pruned, its lowest-scored kept units (never one that also
-    serves a done task) until their removal saves budget[t] MACs, skipping any unit whose removal would cut a
-    task's last path to its head."""
-    kept = [(name, unit) for name, g in groups.items() for unit, group in enumerate(g)
-            if group is not None and not group & done]
-    wanted: set = set()
-    for task in sorted(set(budget) - done):
-        pool = sorted((u for u in kept if task in groups[u[0]][u[1]]), key=lambda u: float(scores[u[0]][u[1]]))
-        total = 0.0
-        for name, unit in pool:
-            if total >= budget[task]:
-                break
-            wanted.add((name, unit))
-            total += float(saved[name][unit])
+def _choose(aligned, spaces, groups: dict, scores: dict, saved: dict, budget: dict, done: set,
+            needed: set) -> list[tuple[str, int]]:
+    """The units this step removes: each task still pruned offers the units of its groups, lowest-scored first,
+    while their removal saves at most budget[t] MACs (its first unit whatever it saves). Never offered: a unit in
+    `needed` or serving a done task, and one whose removal would cut a task's last path to its head. A unit already
+    offered by another task, or dropped with one, counts for this task too."""
+    ranked = sorted(((name, unit) for name, g in groups.items() for unit, group in enumerate(g)
+                     if group is not None and not group & done and (name, unit) not in needed),
+                    key=lambda u: float(scores[u[0]][u[1]]))
     chosen: list = []
     tentative = dict(groups)
-    for name, unit in sorted(wanted, key=lambda u: float(scores[u[0]][u[1]])):
-        if tentative[name][unit] is None:          # already dropped by an earlier removal's cascade
-            continue
-        trial = _without(tentative, [(name, unit)])
-        group = groups[name][unit]
-        if group not in trial[name]:               # the last unit of its group here: its consumers may lose it
-            trial = drop_unreadable(aligned, spaces, trial)
-            try:
-                check_paths(aligned, spaces, trial)
-            except GroupingError:
+    for task in sorted(set(budget) - done):
+        left = budget[task]
+        for name, unit in ranked:
+            if task not in groups[name][unit]:
                 continue
-        tentative = trial
-        chosen.append((name, unit))
+            cost = float(saved[name][unit])
+            if cost > left and left < budget[task]:    # past its first unit, a task offers only what still fits
+                break
+            if tentative[name][unit] is None:          # offered by another task, or dropped with such a unit
+                left -= cost
+                continue
+            trial = _without(tentative, [(name, unit)])
+            if groups[name][unit] not in trial[name]:   # the last unit of its group here: its consumers may lose it
+                trial = drop_unreadable(aligned, spaces, trial)
+                try:
+                    check_paths(aligned, spaces, trial)
+                except GroupingError:
+                    continue
+            tentative = trial
+            chosen.append((name, unit))
+            left -= cost
     return chosen
 
 

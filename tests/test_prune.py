@@ -13,6 +13,8 @@ from pamfx.api import hold_out
 from pamfx.ir import all_combinations
 from pamfx.network import INPUT
 from pamfx.passes.build import build_network
+from pamfx.passes.merge_none import merge_none
+from pamfx.passes.prune import _choose
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.stack import read_back, stack_weights
 from pamfx.train import accuracy, evaluate
@@ -217,6 +219,53 @@ def test_under_none_another_tasks_failing_final_fine_tune_is_not_undone_for_soli
     assert both.model.macs(["solid"]) == alone.model.macs(["solid"])
     with torch.no_grad():
         torch.testing.assert_close(both.model(x, ["solid"])["solid"], alone.model(x)["solid"], atol=1e-6, rtol=0)
+
+
+def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monkeypatch):
+    """The scores rank fc1's units 0, 1, 2 lowest, in that order, and the budget lets one unit go per step. Unit 0
+    carries the answer (removing it changes guard predictions, and the tolerance is 0); units 1 and 2 are dead (zero
+    weights: removing them changes nothing). Unit 0 fails alone and is kept for good; the next steps remove units 1
+    and 2. (The old schedule offered unit 0 again at every step until the task gave up, removing nothing.)"""
+    model = make_models("lenet5", ("a",))["a"]
+    with torch.no_grad():
+        model.fc1.bias[0] = 10.0
+        model.fc2.weight[:, 0] = torch.linspace(-5, 5, 84)
+        model.fc1.weight[1:3] = 0
+        model.fc1.bias[1:3] = 0
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        data = {"a": (x, model(x).argmax(1))}
+
+    def scores(aligned, spaces, tuned, data, config, seed):
+        ranks = {name: torch.ones(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
+        ranks["fc1"][:3] = torch.tensor([0.0, 0.1, 0.2])
+        return ranks
+    monkeypatch.setitem(pamfx.passes.prune.CRITERIA, "taylor", scores)
+    config = PruneConfig(step_fraction=1e-4, min_fraction=1e-5, max_steps=3, step_steps=0, final_steps=0,
+                         cost_aware=False, batch_size=32)   # 1e-4 of LeNet-5's MACs is less than any unit saves
+    result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
+    fc1 = result.grouping.groups["fc1"]
+    assert fc1[0] is not None and fc1[1] is None and fc1[2] is None and all(g is not None for g in fc1[3:])
+    steps = [note for note in result.report.notes if note.startswith("prune step")]
+    assert ["undone" in steps[0], "kept" in steps[1], "kept" in steps[2]] == [True, True, True], steps
+
+
+def test_an_offer_passes_over_a_last_path_and_goes_on_down_the_ranking():
+    """fc2 keeps one unit for task a; ranked lowest, it would cut a's last path to its head. The offer passes over
+    it and takes the next unit up instead of coming back empty (which used to end the task's pruning)."""
+    models = make_models("lenet5", ("a", "b"))
+    aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
+    grouping = merge_none(aligned, spaces)
+    groups = dict(grouping.groups)
+    a = frozenset({"a"})
+    last = next(i for i, g in enumerate(groups["fc2"]) if g == a)
+    groups["fc2"] = tuple(g if g != a or i == last else None for i, g in enumerate(groups["fc2"]))
+    scores = {name: torch.ones(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
+    scores["fc2"][last] = 0.0
+    scores["fc1"][0] = 0.5                          # unit 0 of fc1 is model a's (merge none stacks a then b)
+    saved = {name: torch.full_like(score, 100.0) for name, score in scores.items()}
+    chosen = _choose(aligned, spaces, groups, scores, saved, {"a": 1.0}, set(), set())
+    assert chosen == [("fc1", 0)]
 
 
 @pytest.mark.parametrize("arch", ["lenet5", "vgg_bn", "mixed"])
