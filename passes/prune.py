@@ -40,8 +40,9 @@ from pamfx.train import evaluate
 class PruneConfig:
     """The prune pass's knobs.
 
-    step_fraction: share of each task's MACs the first step removes (its lowest-ranked units until their removal
-    saves that much); min_fraction: a task whose share fell below this (halved at each failure) is done;
+    step_fraction: share of each task's MACs the first step removes at most (its lowest-ranked units while their
+    removal saves no more, its first unit always); min_fraction: a task whose share fell below this (halved at each
+    failure with several units) is done;
     max_steps: a cap on steps. step_steps / final_steps: fine-tuning steps (batches of batch_size per task, Adam at
     lr) after each step and at the end. cost_aware: rank units by importance per MAC their removal saves (all tasks
     running) instead of importance alone. importance_batches: batches the Taylor criterion accumulates.
