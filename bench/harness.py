@@ -5,10 +5,12 @@
     .venv/bin/python bench/harness.py --scenario five --method pam+taylor     # one cell (repeatable options)
     .venv/bin/python bench/harness.py --table                  # only rewrite tables and plots from the cache
 
-Each scenario x method runs in its own process (its peak memory is its own) and caches its result in
-.cache/bench/suite/<scenario>/<method>.json with the generated network beside it, so an interrupted suite resumes
-where it stopped. Then bench/latency.py (pytest-benchmark) times the generated networks, and the tables
-(bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are rewritten from the cache.
+Each scenario x method runs in its own process (its peak memory is its own) and writes its record to
+bench/results/runs/<scenario>/<method>.json (committed, stamped with the commit that made it: the suite resumes
+where it stopped, on this machine or the next; delete a record to rerun its cell) and its generated network to
+.cache/bench/suite/<scenario>/ (not committed). Then bench/latency.py (pytest-benchmark) times the generated
+networks found there, and the tables (bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are
+rewritten from the records.
 Methods: merge+criterion runs pamfx.optimize, with words after the criterion for variants ("plain": ranking not
 cost-aware; "own": each task also gets its own network; "zip": PAM's shared groups zipped, PamConfig(zip_degree=0.9);
 "auto": zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned"));
@@ -37,9 +39,10 @@ BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))
 from scenarios import GUARD_SIZE, SCENARIOS, Scenario, make_model  # noqa: E402  (bench/ is not a package)
 
-CACHE = Path(".cache/bench/suite")
+CACHE = Path(".cache/bench/suite")         # generated networks and their latency: this machine's
 MAX_SEEDS = 10
 RESULTS = BENCH / "results"
+RUNS = RESULTS / "runs"                     # one record per scenario x method x seed: committed
 TOLERANCE = 0.01
 FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
@@ -89,7 +92,8 @@ def main(argv=None) -> None:
 
 
 def cached(scenario: Scenario, method: str, seed: int = 0) -> Path:
-    return CACHE / scenario.name / f"{method.replace(' ', '_')}{f'@seed{seed}' if seed else ''}.json"
+    """The run record of a cell; its generated network is CACHE / scenario / the same name with .py."""
+    return RUNS / scenario.name / f"{method.replace(' ', '_')}{f'@seed{seed}' if seed else ''}.json"
 
 
 def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
@@ -115,7 +119,9 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
     models, train, guard, test = load(scenario)
     tasks = tuple(models)
     started = time.perf_counter()
-    record = {"method": method, "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    record = {"method": method, "commit": commit,
+              "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
     if method == "peer":
         from peer import Budget, best_of_schedules, count_macs
         budget = Budget(step_fraction=PRUNING.step_fraction, step_steps=PRUNING.step_steps,
@@ -152,7 +158,8 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
                       shared_test=shared, own_test=own, own_macs={t: network.own_network(t).macs() for t in own},
                       guard={t: result.report.row([t]).accuracy[t] for t in tasks},
                       stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings))
-        network = cached(scenario, method, seed).with_suffix(".py")
+        network = CACHE / scenario.name / cached(scenario, method, seed).with_suffix(".py").name
+        network.parent.mkdir(parents=True, exist_ok=True)
         pamfx.codegen(result.model, network, overwrite=True)
         torch.save(result.model, network.with_suffix(".network.pt"))   # to regenerate it when codegen changes
         record["network"] = network.name
@@ -210,6 +217,7 @@ def results_of(scenario: Scenario) -> dict:
                           "all_task_macs": [r["macs"][_key(tuple(runs[0]["test"]))] for r in runs],
                           "test": {t: min(r["test"][t] for r in runs) for t in runs[0]["test"]},
                           "seconds": median([r["seconds"] for r in runs]),
+                          "commits": sorted({r.get("commit", "?") for r in runs}),
                           "peak_rss_mb": median([r.get("peak_rss_mb", float("nan")) for r in runs])}
     return folded
 
@@ -231,9 +239,10 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
     combos = all_combinations(tasks)
     command = f".venv/bin/python bench/harness.py --scenario {scenario.name}"
     lines = [f"# {scenario.architecture_name} on {scenario.title}", "",
-             f"Command: `{command}` (cached per method in .cache/bench/suite; `--method M` runs one). One "
-             f"{scenario.architecture_name} per task ({', '.join(tasks)}) trained {scenario.train_epochs} epochs on "
-             f"the training split minus a seeded {GUARD_SIZE:,}-image guard; tolerance {TOLERANCE} on the guard; "
+             f"Command: `{command}` (each method's runs recorded in bench/results/runs/{scenario.name}/; `--method M` "
+             f"runs one). One {scenario.architecture_name} per task ({', '.join(tasks)}) trained "
+             f"{scenario.train_epochs} epochs on the training split minus a seeded {GUARD_SIZE:,}-image guard; "
+             f"tolerance {TOLERANCE} on the guard; "
              f"fine-tuning after a merge {FINETUNE}; pruning {PRUNING}. Test accuracy (10,000 images) "
              "of the originals: " + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + "."
              + _attribute_note(scenario), ""]
@@ -245,19 +254,19 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
                    for k in sizes if k in (1, 2, len(tasks) // 2) or k == len(tasks)]
     lines += ["## MACs per sample", "",
               "| method | " + " | ".join(name for name, _ in columns)
-              + " | worst test drop | seeds: all-task MACs | seconds | peak MB |",
-              "|---|" + "---|" * (len(columns) + 4)]
+              + " | worst test drop | seeds: all-task MACs | seconds | peak MB | code |",
+              "|---|" + "---|" * (len(columns) + 5)]
     for method, result in results.items():
         cells = [f"{median([result['macs'][_key(c)] for c in group]):,.0f}" for _, group in columns]
         drop = max(100 * (original[t] - result["test"][t]) for t in tasks)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {drop:+.2f} pt | "
                      + " / ".join(f"{m:,}" for m in result["all_task_macs"])
-                     + f" | {result['seconds']:.0f} | {result['peak_rss_mb']:.0f} |")
+                     + f" | {result['seconds']:.0f} | {result['peak_rss_mb']:.0f} | {', '.join(result['commits'])} |")
     lines += ["", "MACs are the median over the seeds run (pamfx's seed: batches, dropout, calibration; the models are "
               "the same); the seeds column lists each seed's all-task MACs. Worst test drop: the largest loss of test "
               "accuracy of any task and seed against the original model (negative: a gain). Seconds: median wall "
               "time of one seed on the 2-core machine, shared with other work; peak MB: the process's peak resident "
-              "memory.", ""]
+              "memory; code: the commit each run was made on (bench/results/runs/ holds the runs).", ""]
     for method in PAM_METHODS:
         if method in results:
             lines += ratio_lines(results, tasks, columns, method)
@@ -407,6 +416,10 @@ def write_summary() -> None:
                      f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
                      f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "
                      f"{results[method]['seconds']:.0f} | {results[method]['peak_rss_mb']:.0f} |")
+    missing = [s.name for s in SCENARIOS.values() if not (RUNS / s.name).is_dir()]
+    if missing:
+        lines += ["", f"Not in this table: {', '.join(missing)}, with no run recorded in bench/results/runs/ (their "
+                  "<scenario>.md files were written from older runs; `--scenario S` reruns one)."]
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 

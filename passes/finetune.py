@@ -72,12 +72,14 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
     for name in frozen:
         network.get_submodule(name).eval().requires_grad_(False)
     data = as_task_data(data)
-    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=config.lr)
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    if not parameters:          # every module frozen: the tasks touched own no module of their own
+        return network.eval()
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
     steps = data.total_steps(config)
     device = device_of(network)
     stream = data.stream(config.batch_size, seed)
     bar = tqdm(range(steps), desc=desc, disable=not progress or distributed.rank() != 0)
-    parameters = [p for p in network.parameters() if p.requires_grad]
     for _ in bar:
         optimizer.zero_grad()
         loss = 0.0
@@ -95,7 +97,8 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
             outputs = network(to_device(device, inputs), tasks=list(labels))
             part = weight * sum(task_loss(outputs[task], to_device(device, distributed.shard(task_labels)))
                                 for task, task_labels in labels.items())
-            part.backward()
+            if part.requires_grad:      # else every module these tasks read is frozen
+                part.backward()
             loss += part.item()
         if extra_loss is not None:
             extra = extra_loss(network)

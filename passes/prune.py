@@ -9,13 +9,15 @@ The schedule, one step at a time:
 1. score every kept unit with the criterion (passes/criteria.py), per MAC its removal saves if cost-aware;
 2. each task t still being pruned offers its lowest-ranked units (of groups containing t), across all layers, in
    rank order while their removal saves at most a share fraction[t] of the MACs t costs (its lowest-ranked unit
-   always); it passes over a unit whose removal would cut a task's last path to its head, and a unit another
-   task offers counts for it too. The step removes the union;
+   always), passing over a unit whose removal would cut a task's last path to its head. The step removes the
+   units that every pruned task of their group offered: a shared unit goes when all the tasks it serves agree, so
+   the task with the least room decides how far a step cuts into what it shares, and the others go on pruning
+   their own units meanwhile;
 3. fine-tune briefly, then check the guard: every task's accuracy on the guard data >= its floor (its original
    model's accuracy there minus the tolerance);
 4. when tasks fail, restore the removed units whose group contains a failing task and check again. A failing task
-   that offered one unit keeps that unit for good (it cannot go) and tries the next one up at the next step; one
-   that offered several halves its fraction. A task whose fraction falls below the minimum, or that has nothing
+   that lost a single unit keeps that unit for good (it cannot go) and tries the next one up at the next step; one
+   that lost several halves its fraction. A task whose fraction falls below the minimum, or that has nothing
    left to offer, is done, and units serving it are kept from then on. Under merge="none" groups never mix tasks,
    so each task is pruned under its own guard, as pruning its model alone would.
 A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
@@ -55,7 +57,7 @@ class PruneConfig:
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
-    max_steps: int = 60
+    max_steps: int = 100
     step_steps: int = 100
     final_steps: int = 500
     batch_size: int = 128
@@ -143,8 +145,8 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         if config.cost_aware:
             scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
         budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
-        removal = _choose(aligned, spaces, groups, scores, saved, budget, done, needed)
-        done |= {t for t in tasks if not any(t in groups[name][unit] for name, unit in removal)}   # nothing to offer
+        removal, exhausted = _choose(aligned, spaces, groups, scores, saved, budget, done, needed)
+        done |= exhausted
         if done >= set(tasks):
             break
         restored_for: set = set()
@@ -217,38 +219,58 @@ def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping
 
 
 def _choose(aligned, spaces, groups: dict, scores: dict, saved: dict, budget: dict, done: set,
-            needed: set) -> list[tuple[str, int]]:
-    """The units this step removes: each task still pruned offers the units of its groups, lowest-scored first,
-    while their removal saves at most budget[t] MACs (its first unit whatever it saves). Never offered: a unit in
-    `needed` or serving a done task, and one whose removal would cut a task's last path to its head. A unit already
-    offered by another task, or dropped with one, counts for this task too."""
+            needed: set) -> tuple[list[tuple[str, int]], set]:
+    """(the units this step removes, the tasks with nothing left to offer). Each task still pruned offers the units
+    of its groups, lowest-scored first, while their removal saves at most budget[t] MACs (its first unit whatever
+    it saves); a unit goes when every pruned task of its group offered it. Never offered: a unit in `needed` or
+    serving a done task, and one whose removal would cut a task's last path to its head."""
     ranked = sorted(((name, unit) for name, g in groups.items() for unit, group in enumerate(g)
                      if group is not None and not group & done and (name, unit) not in needed),
                     key=lambda u: float(scores[u[0]][u[1]]))
-    chosen: list = []
-    tentative = dict(groups)
-    for task in sorted(set(budget) - done):
-        left = budget[task]
-        for name, unit in ranked:
-            if task not in groups[name][unit]:
-                continue
-            cost = float(saved[name][unit])
-            if cost > left and left < budget[task]:    # past its first unit, a task offers only what still fits
-                break
-            if tentative[name][unit] is None:          # offered by another task, or dropped with such a unit
-                left -= cost
-                continue
-            trial = _without(tentative, [(name, unit)])
-            if groups[name][unit] not in trial[name]:   # the last unit of its group here: its consumers may lose it
-                trial = drop_unreadable(aligned, spaces, trial)
-                try:
-                    check_paths(aligned, spaces, trial)
-                except GroupingError:
-                    continue
-            tentative = trial
+    pruned = set(budget) - done
+    offers = {task: _offer(aligned, spaces, groups, ranked, saved, task, budget[task]) for task in sorted(pruned)}
+    agreed = [(name, unit) for name, unit in ranked if groups[name][unit] & pruned
+              and all((name, unit) in offers[t] for t in groups[name][unit] & pruned)]
+    chosen, kept = [], dict(groups)
+    for name, unit in agreed:
+        trial = None if kept[name][unit] is None else _keeping_paths(aligned, spaces, kept, name, unit)
+        if trial is not None:
+            kept = trial
             chosen.append((name, unit))
-            left -= cost
-    return chosen
+    return chosen, {t for t, offer in offers.items() if not offer}
+
+
+def _offer(aligned, spaces, groups: dict, ranked: list, saved: dict, task: str, budget: float) -> set:
+    """The units `task` would remove: those of its groups in `ranked` order while their removal saves at most
+    `budget` MACs (the first whatever it saves), passing over a unit that would cut a last path. A unit dropped with
+    an offered one is offered too."""
+    offer, kept, left = set(), dict(groups), budget
+    for name, unit in ranked:
+        if task not in groups[name][unit]:
+            continue
+        cost = float(saved[name][unit])
+        if cost > left and left < budget:      # past its first unit, a task offers only what still fits
+            break
+        if kept[name][unit] is not None:
+            trial = _keeping_paths(aligned, spaces, kept, name, unit)
+            if trial is None:
+                continue
+            kept = trial
+        offer.add((name, unit))
+        left -= cost
+    return offer
+
+
+def _keeping_paths(aligned, spaces, groups: dict, name: str, unit: int) -> dict | None:
+    """`groups` without the unit (and what only it fed), or None if that would cut a task's last path to its head."""
+    trial = _without(groups, [(name, unit)])
+    if groups[name][unit] not in trial[name]:   # the last unit of its group here: its consumers may lose it
+        trial = drop_unreadable(aligned, spaces, trial)
+        try:
+            check_paths(aligned, spaces, trial)
+        except GroupingError:
+            return None
+    return trial
 
 
 def _without(groups: dict, units) -> dict:

@@ -49,3 +49,20 @@ def test_finetune_budget_in_epochs_counts_steps():
     assert FinetuneConfig(steps=7).total_steps(1000) == 7
     with pytest.raises(ValueError, match="epochs=0"):
         FinetuneConfig(epochs=0)
+
+
+@pytest.mark.parametrize("trained", [{"a"}, set()])
+def test_a_task_that_reads_only_frozen_modules_keeps_its_outputs(network, trained):
+    """Only modules whose group lies inside `trained` train (as in a prune step). Each task has its own inputs, so
+    b's and c's batches read frozen modules only: their outputs stay exact, while a's change if it owns a module;
+    with nothing to train the network comes back as it was. (Both used to raise: a loss without a gradient, an
+    optimizer without parameters.)"""
+    frozen = sorted({s.target for s in network.statements if s.call == "module" and not s.group <= trained})
+    data = random_data(TASKS, n=64)
+    tuned = finetune(network, data, FinetuneConfig(steps=3), frozen=frozen, progress=False)
+    x = data["a"][0]
+    with torch.no_grad():
+        before, after = network(x), tuned(x)
+    assert torch.equal(after["b"], before["b"]) and torch.equal(after["c"], before["c"])
+    assert torch.equal(after["a"], before["a"]) == (len(frozen) == len({s.target for s in network.statements
+                                                                       if s.call == "module"}))

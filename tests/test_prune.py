@@ -264,8 +264,25 @@ def test_an_offer_passes_over_a_last_path_and_goes_on_down_the_ranking():
     scores["fc2"][last] = 0.0
     scores["fc1"][0] = 0.5                          # unit 0 of fc1 is model a's (merge none stacks a then b)
     saved = {name: torch.full_like(score, 100.0) for name, score in scores.items()}
-    chosen = _choose(aligned, spaces, groups, scores, saved, {"a": 1.0}, set(), set())
-    assert chosen == [("fc1", 0)]
+    chosen, exhausted = _choose(aligned, spaces, groups, scores, saved, {"a": 1.0}, set(), set())
+    assert chosen == [("fc1", 0)] and exhausted == set()
+
+
+@pytest.mark.parametrize("b_budget, removed", [(100.0, [("fc1", 120)]), (200.0, [("fc1", 120), ("conv1", 0)])])
+def test_a_shared_unit_goes_only_when_every_task_it_serves_offers_it(b_budget, removed):
+    """conv1's unit 0 serves a and b; ranked second, after b's own fc1 unit. Each unit saves 100 MACs. Task a's
+    offer is the shared unit; b's budget of 100 holds only its own unit, so the shared unit waits (a removed nothing
+    but still has something to offer: not done). With 200, b offers both and the shared unit goes too. (The old
+    schedule removed the union of the offers: the shared unit at once, whatever b's room.)"""
+    models = make_models("lenet5", ("a", "b"))
+    aligned, spaces = compile_parts(models, torch.randn(2, 1, 28, 28))
+    groups = dict(merge_none(aligned, spaces).groups)
+    groups["conv1"] = (frozenset({"a", "b"}),) + groups["conv1"][1:]      # unit 0 was model a's
+    scores = {name: torch.ones(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
+    scores["fc1"][120], scores["conv1"][0] = 0.1, 0.2                   # fc1's unit 120 is model b's first
+    saved = {name: torch.full_like(score, 100.0) for name, score in scores.items()}
+    chosen, exhausted = _choose(aligned, spaces, groups, scores, saved, {"a": 100.0, "b": b_budget}, set(), set())
+    assert chosen == removed and exhausted == set()
 
 
 @pytest.mark.parametrize("arch", ["lenet5", "vgg_bn", "mixed"])
