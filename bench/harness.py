@@ -119,7 +119,7 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
     models, train, guard, test = load(scenario)
     tasks = tuple(models)
     started = time.perf_counter()
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    commit = _commit()
     record = {"method": method, "commit": commit,
               "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
     if method == "peer":
@@ -169,6 +169,15 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     cached(scenario, method, seed).parent.mkdir(parents=True, exist_ok=True)
     cached(scenario, method, seed).write_text(json.dumps(record, indent=1))
+
+
+def _commit() -> str:
+    """The commit the code runs on, "-dirty" if pamfx, the passes or the bench's code differ from it (the tables and
+    records the bench itself writes do not count)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=BENCH).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "../pamfx", "../passes", "*.py", "../pyproject.toml")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def measure_latency(scenario: Scenario) -> None:
