@@ -19,6 +19,8 @@ Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`).
 with the same fine-tuning budget; every decision reads the guard slice, never the test split.
 """
 import argparse
+from collections import Counter
+import hashlib
 import json
 import os
 import resource
@@ -112,6 +114,17 @@ def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
     return models, train, guard, test
 
 
+def fingerprint(models: dict) -> str:
+    """A short hash of the trained models' weights. Training is seeded, but another machine's float kernels may
+    train other weights, so records are compared only when they share it (results_of)."""
+    digest = hashlib.sha1()
+    for task in sorted(models):
+        for name, tensor in models[task].state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:10]
+
+
 def run_one(scenario: Scenario, method: str, seed: int) -> None:
     """One scenario x method x seed in this process: writes its JSON (and generated network) to the cache. The
     seed is pamfx's (batches, dropout, calibration) or the peer's; the models are the same for every seed."""
@@ -120,7 +133,7 @@ def run_one(scenario: Scenario, method: str, seed: int) -> None:
     tasks = tuple(models)
     started = time.perf_counter()
     commit = _commit()
-    record = {"method": method, "commit": commit,
+    record = {"method": method, "commit": commit, "models": fingerprint(models),
               "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
     if method == "peer":
         from peer import Budget, best_of_schedules, count_macs
@@ -214,11 +227,18 @@ def regenerate(saved: Path) -> None:
 
 def results_of(scenario: Scenario) -> dict:
     """Per method, its seeds' results folded into one: the median MACs of each combination, the worst test accuracy
-    of each task, the median seconds and peak memory; the notes are seed 0's."""
+    of each task, the median seconds and peak memory; the notes are seed 0's. Only runs on the models most runs
+    used count (fingerprint); the others are named on stderr."""
+    records = {method: [json.loads(cached(scenario, method, seed).read_text()) for seed in range(MAX_SEEDS)
+                        if cached(scenario, method, seed).exists()] for method in scenario.methods}
+    models = Counter(r.get("models") for runs in records.values() for r in runs).most_common(1)
     folded = {}
-    for method in scenario.methods:
-        runs = [json.loads(cached(scenario, method, seed).read_text()) for seed in range(MAX_SEEDS)
-                if cached(scenario, method, seed).exists()]
+    for method, runs in records.items():
+        left_out = [r for r in runs if r.get("models") != models[0][0]]
+        if left_out:
+            print(f"[bench] {scenario.name} / {method}: {len(left_out)} run(s) on other models left out",
+                  file=sys.stderr)
+        runs = [r for r in runs if r not in left_out]
         if not runs:
             continue
         folded[method] = {**runs[0], "seeds": len(runs), "seed0_macs": runs[0]["macs"],
@@ -251,7 +271,8 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
              f"Command: `{command}` (each method's runs recorded in bench/results/runs/{scenario.name}/; `--method M` "
              f"runs one). One {scenario.architecture_name} per task ({', '.join(tasks)}) trained "
              f"{scenario.train_epochs} epochs on the training split minus a seeded {GUARD_SIZE:,}-image guard; "
-             f"tolerance {TOLERANCE} on the guard; "
+             f"tolerance {TOLERANCE} on the guard; models {next(iter(results.values())).get('models')} (a hash of "
+             "their weights; only runs on them count); "
              f"fine-tuning after a merge {FINETUNE}; pruning {PRUNING}. Test accuracy (10,000 images) "
              "of the originals: " + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + "."
              + _attribute_note(scenario), ""]
