@@ -446,10 +446,11 @@ def write_summary() -> None:
                      f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
                      f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "
                      f"{results[method]['seconds']:.0f} | {results[method]['peak_rss_mb']:.0f} |")
-    missing = [s.name for s in SCENARIOS.values() if not (RUNS / s.name).is_dir()]
+    missing = [s.name for s in SCENARIOS.values() if f"[{s.name}]" not in "".join(lines)]
     if missing:
-        lines += ["", f"Not in this table: {', '.join(missing)}, with no run recorded in bench/results/runs/ (their "
-                  "<scenario>.md files were written from older runs; `--scenario S` reruns one)."]
+        lines += ["", f"Not in this table: {', '.join(missing)}, without runs of none+taylor, mtz+taylor and a pam "
+                  "method in bench/results/runs/ (a <scenario>.md file without runs was written from older runs; "
+                  "`--scenario S` runs the rest)."]
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 
