@@ -45,6 +45,7 @@ CACHE = Path(".cache/bench/suite")         # generated networks and their latenc
 MAX_SEEDS = 10
 RESULTS = BENCH / "results"
 RUNS = RESULTS / "runs"                     # one record per scenario x method x seed: committed
+MODELS = BENCH / "models"                   # the trained single-task models: committed, so every machine uses them
 TOLERANCE = 0.01
 FINETUNE = pamfx.FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
 PRUNING = pamfx.PruneConfig()                  # the same for every method; the peer's Budget mirrors it
@@ -108,7 +109,7 @@ def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
     guard = task_data(images[guard_index], labels[guard_index], split)
     test = task_data(*load_fashion_mnist("test"), split)
     models = {t: train_or_load(f"{scenario.architecture_name}-{t}-val{GUARD_SIZE}",
-                               lambda n=fn.num_classes: make_model(scenario, n), *train[t], cache_dir=".cache/bench",
+                               lambda n=fn.num_classes: make_model(scenario, n), *train[t], cache_dir=MODELS,
                                epochs=scenario.train_epochs, seed=0, progress=False)
               for t, fn in split.items()}
     return models, train, guard, test
@@ -126,14 +127,13 @@ def fingerprint(models: dict) -> str:
 
 
 def run_one(scenario: Scenario, method: str, seed: int) -> None:
-    """One scenario x method x seed in this process: writes its JSON (and generated network) to the cache. The
+    """One scenario x method x seed in this process: writes its record to RUNS and its network to CACHE. The
     seed is pamfx's (batches, dropout, calibration) or the peer's; the models are the same for every seed."""
     torch.manual_seed(seed)
     models, train, guard, test = load(scenario)
     tasks = tuple(models)
     started = time.perf_counter()
-    commit = _commit()
-    record = {"method": method, "commit": commit, "models": fingerprint(models),
+    record = {"method": method, "commit": _commit(), "models": fingerprint(models),
               "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
     if method == "peer":
         from peer import Budget, best_of_schedules, count_macs
