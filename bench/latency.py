@@ -21,7 +21,8 @@ import pytest
 import torch
 
 SCENARIO = os.environ.get("PAMFX_BENCH_SCENARIO", "paper")
-FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO
+FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO   # the generated networks
+RUNS = Path(__file__).parent / "results" / "runs" / SCENARIO                          # their run records
 METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own",
            "pam+taylor auto", "pam+taylor auto own")
 BATCHES = (1, 64)
@@ -53,7 +54,7 @@ def _cases() -> list:
     available = [m for m in METHODS if _file(m).exists()]
     if "none+taylor" not in available:
         return []
-    tasks = list(json.loads((FOLDER / "none+taylor.json").read_text())["test"])
+    tasks = list(json.loads((RUNS / "none+taylor.json").read_text())["test"])
     return [(c, b) for c in _combinations(tasks) for b in BATCHES]
 
 
