@@ -234,11 +234,11 @@ def results_of(scenario: Scenario) -> dict:
     models = Counter(r.get("models") for runs in records.values() for r in runs).most_common(1)
     folded = {}
     for method, runs in records.items():
-        left_out = [r for r in runs if r.get("models") != models[0][0]]
-        if left_out:
-            print(f"[bench] {scenario.name} / {method}: {len(left_out)} run(s) on other models left out",
+        kept = [r for r in runs if r.get("models") == models[0][0]]
+        if len(kept) < len(runs):
+            print(f"[bench] {scenario.name} / {method}: {len(runs) - len(kept)} run(s) on other models left out",
                   file=sys.stderr)
-        runs = [r for r in runs if r not in left_out]
+        runs = kept
         if not runs:
             continue
         folded[method] = {**runs[0], "seeds": len(runs), "seed0_macs": runs[0]["macs"],
