@@ -17,8 +17,11 @@ The schedule, one step at a time:
    model's accuracy there minus the tolerance);
 4. when tasks fail, restore the removed units whose group contains a failing task and check again. A failing task
    that lost a single unit keeps that unit for good (it cannot go) and tries the next one up at the next step; one
-   that lost several halves its fraction. A task whose fraction falls below the minimum, or that has nothing
-   left to offer, is done, and units serving it are kept from then on. Under merge="none" groups never mix tasks,
+   that lost several halves its fraction. A unit whose removal alone failed and that saves at least a share
+   retry_share of a failing task's MACs (conv1's units of a pruned LeNet-5) first gets one longer recovery
+   (final_steps of fine-tuning): 100 steps rarely bring back a network that lost a third of its first layer.
+   A task whose fraction falls below the minimum, or that has nothing left to offer, is done, and units serving
+   it are kept from then on. Under merge="none" groups never mix tasks,
    so each task is pruned under its own guard, as pruning its model alone would.
 A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
 
@@ -46,7 +49,8 @@ class PruneConfig:
     removal saves no more, its first unit always); min_fraction: a task whose share fell below this (halved at each
     failure with several units) is done;
     max_steps: a cap on steps. step_steps / final_steps: fine-tuning steps (batches of batch_size per task, Adam at
-    lr) after each step and at the end. cost_aware: rank units by importance per MAC their removal saves (all tasks
+    lr) after each step and at the end; retry_share: a unit whose removal alone fails a task and saves at least
+    this share of its MACs is tried once more with final_steps of fine-tuning before it is kept (1: never). cost_aware: rank units by importance per MAC their removal saves (all tasks
     running) instead of importance alone. importance_batches: batches the Taylor criterion accumulates.
     vib_steps / vib_kl / vib_lr: the VIB criterion's gate training (steps, weight of the KL term per unit, learning
     rate). guard_fraction: share of `data` held out as the guard when optimize() is given no eval_data.
@@ -60,6 +64,7 @@ class PruneConfig:
     max_steps: int = 100
     step_steps: int = 100
     final_steps: int = 500
+    retry_share: float = 0.05
     batch_size: int = 128
     lr: float = 1e-3
     cost_aware: bool = True
@@ -75,6 +80,8 @@ class PruneConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"PruneConfig.{name}={value!r} must be a number in (0, 1)")
+        if not isinstance(self.retry_share, (int, float)) or not 0 < self.retry_share <= 1:
+            raise ValueError(f"PruneConfig.retry_share={self.retry_share!r} must be a number in (0, 1]")
         for name in ("max_steps", "step_steps", "final_steps", "batch_size", "importance_batches", "vib_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
@@ -151,6 +158,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             break
         restored_for: set = set()
         accepted = None
+        steps = config.step_steps
         while removal:
             trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
             # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
@@ -159,12 +167,15 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
                                         for group, after in zip(groups[name], trial_groups[name])
                                         if group is not None and after is None))
             trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), tuned.weights, data,
-                                         config.tuning(config.step_steps), seed=seed + index, changed=changed)
+                                         config.tuning(steps), seed=seed + index, changed=changed)
             accuracy = evaluate(trial.network, guard)
             failing = {t for t in tasks if accuracy[t] < floors[t]}
             if not failing:
                 accepted = (trial, trial_groups)
                 break
+            if steps < config.final_steps and _dear(removal, failing, saved, tuned.network, config.retry_share):
+                steps = config.final_steps      # one longer recovery before the unit is kept for good
+                continue
             for t in failing - restored_for:
                 offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
                 if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
@@ -216,6 +227,14 @@ def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping
         if not pruned.below_floor:
             alone[task] = pruned.tuned.network.restricted(task)
     return alone
+
+
+def _dear(removal: list, failing: set, saved: dict, network: GatedNetwork, share: float) -> bool:
+    """Whether `removal` is a single unit that saves at least `share` of each failing task's MACs."""
+    if len(removal) != 1:
+        return False
+    name, unit = removal[0]
+    return all(float(saved[name][unit]) >= share * network.macs([t]) for t in failing)
 
 
 def _choose(aligned, spaces, groups: dict, scores: dict, saved: dict, budget: dict, done: set,

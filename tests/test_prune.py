@@ -250,6 +250,39 @@ def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monk
     assert ["undone" in steps[0], "kept" in steps[1], "kept" in steps[2]] == [True, True, True], steps
 
 
+@pytest.mark.parametrize("retry_share, goes", [(0.05, True), (1.0, False)])
+def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retry_share, goes):
+    """conv1's unit 0 is ranked lowest and saves 14% of a LeNet-5's MACs. The guard (faked) fails while that unit
+    is gone and the network was tuned for fewer than final_steps steps: with retry_share 0.05 the step is tried
+    again with final_steps of fine-tuning and kept; with 1 the unit is kept for good after the first failure."""
+    model = make_models("lenet5", ("a",))["a"]
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        data = {"a": (x, model(x).argmax(1))}
+
+    def scores(aligned, spaces, tuned, data, config, seed):
+        ranks = {name: torch.ones(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
+        ranks["conv1"][0] = 0.0
+        return ranks
+    real, calls = pamfx.passes.prune.rebuild_and_finetune, []
+
+    def recording(aligned, spaces, grouping, weights, data, config, **options):
+        tuned = real(aligned, spaces, grouping, weights, data, config, **options)
+        without = grouping.groups["conv1"][0] is None
+        tuned.network.short = without and config.steps < 4
+        calls.append((without, config.steps))
+        return tuned
+    monkeypatch.setitem(pamfx.passes.prune.CRITERIA, "taylor", scores)
+    monkeypatch.setattr(pamfx.passes.prune, "rebuild_and_finetune", recording)
+    monkeypatch.setattr(pamfx.passes.prune, "evaluate",
+                        lambda network, guard: {"a": 0.0 if getattr(network, "short", False) else 1.0})
+    config = PruneConfig(step_fraction=1e-4, min_fraction=1e-5, max_steps=1, step_steps=2, final_steps=4,
+                         cost_aware=False, batch_size=32, retry_share=retry_share)   # one unit per step
+    result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
+    assert (result.grouping.groups["conv1"][0] is None) == goes
+    assert calls[:2] == ([(True, 2), (True, 4)] if goes else [(True, 2), (False, 4)]), calls
+
+
 def test_an_offer_passes_over_a_last_path_and_goes_on_down_the_ranking():
     """fc2 keeps one unit for task a; ranked lowest, it would cut a's last path to its head. The offer passes over
     it and takes the next unit up instead of coming back empty (which used to end the task's pruning)."""
@@ -430,7 +463,8 @@ def test_a_merge_dearer_than_the_originals_is_warned_about():
 @pytest.mark.parametrize("field, value", [("step_fraction", 0), ("step_fraction", 1.0), ("min_fraction", -0.1),
                                           ("guard_fraction", 1), ("max_steps", -1), ("step_steps", 2.5),
                                           ("batch_size", 0), ("importance_batches", True), ("lr", 0),
-                                          ("vib_kl", -1e-3), ("vib_lr", "fast")])
+                                          ("vib_kl", -1e-3), ("vib_lr", "fast"), ("retry_share", 0),
+                                          ("retry_share", 1.5)])
 def test_prune_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=rf"PruneConfig\.{field}={value!r}"):
         PruneConfig(**{field: value})
