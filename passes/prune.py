@@ -21,8 +21,8 @@ The schedule, one step at a time:
    retry_share of a failing task's MACs (conv1's units of a pruned LeNet-5) first gets one longer recovery
    (final_steps of fine-tuning): 100 steps rarely bring back a network that lost a third of its first layer.
    A task whose fraction falls below the minimum, or that has nothing left to offer, is done, and units serving
-   it are kept from then on. Under merge="none" groups never mix tasks,
-   so each task is pruned under its own guard, as pruning its model alone would.
+   it are kept from then on. Under merge="none" groups never mix tasks, so each task is pruned under its own
+   guard, as pruning its model alone would.
 A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
 
     pruned = prune(aligned, spaces, grouping, tuned, data, guard, floors, "taylor", PruneConfig())
@@ -50,8 +50,9 @@ class PruneConfig:
     failure with several units) is done;
     max_steps: a cap on steps. step_steps / final_steps: fine-tuning steps (batches of batch_size per task, Adam at
     lr) after each step and at the end; retry_share: a unit whose removal alone fails a task and saves at least
-    this share of its MACs is tried once more with final_steps of fine-tuning before it is kept (1: never). cost_aware: rank units by importance per MAC their removal saves (all tasks
-    running) instead of importance alone. importance_batches: batches the Taylor criterion accumulates.
+    this share of its MACs is tried once more with final_steps of fine-tuning before it is kept (1: never).
+    cost_aware: rank units by importance per MAC their removal saves (all tasks running) instead of importance
+    alone. importance_batches: batches the Taylor criterion accumulates.
     vib_steps / vib_kl / vib_lr: the VIB criterion's gate training (steps, weight of the KL term per unit, learning
     rate). guard_fraction: share of `data` held out as the guard when optimize() is given no eval_data.
     alone: after pruning a merged network of several tasks, give each task its own network pruned for it alone
