@@ -428,30 +428,37 @@ def write_summary() -> None:
              "",
              "| scenario | tasks | all-task none/pam | best none/pam | best mtz/pam | pam dearer than none / mtz | "
              "pam worst test drop | pam s | pam peak MB |", "|---|---|---|---|---|---|---|---|---|"]
-    for scenario, method in [(s, m) for s in SCENARIOS.values() for m in PAM_METHODS]:
+    shown = set()
+    for scenario in SCENARIOS.values():
         results = results_of(scenario)
-        if not {method, "none+taylor", "mtz+taylor"} <= set(results):
-            continue
-        pam, none, mtz = (results[m]["macs"] for m in (method, "none+taylor", "mtz+taylor"))
-        tasks = tuple(results[method]["test"])
-        combos = [_key(c) for c in all_combinations(tasks)]
-        best_none = max(combos, key=lambda c: none[c] / pam[c])
-        best_mtz = max(combos, key=lambda c: mtz[c] / pam[c])
-        original = results[method]["original_test"]
-        drop = max(100 * (original[t] - results[method]["test"][t]) for t in tasks)
-        variant = "" if method == "pam+taylor" else f" ({method})"
-        lines.append(f"| [{scenario.name}]({scenario.name}.md){variant} | {len(tasks)} | "
-                     f"{none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
-                     f"{none[best_none] / pam[best_none]:.2f}x | {mtz[best_mtz] / pam[best_mtz]:.2f}x "
-                     f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
-                     f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "
-                     f"{results[method]['seconds']:.0f} | {results[method]['peak_rss_mb']:.0f} |")
-    missing = [s.name for s in SCENARIOS.values() if f"[{s.name}]" not in "".join(lines)]
+        for method in PAM_METHODS:
+            if {method, "none+taylor", "mtz+taylor"} <= set(results):
+                shown.add(scenario.name)
+                lines.append(_summary_row(scenario, method, results))
+    missing = [name for name in SCENARIOS if name not in shown]
     if missing:
         lines += ["", f"Not in this table: {', '.join(missing)}, without runs of none+taylor, mtz+taylor and a pam "
                   "method in bench/results/runs/ (a <scenario>.md file without runs was written from older runs; "
                   "`--scenario S` runs the rest)."]
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+
+
+def _summary_row(scenario: Scenario, method: str, results: dict) -> str:
+    """SUMMARY.md's row of one pam method of a scenario, from the scenario's folded results."""
+    pam, none, mtz = (results[m]["macs"] for m in (method, "none+taylor", "mtz+taylor"))
+    tasks = tuple(results[method]["test"])
+    combos = [_key(c) for c in all_combinations(tasks)]
+    best_none = max(combos, key=lambda c: none[c] / pam[c])
+    best_mtz = max(combos, key=lambda c: mtz[c] / pam[c])
+    original = results[method]["original_test"]
+    drop = max(100 * (original[t] - results[method]["test"][t]) for t in tasks)
+    variant = "" if method == "pam+taylor" else f" ({method})"
+    return (f"| [{scenario.name}]({scenario.name}.md){variant} | {len(tasks)} | "
+            f"{none[_key(tasks)] / pam[_key(tasks)]:.2f}x | "
+            f"{none[best_none] / pam[best_none]:.2f}x | {mtz[best_mtz] / pam[best_mtz]:.2f}x "
+            f"({{{best_mtz.replace(',', ', ')}}}) | {sum(pam[c] > none[c] for c in combos)} / "
+            f"{sum(pam[c] > mtz[c] for c in combos)} of {len(combos)} | {drop:+.2f} pt | "
+            f"{results[method]['seconds']:.0f} | {results[method]['peak_rss_mb']:.0f} |")
 
 
 def _key(combination) -> str:
