@@ -104,6 +104,8 @@ class Step:
     accuracy: dict          # task -> guard accuracy after the step's fine-tuning
     restored_for: tuple     # tasks that failed and got their units back
     accepted: bool
+    kept_for_good: tuple = ()   # (space, unit) whose removal alone failed a task: never offered again
+    longer: bool = False        # the step's removal got the longer recovery (retry_share)
 
 
 @dataclass
@@ -119,9 +121,11 @@ class Pruned:
             removed = ", ".join(f"{t} {n}" for t, n in step.removed.items() if n)
             accuracy = ", ".join(f"{t} {a:.4f}" for t, a in step.accuracy.items())
             restored = f"; restored units of {', '.join(step.restored_for)}" if step.restored_for else ""
+            longer = "; after the longer recovery" if step.longer else ""
+            needed = "".join(f"; {name} unit {unit} kept for good" for name, unit in step.kept_for_good)
             verdict = "kept" if step.accepted else "undone"
             lines.append(f"prune step {step.index}: removed {removed or 'nothing'} -> all-task MACs {step.macs:,}; "
-                         f"guard {accuracy}{restored}; {verdict}")
+                         f"guard {accuracy}{restored}{longer}{needed}; {verdict}")
         return lines
 
 
@@ -158,6 +162,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         if done >= set(tasks):
             break
         restored_for: set = set()
+        kept_for_good = []
         accepted = None
         steps = config.step_steps
         while removal:
@@ -181,6 +186,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
                 offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
                 if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
                     needed.add(offered[0])
+                    kept_for_good.append(offered[0])
                 else:
                     fraction[t] /= 2
             restored_for |= failing
@@ -193,7 +199,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         else:
             removed = {t: 0 for t in tasks}
         history.append(Step(index, removed, tuned.network.macs(tasks), accuracy, tuple(sorted(restored_for)),
-                            accepted is not None))
+                            accepted is not None, tuple(sorted(set(kept_for_good))), steps > config.step_steps))
         margin = min(accuracy[t] - floors[t] for t in tasks)
         bar.update()
         bar.set_postfix(macs=f"{tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)

@@ -247,7 +247,8 @@ def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monk
     fc1 = result.grouping.groups["fc1"]
     assert fc1[0] is not None and fc1[1] is None and fc1[2] is None and all(g is not None for g in fc1[3:])
     steps = [note for note in result.report.notes if note.startswith("prune step")]
-    assert ["undone" in steps[0], "kept" in steps[1], "kept" in steps[2]] == [True, True, True], steps
+    assert [step.rsplit("; ", 1)[1] for step in steps[:3]] == ["undone", "kept", "kept"], steps
+    assert "fc1 unit 0 kept for good" in steps[0], steps
 
 
 @pytest.mark.parametrize("retry_share, goes", [(0.05, True), (1.0, False)])
@@ -281,6 +282,8 @@ def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retr
     result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
     assert (result.grouping.groups["conv1"][0] is None) == goes
     assert calls[:2] == ([(True, 2), (True, 4)] if goes else [(True, 2), (False, 4)]), calls
+    step = next(note for note in result.report.notes if note.startswith("prune step 0:"))
+    assert ("after the longer recovery" in step, "conv1 unit 0 kept for good" in step) == (goes, not goes), step
 
 
 def test_an_offer_passes_over_a_last_path_and_goes_on_down_the_ranking():
