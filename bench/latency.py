@@ -30,10 +30,13 @@ ROUNDS = {1: 300, 64: 60}   # interleaved rounds per combination and batch (each
 WARMUP = 5
 
 
-def _file(method: str) -> Path:
+def _file(method: str) -> Path | None:
+    """The generated network of `method`'s seed-0 run, or None when that run has no record (a network left in the
+    cache by a run whose record was deleted to rerun it is not timed)."""
     gated = method.endswith(" gated")
     stem = (method[:-len(" gated")] if gated else method).replace(" ", "_")   # as harness.cached names it
-    return FOLDER / f"{stem}{'.gated' if gated else ''}.py"
+    path = FOLDER / f"{stem}{'.gated' if gated else ''}.py"
+    return path if path.exists() and (RUNS / f"{stem}.json").exists() else None
 
 
 def _load(method: str):
@@ -51,7 +54,7 @@ def _combinations(tasks: list) -> list:
 
 
 def _cases() -> list:
-    available = [m for m in METHODS if _file(m).exists()]
+    available = [m for m in METHODS if _file(m)]
     if "none+taylor" not in available:
         return []
     tasks = list(json.loads((RUNS / "none+taylor.json").read_text())["test"])
@@ -62,7 +65,7 @@ def _cases() -> list:
 def networks():
     torch.set_num_threads(1)
     methods = list(METHODS) + [f"{m} gated" for m in METHODS]
-    return {m: _load(m) for m in methods if _file(m).exists()}
+    return {m: _load(m) for m in methods if _file(m)}
 
 
 def _runner(networks: dict, method: str, combination: list, x: torch.Tensor):
