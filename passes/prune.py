@@ -162,7 +162,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         if done >= set(tasks):
             break
         restored_for: set = set()
-        kept_for_good = []
+        needed_before = set(needed)
         accepted = None
         steps = config.step_steps
         while removal:
@@ -186,7 +186,6 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
                 offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
                 if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
                     needed.add(offered[0])
-                    kept_for_good.append(offered[0])
                 else:
                     fraction[t] /= 2
             restored_for |= failing
@@ -199,7 +198,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         else:
             removed = {t: 0 for t in tasks}
         history.append(Step(index, removed, tuned.network.macs(tasks), accuracy, tuple(sorted(restored_for)),
-                            accepted is not None, tuple(sorted(set(kept_for_good))), steps > config.step_steps))
+                            accepted is not None, tuple(sorted(needed - needed_before)), steps > config.step_steps))
         margin = min(accuracy[t] - floors[t] for t in tasks)
         bar.update()
         bar.set_postfix(macs=f"{tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
