@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets pamfx up on a fresh machine, then runs the demo: `bash setup.sh [--no-demo] [--bench] [demo options...]`.
 # Installs Debian's Fashion-MNIST if it is missing, makes .venv, installs torch (the CPU wheel) and pamfx into it;
-# --bench also installs the benchmark's extras (torch-pruning, matplotlib).
+# --bench also installs the benchmark's extras (torch-pruning, matplotlib, scipy).
 # Safe to run again: each step skips or does nothing when its work is already done.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -39,10 +39,10 @@ echo "[setup] installing torch==2.13.0 and pamfx into .venv"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 
 if [[ $install_bench -eq 1 ]]; then
-    echo "[setup] installing torch-pruning and matplotlib (the bench extra) into .venv"
+    echo "[setup] installing torch-pruning, matplotlib and scipy (the bench extra) into .venv"
     # --no-deps because torch-pruning's declared torch requirement would otherwise pull a CUDA build.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps torch-pruning
-    .venv/bin/pip install -q --disable-pip-version-check matplotlib
+    .venv/bin/pip install -q --disable-pip-version-check matplotlib scipy
 fi
 
 if [[ $run_demo -eq 1 ]]; then

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from scipy.stats import mannwhitneyu
 import torch
 
 import pamfx
@@ -336,7 +337,25 @@ def ratio_lines(results: dict, tasks: tuple, columns: list, method: str = "pam+t
         none = results["none+taylor"]["macs"]
         cells = [_spread([none[_key(c)] / max(none[t] for t in c) for c in group]) for _, group in columns]
         lines.append("| perfect-sharing limit | " + " | ".join(cells) + " | |")
-    return lines + [""]
+    return lines + [""] + seed_lines(results, baselines, method)
+
+
+def seed_lines(results: dict, baselines: list, method: str) -> list[str]:
+    """Whether pam's all-task MACs differ from a baseline's beyond the spread of seeds: over every pair of seeds,
+    how often pam is cheaper, and the two-sided Mann-Whitney U test's p-value (only with 3 seeds or more of both)."""
+    pam = results[method]["all_task_macs"]
+    lines = []
+    for baseline in baselines:
+        other = results[baseline]["all_task_macs"]
+        if min(len(pam), len(other)) < 3:
+            continue
+        cheaper = sum((p < o) + (p == o) / 2 for p in pam for o in other)
+        p_value = mannwhitneyu(pam, other, alternative="two-sided").pvalue
+        lines.append(f"- All tasks, {method} against {baseline} over seeds ({len(pam)} and {len(other)}): pam is "
+                     f"cheaper in {cheaper:g} of {len(pam) * len(other)} pairs of seeds; Mann-Whitney U two-sided "
+                     f"p = {p_value:.2f}" + (" (a difference the seeds cannot tell from chance)" if p_value > 0.05
+                                              else ""))
+    return lines + [""] if lines else []
 
 
 def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:

@@ -18,6 +18,7 @@ Writes node.meta["pamfx.space"] on every node that holds exactly one space and n
 """
 import math
 
+import networkx as nx
 from torch import fx, nn
 
 from pamfx import ops
@@ -55,18 +56,13 @@ def find_channel_spaces(aligned: AlignedGraph) -> dict[str, ChannelSpace]:
 
 
 def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, fx.Node]]:
-    """Union-find: maps every node that holds one space to the first node of that space. Also returns the spaces
-    joined with a tensor of several spaces side by side (a residual add or a gate of a torch.cat): {first node of
-    the space: the join}; their tensors hold those spaces' units (_FeatureFinder), not a space of their own."""
-    parent: dict[fx.Node, fx.Node] = {}
-    onto: dict[fx.Node, fx.Node] = {}
-
-    def find(node):
-        while parent[node] is not node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
+    """Maps every node that holds one space to the first node of that space: the spaces are the connected components
+    of a graph linking each node to the input whose channels it keeps (and the operands of a residual add or a gate
+    to each other). Also returns the spaces joined with a tensor of several spaces side by side (a residual add or a
+    gate of a torch.cat): {first node of the space: the join}; their tensors hold those spaces' units
+    (_FeatureFinder), not a space of their own."""
+    same = nx.Graph()       # an edge: both nodes hold the same space; a node: it holds one space
+    joined = []             # (operand, join): an operand of a join whose other operand holds several spaces
     for node in nodes:
         kind = node.meta[OP]
         tensor_inputs = [arg for arg in node.all_input_nodes if arg.meta[OP] != ops.SHAPE]
@@ -74,32 +70,35 @@ def _join_spaces(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.
             raise UnsupportedOpError(f"node '{node.name}' convolves '{tensor_inputs[0].name}', whose channels are on "
                                      f"dim {tensor_inputs[0].meta[AXIS]}; transpose them back to dim 1 first")
         if kind in (ops.INPUT, ops.CONV, ops.LINEAR):
-            parent[node] = node
-        elif kind in ops.PER_MODEL and tensor_inputs[0] not in parent:
+            same.add_node(node)
+        elif kind in ops.PER_MODEL and tensor_inputs[0] not in same:
             raise UnsupportedOpError(
                 f"node '{node.name}' {ops.PER_MODEL[kind]} '{tensor_inputs[0].name}', which holds flattened or "
                 "concatenated features: pamfx supports it on the output of one layer (or of a residual add), whose "
                 "channels it can give to their models")
-        elif kind in ops.KEEPS_SPACE and tensor_inputs[0] in parent:
+        elif kind in ops.KEEPS_SPACE and tensor_inputs[0] in same:
             if kind == ops.SOFTMAX:
                 _check_softmax_dim(node)
             if kind == ops.NORM:
                 _check_norm(node)
             if kind == ops.TRANSPOSE:
                 _check_transpose(node)
-            parent[node] = find(tensor_inputs[0])
-        elif kind == ops.FLATTEN and tensor_inputs[0] in parent and _keeps_channels(node):
-            parent[node] = find(tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
-        elif kind in ops.JOINS and all(operand in parent for operand in tensor_inputs):
-            parent[node] = find(tensor_inputs[0])
-            for operand in tensor_inputs[1:]:
-                parent[find(operand)] = parent[node]
+            same.add_edge(node, tensor_inputs[0])
+        elif kind == ops.FLATTEN and tensor_inputs[0] in same and _keeps_channels(node):
+            same.add_edge(node, tensor_inputs[0])   # [B, C, 1, 1] -> [B, C]: the channels themselves
+        elif kind in ops.JOINS and all(operand in same for operand in tensor_inputs):
+            same.add_edges_from((node, operand) for operand in tensor_inputs)
         elif kind in ops.JOINS:   # an operand holds several spaces (a cat) or flattened features
-            for operand in tensor_inputs:
-                if operand in parent:
-                    onto.setdefault(find(operand), node)
-    root = {node: find(node) for node in parent}
-    return root, {root[first]: join for first, join in onto.items()}
+            joined += [(operand, node) for operand in tensor_inputs if operand in same]
+    order = {node: index for index, node in enumerate(nodes)}
+    root = {}
+    for space in nx.connected_components(same):
+        first = min(space, key=order.__getitem__)
+        root.update(dict.fromkeys(space, first))
+    onto: dict[fx.Node, fx.Node] = {}
+    for operand, join in joined:
+        onto.setdefault(root[operand], join)
+    return root, onto
 
 
 def _check_mapped(nodes: list[fx.Node], root: dict, onto: dict) -> None:
