@@ -1,25 +1,29 @@
 """The benchmark suite (issue 10, DESIGN.md section 7): every scenario x method x task combination, side by side.
 
-    .venv/bin/python bench/harness.py                          # the whole suite (hours; resumes from the cache)
-    .venv/bin/python bench/harness.py --quick                  # the paper's split alone
+    .venv/bin/python bench/harness.py --jobs 2                 # the whole suite (hours; resumes from the records)
+    .venv/bin/python bench/harness.py --quick --jobs 2         # the paper's split alone, seed 0, the four methods
     .venv/bin/python bench/harness.py --scenario five --method pam+taylor     # one cell (repeatable options)
-    .venv/bin/python bench/harness.py --table                  # only rewrite tables and plots from the cache
+    .venv/bin/python bench/harness.py --table                  # only rewrite tables and plots from the records
+    .venv/bin/python bench/harness.py --quick --out /tmp/fresh # from scratch, the committed records left alone
 
-Each scenario x method runs in its own process (its peak memory is its own) and writes its record to
-bench/results/runs/<scenario>/<method>.json (committed, stamped with the commit that made it: the suite resumes
-where it stopped, on this machine or the next; delete a record to rerun its cell) and its generated network to
-.cache/bench/suite/<scenario>/ (not committed). Then bench/latency.py (pytest-benchmark) times the generated
-networks found there, and the tables (bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are
-rewritten from the records.
-Methods: merge+criterion runs pamfx.optimize, with words after the criterion for variants ("plain": ranking not
-cost-aware; "own": each task also gets its own network; "zip": PAM's shared groups zipped, PamConfig(zip_degree=0.9);
-"auto": zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned"));
-"alone+taylor" runs pamfx on each model by itself; "peer" is
-Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`). All prune at tolerance TOLERANCE
-with the same fine-tuning budget; every decision reads the guard slice, never the test split.
+Each scenario x method x seed (a cell) runs in its own process on one thread (its peak memory is its own; `--jobs`
+cells at once) and writes its record to bench/results/runs/<scenario>/<method>[@seed<k>].json (committed, stamped
+with the commit that made it: the suite resumes where it stopped, on this machine or the next; delete a record to
+rerun its cell) and its generated network to .cache/bench/suite/<scenario>/ (not committed). Then bench/latency.py
+(pytest-benchmark) times the generated networks found there, and the tables (bench/results/<scenario>.md), plots
+(.png) and bench/results/SUMMARY.md are rewritten from the records.
+Methods (bench/scenarios.py): merge+criterion runs pamfx.optimize, with merge in none, mtz, pam and criterion in
+taylor, l1, vib; "peer" is Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`). Every
+scenario runs the peer and none, mtz and pam + taylor; the paper's split adds l1 and vib, the ten-task scenarios
+"pam+taylor zip" (PAM's shared groups zipped, PamConfig(zip_degree=0.9)). Variants run only when named with
+--method, and their records join the tables: "plain" (ranking not cost-aware), "own" (each task also gets its own
+network), "zip", "auto" (zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned")), and
+"alone+taylor" (pamfx on each model by itself). All prune at tolerance TOLERANCE with the same fine-tuning budget;
+every decision reads the guard slice, never the test split.
 """
 import argparse
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import json
 import math
@@ -41,7 +45,7 @@ from pamfx.train import accuracy, evaluate, train_or_load
 
 BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))
-from scenarios import GUARD_SIZE, SCENARIOS, Scenario, make_model  # noqa: E402  (bench/ is not a package)
+from scenarios import GUARD_SIZE, METHODS, SCENARIOS, VARIANTS, Scenario, make_model  # noqa: E402  (bench/ is not a package)
 
 CACHE = Path(".cache/bench/suite")         # generated networks and their latency: this machine's
 MAX_SEEDS = 10
@@ -64,36 +68,67 @@ PAPER_MACS_RATIO, PAPER_MTZ_RATIO = 4.87, 2.01
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the paper's split alone")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the paper's split alone, seed 0, methods {', '.join(METHODS)}")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these (repeatable)")
-    parser.add_argument("--method", action="append", help="only these methods (repeatable)")
+    parser.add_argument("--method", action="append", help="only these methods (repeatable; variants too)")
     parser.add_argument("--table", action="store_true", help="run nothing; rewrite tables and plots from the cache")
     parser.add_argument("--no-latency", action="store_true", help="skip timing the generated networks")
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the scenario's); tables show medians")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each on one thread; default 1)")
+    parser.add_argument("--out", type=Path, help="records, tables and networks in this folder instead of "
+                        "bench/results/ and .cache/bench/suite/ (a run from scratch)")
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "METHOD"), help=argparse.SUPPRESS)  # a child
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)                     # the child's
     args = parser.parse_args(argv)
+    for method in args.method or []:
+        if not known(method):
+            parser.error(f"--method {method!r} is not a method: merge+criterion[ variant] with merge in none, mtz, "
+                         f"pam, criterion in taylor, l1, vib (variants: {', '.join(VARIANTS)}), or peer")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be 1 or more, got {args.jobs}")
+    if args.out:
+        use_output(args.out)
     if args.run:
         run_one(SCENARIOS[args.run[0]], args.run[1], args.seed)
         return
-    names = ["paper"] if args.quick else (args.scenario or list(SCENARIOS))
-    for name in names:
-        scenario = SCENARIOS[name]
-        if not args.table:
-            for seed in range(args.seeds or scenario.seeds):
-                for method in args.method or scenario.methods:
-                    if not cached(scenario, method, seed).exists():
-                        started = time.perf_counter()
-                        print(f"[bench] {name} / {method} / seed {seed}", file=sys.stderr, flush=True)
-                        # one thread: float sums, hence pruning decisions, do not depend on the core count
-                        subprocess.run([sys.executable, __file__, "--run", name, method, "--seed", str(seed)],
-                                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                        print(f"[bench] {name} / {method} / seed {seed}: {time.perf_counter() - started:.0f} s",
-                              file=sys.stderr, flush=True)
-            if not args.no_latency:
-                measure_latency(scenario)
+    scenarios = [SCENARIOS[name] for name in (["paper"] if args.quick else args.scenario or SCENARIOS)]
+    if not args.table:
+        cells = [(scenario, seed, method) for scenario in scenarios
+                 for seed in range(1 if args.quick and not args.seeds else args.seeds or scenario.seeds)
+                 for method in args.method or (METHODS if args.quick else scenario.methods)
+                 if not cached(scenario, method, seed).exists()]
+        with ThreadPoolExecutor(args.jobs) as pool:      # each cell is its own process: the threads only wait
+            list(pool.map(lambda cell: run_cell(*cell, out=args.out), cells))
+    for scenario in scenarios:
+        if not args.table and not args.no_latency:      # after every cell: the machine is idle
+            measure_latency(scenario)
         write_tables(scenario)
     write_summary()
+
+
+def known(method: str) -> bool:
+    """Whether the harness can run `method`."""
+    if method == "peer" or method in VARIANTS:
+        return True
+    merge, _, criterion = method.partition("+")
+    return merge in ("none", "mtz", "pam") and criterion in ("taylor", "l1", "vib")
+
+
+def use_output(folder: Path) -> None:
+    """Records, tables, plots and networks under `folder`, leaving the committed records alone."""
+    global RESULTS, RUNS, CACHE
+    RESULTS, RUNS, CACHE = folder, folder / "runs", folder / "networks"
+
+
+def run_cell(scenario: Scenario, seed: int, method: str, out: Path | None) -> None:
+    """One cell in a child process on one thread (float sums, hence pruning decisions, do not depend on the cores)."""
+    started = time.perf_counter()
+    print(f"[bench] {scenario.name} / {method} / seed {seed}", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, __file__, "--run", scenario.name, method, "--seed", str(seed),
+                    *(["--out", str(out)] if out else [])], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    print(f"[bench] {scenario.name} / {method} / seed {seed}: {time.perf_counter() - started:.0f} s",
+          file=sys.stderr, flush=True)
 
 
 def cached(scenario: Scenario, method: str, seed: int = 0) -> Path:
@@ -205,8 +240,8 @@ def measure_latency(scenario: Scenario) -> None:
         return
     subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "latency.py"), "-q", "-p", "no:cacheprovider",
                     f"--benchmark-json={out}", "--benchmark-disable-gc", "-o", "addopts=", "-o", "testpaths="],
-                   check=True, env={**os.environ, "PAMFX_BENCH_SCENARIO": scenario.name,
-                                    "PAMFX_BENCH_CACHE": str(CACHE), "OMP_NUM_THREADS": "1"})
+                   check=True, env={**os.environ, "PAMFX_BENCH_SCENARIO": scenario.name, "PAMFX_BENCH_CACHE": str(CACHE),
+                                    "PAMFX_BENCH_RUNS": str(RUNS), "OMP_NUM_THREADS": "1"})
 
 
 def regenerate(saved: Path) -> None:
@@ -232,7 +267,7 @@ def results_of(scenario: Scenario) -> dict:
     of each task, the median seconds and peak memory; the notes are seed 0's. Only runs on the models most runs
     used count (fingerprint); the others are named on stderr."""
     records = {method: [json.loads(cached(scenario, method, seed).read_text()) for seed in range(MAX_SEEDS)
-                        if cached(scenario, method, seed).exists()] for method in scenario.methods}
+                        if cached(scenario, method, seed).exists()] for method in recorded(scenario)}
     models = Counter(r.get("models") for runs in records.values() for r in runs).most_common(1)
     folded = {}
     for method, runs in records.items():
@@ -253,6 +288,12 @@ def results_of(scenario: Scenario) -> dict:
     return folded
 
 
+def recorded(scenario: Scenario) -> list[str]:
+    """The scenario's methods, then any other method with a record (a variant run with --method)."""
+    named = {path.stem.split("@")[0].replace("_", " ") for path in (RUNS / scenario.name).glob("*.json")}
+    return [*scenario.methods, *sorted(named - set(scenario.methods))]
+
+
 def write_tables(scenario: Scenario) -> None:
     results = results_of(scenario)
     if not results:
@@ -260,7 +301,7 @@ def write_tables(scenario: Scenario) -> None:
     tasks = tuple(next(iter(results.values()))["test"])
     original = next(iter(results.values()))["original_test"]
     latency = _latency(scenario)
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{scenario.name}.md"
     path.write_text(render(scenario, results, tasks, original, latency))
     plot(scenario, results, tasks, path.with_suffix(".png"))
@@ -299,8 +340,8 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
               "accuracy of any task and seed against the original model (negative: a gain). Seconds: median wall "
               "time of one seed on the 2-core machine, shared with other work; peak MB: the process's peak resident "
               "memory; code: the commit each run was made on (bench/results/runs/ holds the runs).", ""]
-    for method in PAM_METHODS:
-        if method in results:
+    for method in results:
+        if method.startswith("pam+"):
             lines += ratio_lines(results, tasks, columns, method)
     if latency:
         lines += latency_lines(latency, results, tasks)
@@ -317,8 +358,11 @@ def _attribute_note(scenario: Scenario) -> str:
 
 
 def ratio_lines(results: dict, tasks: tuple, columns: list, method: str = "pam+taylor") -> list[str]:
-    """none/pam and mtz/pam per combination, the perfect-sharing limit, and where pam costs more than a baseline."""
+    """none/pam and mtz/pam per combination (with pam's criterion; and the peer for taylor), the perfect-sharing
+    limit, and where pam costs more than a baseline."""
     pam = results[method]["macs"]
+    criterion = method.split("+")[1].split()[0]
+    none_method = f"none+{criterion}"
     lines = [f"## Ratios against {method}", "",
              "Each cell: median (min - max) over the combinations of the column. The perfect-sharing limit is "
              "none(S) / the dearest separately pruned task of S: the ratio of a merged network that costs S no more "
@@ -326,7 +370,8 @@ def ratio_lines(results: dict, tasks: tuple, columns: list, method: str = "pam+t
              "model alone was pruned can beat it.", "",
              "| ratio | " + " | ".join(name for name, _ in columns) + " | combinations where pam costs more |",
              "|---|" + "---|" * (len(columns) + 1)]
-    baselines = [m for m in ("none+taylor", "mtz+taylor", "peer") if m in results]
+    baselines = [m for m in (none_method, f"mtz+{criterion}", "peer" if criterion == "taylor" else "")
+                 if m in results]
     for baseline in baselines:
         other = results[baseline]["macs"]
         cells = [_spread([other[_key(c)] / pam[_key(c)] for c in group]) for _, group in columns]
@@ -334,8 +379,8 @@ def ratio_lines(results: dict, tasks: tuple, columns: list, method: str = "pam+t
         lines.append(f"| {baseline} / pam | " + " | ".join(cells) + f" | {len(worse)} of "
                      f"{len(all_combinations(tasks))}" + (f" (e.g. {{{', '.join(worse[0])}}})" if worse else "")
                      + " |")
-    if "none+taylor" in results:
-        none = results["none+taylor"]["macs"]
+    if none_method in results:
+        none = results[none_method]["macs"]
         cells = [_spread([none[_key(c)] / max(none[t] for t in c) for c in group]) for _, group in columns]
         lines.append("| perfect-sharing limit | " + " | ".join(cells) + " | |")
     return lines + [""] + seed_lines(results, baselines, method)
@@ -463,6 +508,7 @@ def write_summary() -> None:
         lines += ["", f"Not in this table: {', '.join(missing)}, without runs of none+taylor, mtz+taylor and a pam "
                   "method in bench/results/runs/ (a <scenario>.md file without runs was written from older runs; "
                   "`--scenario S` runs the rest)."]
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 

@@ -22,7 +22,7 @@ import torch
 
 SCENARIO = os.environ.get("PAMFX_BENCH_SCENARIO", "paper")
 FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO   # the generated networks
-RUNS = Path(__file__).parent / "results" / "runs" / SCENARIO                          # their run records
+RUNS = Path(os.environ.get("PAMFX_BENCH_RUNS", Path(__file__).parent / "results" / "runs")) / SCENARIO  # records
 METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own",
            "pam+taylor auto", "pam+taylor auto own")
 BATCHES = (1, 64)
