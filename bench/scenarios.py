@@ -10,10 +10,14 @@ from typing import Callable
 
 import torch
 
+from pamfx import FinetuneConfig, PruneConfig
 from pamfx.data import LabelFunction, attribute_task, class_group_task, paper_split, partition_task
 from pamfx.zoo import lenet5, resnet_small, vgg_bn
 
 GUARD_SIZE = 6000
+TOLERANCE = 0.01
+FINETUNE = FinetuneConfig(epochs=2)      # after a merge (none is lossless and gets none)
+PRUNING = PruneConfig()                  # the same for every method; the peer's Budget mirrors it
 # Issue 10's methods, run on every scenario: the peer, then pamfx's pruner after each merge.
 METHODS = ("peer", "none+taylor", "mtz+taylor", "pam+taylor")
 # Ten tasks: PAM's shared groups zipped too (PamConfig(zip_degree=0.9)), the cheapest pam there.

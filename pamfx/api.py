@@ -23,7 +23,6 @@ from .passes.prune import PruneConfig, prune as prune_network, prune_alone
 from .passes.stack import stack_weights
 from .passes.trace import trace
 from .report import Report, make_report
-from .sources import hold_out  # noqa: F401 (re-exported: the tensors' split)
 from .train import accuracies, evaluate
 
 @dataclass(frozen=True)

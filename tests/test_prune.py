@@ -9,7 +9,7 @@ import torch
 
 import pamfx
 from pamfx import FinetuneConfig, MtzConfig, PamConfig, PruneConfig
-from pamfx.api import hold_out
+from pamfx.sources import hold_out
 from pamfx.ir import all_combinations
 from pamfx.network import INPUT
 from pamfx.passes.build import build_network
