@@ -202,10 +202,12 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
 
 def _commit() -> str:
     """The commit the code runs on, "-dirty" if pamfx, the passes or the bench's code differ from it (the tables and
-    records the bench itself writes do not count)."""
+    records the bench itself writes do not count, nor untracked files: a new module counts through the tracked file
+    that imports it)."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=BENCH).stdout.strip()
-    dirty = git("status", "--porcelain", "--", "../pamfx", "../passes", "*.py", "../pyproject.toml")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "../pamfx", "../passes", "*.py",
+                "../pyproject.toml")
     return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
