@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--method", action="append", help="only these methods (repeatable; variants too)")
     parser.add_argument("--table", action="store_true", help="run nothing; rewrite tables and plots from the cache")
     parser.add_argument("--no-latency", action="store_true", help="skip timing the generated networks")
+    parser.add_argument("--list", action="store_true", help="run nothing; list the cells without a record")
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the scenario's); tables show medians")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each on one thread; default 1)")
     parser.add_argument("--out", type=Path, help="records, tables and networks in this folder instead of "
@@ -87,6 +88,10 @@ def main(argv=None) -> None:
                  for seed in range(1 if args.quick and not args.seeds else args.seeds or scenario.seeds)
                  for method in args.method or (METHODS if args.quick else scenario.methods)
                  if not output.record(scenario, method, seed).exists()]
+        if args.list:
+            print("\n".join(f"{scenario.name} / {method} / seed {seed}" for scenario, seed, method in cells)
+                  or "every cell has a record")
+            return
         with ThreadPoolExecutor(args.jobs) as pool:      # each cell is its own process: the threads only wait
             list(pool.map(lambda cell: run_cell(*cell, out=args.out), cells))
     for scenario in scenarios:
@@ -243,10 +248,6 @@ def regenerate(saved: Path) -> None:
         else:
             fresh.unlink()
             fresh.with_suffix(".pt").unlink()
-
-
-if __name__ == "__main__":
-    main()
 
 
 if __name__ == "__main__":
