@@ -62,7 +62,7 @@ def main(argv=None) -> None:
                         help=f"the paper's split alone, seed 0, methods {', '.join(METHODS)}")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these (repeatable)")
     parser.add_argument("--method", action="append", help="only these methods (repeatable; variants too)")
-    parser.add_argument("--table", action="store_true", help="run nothing; rewrite tables and plots from the cache")
+    parser.add_argument("--table", action="store_true", help="run nothing; rewrite tables and plots from the records")
     parser.add_argument("--no-latency", action="store_true", help="skip timing the generated networks")
     parser.add_argument("--list", action="store_true", help="run nothing; list the cells without a record")
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the scenario's); tables show medians")
