@@ -42,8 +42,8 @@ from pamfx.train import accuracy, evaluate, train_or_load
 BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))     # bench/ is not a package
 from records import Output, key  # noqa: E402
-from scenarios import (FINETUNE, GUARD_SIZE, METHODS, PRUNING, SCENARIOS, TOLERANCE, VARIANTS,  # noqa: E402
-                       Scenario, make_model)
+from scenarios import (FINETUNE, GUARD_SIZE, METHODS, PRUNING, SCENARIOS, TOLERANCE, Scenario,  # noqa: E402
+                       make_model)
 from tables import write_summary, write_tables  # noqa: E402
 
 MODELS = BENCH / "models"          # the trained single-task models: committed, so every machine uses them
@@ -74,8 +74,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for method in args.method or []:
         if not known(method):
-            parser.error(f"--method {method!r} is not a method: merge+criterion[ variant] with merge in none, mtz, "
-                         f"pam, criterion in taylor, l1, vib (variants: {', '.join(VARIANTS)}), or peer")
+            parser.error(f"--method {method!r} is not a method: peer, or merge+criterion with merge in none, mtz, "
+                         f"pam, alone and criterion in {', '.join(CRITERIA)}")
     if args.jobs < 1:
         parser.error(f"--jobs must be 1 or more, got {args.jobs}")
     output = Output.under(args.out) if args.out else Output()
@@ -102,11 +102,9 @@ def main(argv=None) -> None:
 
 
 def known(method: str) -> bool:
-    """Whether the harness can run `method`."""
-    if method == "peer" or method in VARIANTS:
-        return True
+    """Whether run_one can run `method`: the peer, or a merge (or "alone") + a key of CRITERIA."""
     merge, _, criterion = method.partition("+")
-    return merge in ("none", "mtz", "pam") and criterion in ("taylor", "l1", "vib")
+    return method == "peer" or (merge in ("none", "mtz", "pam", "alone") and criterion in CRITERIA)
 
 
 def run_cell(scenario: Scenario, seed: int, method: str, out: Path | None) -> None:

@@ -24,9 +24,7 @@ METHODS = ("peer", "none+taylor", "mtz+taylor", "pam+taylor")
 ZIPPED = METHODS + ("pam+taylor zip",)
 # The paper's split also compares the criteria.
 PAPER_METHODS = METHODS + ("none+l1", "mtz+l1", "pam+l1", "none+vib", "mtz+vib", "pam+vib")
-# Variants that run only when named with --method (bench/harness.py's docstring says what they are).
-VARIANTS = ("pam+taylor zip", "pam+taylor own", "pam+taylor zip own", "pam+taylor auto", "pam+taylor auto own",
-            "none+taylor plain", "pam+taylor plain", "alone+taylor")
+# Other methods (variants: own, zip, auto, plain, alone) run only when named with --method (bench/harness.py).
 
 
 @dataclass(frozen=True)
