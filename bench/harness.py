@@ -1,13 +1,13 @@
 """The benchmark suite (issue 10, DESIGN.md section 7): every scenario x method x task combination, side by side.
 
-    .venv/bin/python bench/harness.py --jobs 2                 # the whole suite (hours; resumes from the records)
-    .venv/bin/python bench/harness.py --quick --jobs 2         # the paper's split alone, seed 0, the four methods
+    .venv/bin/python bench/harness.py                          # the whole suite (hours; resumes from the records)
+    .venv/bin/python bench/harness.py --quick                  # the paper's split alone, seed 0, the four methods
     .venv/bin/python bench/harness.py --scenario five --method pam+taylor     # one cell (repeatable options)
     .venv/bin/python bench/harness.py --table                  # only rewrite tables and plots from the records
     .venv/bin/python bench/harness.py --quick --out /tmp/fresh # from scratch, the committed records left alone
 
 Each scenario x method x seed (a cell) runs in its own process on one thread (its peak memory is its own; `--jobs`
-cells at once) and writes its record to bench/results/runs/<scenario>/<method>[@seed<k>].json (committed, stamped
+cells at once, by default one per core) and writes its record to bench/results/runs/<scenario>/<method>[@seed<k>].json (committed, stamped
 with the commit that made it: the suite resumes where it stopped, on this machine or the next; delete a record to
 rerun its cell) and its generated network to .cache/bench/suite/<scenario>/ (not committed). Then bench/latency.py
 (pytest-benchmark) times the generated networks found there, and the tables (bench/results/<scenario>.md), plots
@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-latency", action="store_true", help="skip timing the generated networks")
     parser.add_argument("--list", action="store_true", help="run nothing; list the cells without a record")
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the scenario's); tables show medians")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each on one thread; default 1)")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="cells run at once, each on one thread (default: one per core)")
     parser.add_argument("--out", type=Path, help="records, tables and networks in this folder instead of "
                         "bench/results/ and .cache/bench/suite/ (a run from scratch)")
     parser.add_argument("--run", nargs=2, metavar=("SCENARIO", "METHOD"), help=argparse.SUPPRESS)  # a child

@@ -1,0 +1,72 @@
+"""The benchmark's bookkeeping (bench/): which cells the suite still has to run, how seeds fold into one result, and
+the ratios its tables claim. The cells themselves take minutes each and run in bench/, not here."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))   # bench/ is not a package
+import harness  # noqa: E402
+from records import Output, results_of  # noqa: E402
+from scenarios import SCENARIOS  # noqa: E402
+from tables import ratio_lines  # noqa: E402
+
+PAPER = SCENARIOS["paper"]
+A, B, AB = "classes_0_4", "classes_5_9", "classes_0_4,classes_5_9"
+
+
+def write(output: Output, method: str, seed: int, macs: tuple, test: tuple, models: str = "m1") -> None:
+    path = output.record(PAPER, method, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "method": method, "commit": "abc", "models": models, "seconds": 10.0 + seed, "peak_rss_mb": 100.0,
+        "original_test": {A: 0.9, B: 0.9}, "macs": dict(zip((A, B, AB), macs)), "test": dict(zip((A, B), test))}))
+
+
+def test_list_names_exactly_the_cells_without_a_record(tmp_path, capsys):
+    output = Output.under(tmp_path)
+    harness.main(["--list", "--quick", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.split("\n")[:-1] == [f"paper / {m} / seed 0" for m in harness.METHODS]
+    write(output, "mtz+taylor", 0, (1, 1, 1), (0.9, 0.9))
+    harness.main(["--list", "--quick", "--out", str(tmp_path)])
+    listed = capsys.readouterr().out
+    assert "mtz+taylor" not in listed and "pam+taylor / seed 0" in listed
+    harness.main(["--list", "--scenario", "paper", "--method", "pam+taylor", "--seeds", "3", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.split("\n")[:-1] == [f"paper / pam+taylor / seed {s}" for s in range(3)]
+
+
+@pytest.mark.parametrize("argv", [["--method", "pam+magic"], ["--method", "zip+taylor"], ["--jobs", "0"]])
+def test_bad_options_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit):
+        harness.main(["--list", *argv])
+    assert argv[1] in capsys.readouterr().err
+
+
+def test_seeds_fold_into_medians_and_the_worst_accuracy(tmp_path):
+    output = Output.under(tmp_path)
+    write(output, "pam+taylor", 0, (100, 300, 500), (0.88, 0.90))
+    write(output, "pam+taylor", 1, (200, 100, 300), (0.89, 0.85))
+    write(output, "pam+taylor", 2, (300, 200, 400), (0.87, 0.91))
+    write(output, "pam+taylor", 3, (1, 1, 1), (0.1, 0.1), models="other")     # other models: left out
+    folded = results_of(output, PAPER)["pam+taylor"]
+    assert folded["macs"] == {A: 200, B: 200, AB: 400}
+    assert folded["test"] == {A: 0.87, B: 0.85}
+    assert folded["all_task_macs"] == [500, 300, 400] and folded["seeds"] == 3
+    assert folded["seconds"] == 11.0 and folded["seed0_macs"][AB] == 500
+
+
+def test_ratios_count_the_combinations_where_pam_costs_more(tmp_path):
+    output = Output.under(tmp_path)
+    write(output, "none+taylor", 0, (400, 100, 500), (0.9, 0.9))
+    write(output, "mtz+taylor", 0, (300, 300, 300), (0.9, 0.9))
+    write(output, "pam+taylor", 0, (200, 200, 250), (0.9, 0.9))
+    results = results_of(output, PAPER)
+    columns = [(c, [c.split(",")]) for c in (A, B, AB)] + [("all", [[A], [B], [A, B]])]
+    lines = {line.split(" |")[0]: line for line in ratio_lines(results, (A, B), columns, "pam+taylor")}
+    assert lines["| none+taylor / pam"] == \
+        "| none+taylor / pam | 2.00x | 0.50x | 2.00x | 2.00x (0.50 - 2.00) | 1 of 3 (e.g. {classes_5_9}) |"
+    assert lines["| mtz+taylor / pam"] == "| mtz+taylor / pam | 1.50x | 1.50x | 1.20x | 1.50x (1.20 - 1.50) | 0 of 3 |"
+    # perfect sharing: none's combination against its dearest task alone, 500 / 400
+    assert lines["| perfect-sharing limit"] == \
+        "| perfect-sharing limit | 1.00x | 1.00x | 1.25x | 1.00x (1.00 - 1.25) | |"
