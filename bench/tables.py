@@ -7,8 +7,6 @@ from pathlib import Path
 from statistics import median
 import sys
 
-from scipy.stats import mannwhitneyu
-
 from pamfx.ir import all_combinations
 from records import Output, key, results_of
 from scenarios import FINETUNE, GUARD_SIZE, PRUNING, SCENARIOS, TOLERANCE, Scenario
@@ -118,6 +116,7 @@ def seed_lines(results: dict, baselines: list, method: str) -> list[str]:
         other = results[baseline]["all_task_macs"]
         if min(len(pam), len(other)) < 3:
             continue
+        from scipy.stats import mannwhitneyu    # the bench extra; only here, so the tests need no scipy
         cheaper = sum((p < o) + (p == o) / 2 for p in pam for o in other)
         p_value = mannwhitneyu(pam, other, alternative="two-sided").pvalue
         least = 2 / math.comb(len(pam) + len(other), len(pam))     # all of one method's seeds below the other's

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))   # bench/ is not a
 import harness  # noqa: E402
 from records import Output, results_of  # noqa: E402
 from scenarios import SCENARIOS  # noqa: E402
-from tables import ratio_lines  # noqa: E402
+from tables import ratio_lines, seed_lines  # noqa: E402
 
 PAPER = SCENARIOS["paper"]
 A, B, AB = "classes_0_4", "classes_5_9", "classes_0_4,classes_5_9"
@@ -70,3 +70,17 @@ def test_ratios_count_the_combinations_where_pam_costs_more(tmp_path):
     # perfect sharing: none's combination against its dearest task alone, 500 / 400
     assert lines["| perfect-sharing limit"] == \
         "| perfect-sharing limit | 1.00x | 1.00x | 1.25x | 1.00x (1.00 - 1.25) | |"
+
+
+def test_seed_lines_count_pairs_of_seeds_and_test_them(tmp_path):
+    pytest.importorskip("scipy", reason="the bench extra (bash setup.sh --bench) gives the seeds' statistics")
+    output = Output.under(tmp_path)
+    for seed, macs in enumerate((100, 110, 120)):
+        write(output, "pam+taylor", seed, (macs, macs, macs), (0.9, 0.9))
+    for seed, macs in enumerate((115, 200, 300)):
+        write(output, "mtz+taylor", seed, (macs, macs, macs), (0.9, 0.9))
+    lines = seed_lines(results_of(output, PAPER), ["mtz+taylor"], "pam+taylor")
+    # pam is cheaper in 8 of the 9 pairs (120 > 115 is the ninth); three seeds each cannot reach p <= 0.05
+    assert lines[0].startswith("- All tasks, pam+taylor against mtz+taylor over seeds (3 and 3): pam is cheaper "
+                               "in 8 of 9 pairs of seeds; Mann-Whitney U two-sided p = 0.20")
+    assert "cannot tell" in lines[0]
