@@ -7,11 +7,12 @@
     .venv/bin/python bench/harness.py --quick --out /tmp/fresh # from scratch, the committed records left alone
 
 Each scenario x method x seed (a cell) runs in its own process on one thread (its peak memory is its own; `--jobs`
-cells at once, by default one per core) and writes its record to bench/results/runs/<scenario>/<method>[@seed<k>].json (committed, stamped
-with the commit that made it: the suite resumes where it stopped, on this machine or the next; delete a record to
-rerun its cell) and its generated network to .cache/bench/suite/<scenario>/ (not committed). Then bench/latency.py
-(pytest-benchmark) times the generated networks found there, and the tables (bench/results/<scenario>.md), plots
-(.png) and bench/results/SUMMARY.md are rewritten from the records.
+cells at once, by default one per core) and writes its record to
+bench/results/runs/<scenario>/<method>[@seed<k>].json (committed, stamped with the commit that made it: the suite
+resumes where it stopped, on this machine or the next; delete a record to rerun its cell) and its generated network
+to .cache/bench/suite/<scenario>/ (not committed). Then bench/latency.py (pytest-benchmark) times the generated
+networks found there, and the tables (bench/results/<scenario>.md), plots (.png) and bench/results/SUMMARY.md are
+rewritten from the records.
 Methods (bench/scenarios.py): merge+criterion runs pamfx.optimize, with merge in none, mtz, pam and criterion in
 taylor, l1, vib; "peer" is Torch-Pruning on each model separately (bench/peer.py, `bash setup.sh --bench`). Every
 scenario runs the peer and none, mtz and pam + taylor; the paper's split adds l1 and vib, the ten-task scenarios
