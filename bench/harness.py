@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for method in args.method or []:
         if not known(method):
-            parser.error(f"--method {method!r} is not a method: peer, or merge+criterion with merge in none, mtz, "
-                         f"pam, alone and criterion in {', '.join(CRITERIA)}")
+            parser.error(f"--method {method!r} is not a method: peer, merge+criterion with merge in none, mtz, pam "
+                         f"and criterion in {', '.join(CRITERIA)} (zip and auto with pam only), or alone+taylor|l1|vib")
     if args.jobs < 1:
         parser.error(f"--jobs must be 1 or more, got {args.jobs}")
     output = Output.under(args.out) if args.out else Output()
@@ -104,9 +104,14 @@ def main(argv=None) -> None:
 
 
 def known(method: str) -> bool:
-    """Whether run_one can run `method`: the peer, or a merge (or "alone") + a key of CRITERIA."""
+    """Whether run_one can run `method`: the peer, a merge + a key of CRITERIA (zip and auto are PAM's), or
+    "alone" + a bare criterion."""
     merge, _, criterion = method.partition("+")
-    return method == "peer" or (merge in ("none", "mtz", "pam", "alone") and criterion in CRITERIA)
+    if method == "peer" or criterion not in CRITERIA:
+        return method == "peer"
+    if merge == "alone":
+        return " " not in criterion
+    return merge == "pam" or (merge in ("none", "mtz") and not set(criterion.split()) & set(PAM))
 
 
 def run_cell(scenario: Scenario, seed: int, method: str, out: Path | None) -> None:

@@ -36,7 +36,8 @@ def test_list_names_exactly_the_cells_without_a_record(tmp_path, capsys):
     assert capsys.readouterr().out.split("\n")[:-1] == [f"paper / pam+taylor / seed {s}" for s in range(3)]
 
 
-@pytest.mark.parametrize("argv", [["--method", "pam+magic"], ["--method", "zip+taylor"], ["--jobs", "0"]])
+@pytest.mark.parametrize("argv", [["--method", "pam+magic"], ["--method", "zip+taylor"], ["--method", "mtz+taylor zip"],
+                                  ["--method", "alone+taylor own"], ["--jobs", "0"]])
 def test_bad_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit):
         harness.main(["--list", *argv])
