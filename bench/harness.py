@@ -1,4 +1,4 @@
-"""The benchmark suite (issue 10, DESIGN.md section 7): every scenario x method x task combination, side by side.
+"""The benchmark suite (issue 10, docs/design.md section 7): every scenario x method x task combination, side by side.
 
     .venv/bin/python bench/harness.py                          # the whole suite (hours; resumes from the records)
     .venv/bin/python bench/harness.py --quick                  # the paper's split alone, seed 0, the four methods

@@ -1,4 +1,4 @@
-"""The benchmark's scenarios (DESIGN.md section 7): label functions over the same Fashion-MNIST images, an architecture,
+"""The benchmark's scenarios (docs/design.md section 7): label functions over the same Fashion-MNIST images, an architecture,
 and the methods run on them.
 
 Every scenario's models train (seeded, cached in .cache/bench) on the training split minus a seeded validation

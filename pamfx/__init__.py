@@ -10,11 +10,13 @@ from .passes.merge_mtz import MtzConfig
 from .passes.merge_pam import PamConfig
 from .passes.prune import PruneConfig
 from .codegen import codegen
-from .errors import (AlignmentError, DataError, DatasetMissingError, DeviceError, GroupingError, PamfxError,
-                     PamfxWarning, TraceError, UnsupportedOpError)
+from .errors import (AlignmentError, AugmentedDataWarning, DataError, DatasetMissingError, DeviceError,
+                     GroupingError, LabelKindWarning, PamfxError, PamfxWarning, ToleranceWarning, TraceError,
+                     UnsupportedOpError)
 from .network import GatedNetwork
 
 __all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "PruneConfig", "GatedNetwork",
            "PamfxError", "PamfxWarning", "TraceError", "AlignmentError", "UnsupportedOpError", "GroupingError",
-           "DataError", "DatasetMissingError", "DeviceError"]
+           "DataError", "DatasetMissingError", "DeviceError", "AugmentedDataWarning", "LabelKindWarning",
+           "ToleranceWarning"]
 __version__ = "0.1.0"

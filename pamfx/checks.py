@@ -1,16 +1,17 @@
 """Checks of what users pass to optimize(): every bad input gets an error naming the task or argument at fault."""
 import math
+import warnings
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .errors import DataError
-from .labels import canonical, check_head
+from .labels import canonical, check_head, is_multilabel, is_one_hot, one_hot_warning
 from .sources import LoaderData, TaskData, TensorData
 
 MERGES = ("pam", "mtz", "none")
-PRUNERS = ("taylor", "l1", "vib", None)
+PRUNERS = ("taylor", "l1", "vib", "none", None)   # "none" and None: no pruning
 
 
 def check_models(models) -> tuple[str, ...]:
@@ -25,8 +26,37 @@ def check_models(models) -> tuple[str, ...]:
     return tuple(models)
 
 
-def check_options(merge, prune, tolerance, seed) -> None:
-    """Raises ValueError naming the argument whose value is out of range."""
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def models_dtype(models: dict) -> torch.dtype:
+    """The floating dtype of every model's parameters and buffers: float32 or float64, one for all models.
+
+    Raises TypeError naming the model whose weights mix dtypes, the two models whose dtypes differ, or a model in
+    half precision (float16, bfloat16), which pamfx cannot fine-tune and prune reliably."""
+    found = {}
+    for task, model in models.items():
+        dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+        if len(dtypes) > 1:
+            raise TypeError(f"model '{task}' mixes weight dtypes {sorted(map(str, dtypes))}; convert it to one, e.g. "
+                            "model.float()")
+        if dtypes:
+            found[task] = dtypes.pop()
+    for task, dtype in found.items():
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"model '{task}' is {dtype}: pamfx merges and prunes float32 or float64 models; pass "
+                            f"model.float() and convert the result afterwards (result.model.to({dtype}))")
+    first = next(iter(found), None)
+    for task, dtype in found.items():
+        if dtype != found[first]:
+            raise TypeError(f"model '{first}' is {found[first]} but model '{task}' is {dtype}; convert them to one "
+                            "dtype (e.g. model.float())")
+    return found.get(first, torch.float32)
+
+
+def check_options(merge, prune, tolerance, seed) -> str | None:
+    """Returns the pruner (None for "none" or None); raises ValueError naming the argument whose value is out of
+    range."""
     if merge not in MERGES:
         raise ValueError(f"merge={merge!r} is not one of {list(MERGES)}")
     if prune not in PRUNERS:
@@ -34,8 +64,9 @@ def check_options(merge, prune, tolerance, seed) -> None:
     if not isinstance(tolerance, (int, float)) or math.isnan(tolerance) or not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance={tolerance!r} must be a number in [0, 1]: the largest allowed drop of a "
                          "task's top-1 accuracy, e.g. 0.01 for one point")
-    if not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed={seed!r} must be an int")
+    return None if prune == "none" else prune
 
 
 def check_configs(**configs) -> None:
@@ -47,16 +78,18 @@ def check_configs(**configs) -> None:
                             + (f"; write {argument}=pamfx.{kind.__name__}(**{value!r})" if isinstance(value, dict) else ""))
 
 
-def check_data(data, tasks: tuple[str, ...], argument: str = "data") -> TaskData:
+def check_data(data, tasks: tuple[str, ...], argument: str = "data", dtype: torch.dtype = torch.float32) -> TaskData:
     """Returns the data as TaskData (pamfx.sources): TensorData from a dict of (inputs, labels) tensors, checked
     at once; LoaderData from a dict of DataLoaders or from one DataLoader of (inputs, {task: labels}), never
     materialised: its first batch is checked here and every batch as a stage reads it, with the same messages.
+    Floating-point inputs are given `dtype`, the models' (models_dtype): float64 data for float32 models as
+    before, float32 data for float64 models without loss.
 
     Raises ValueError for unknown or missing tasks, TypeError for a DataLoader yielding anything but those
     batches, and DataError for empty, mismatched or non-finite data.
     """
     if isinstance(data, DataLoader):
-        return LoaderData({None: data}, tasks, argument, check_batch)
+        return LoaderData({None: data}, tasks, argument, check_batch, dtype=dtype)
     if not isinstance(data, dict):
         raise TypeError(f"{argument} must be a dict {{task: (inputs, labels)}} or a DataLoader, "
                         f"got {type(data).__name__}")
@@ -67,15 +100,18 @@ def check_data(data, tasks: tuple[str, ...], argument: str = "data") -> TaskData
                         f"{argument}['{next(t for t in tasks if t not in loaders)}'] is not; give every task tensors "
                         "or every task a DataLoader")
     if loaders:
-        return LoaderData({t: data[t] for t in tasks}, tasks, argument, check_batch)
+        return LoaderData({t: data[t] for t in tasks}, tasks, argument, check_batch, dtype=dtype)
     for task in tasks:
         if not isinstance(data[task], (tuple, list)) or len(data[task]) != 2:
             raise TypeError(f"{argument}['{task}'] must be (inputs, labels) tensors or a DataLoader")
-    checked = {t: _check_pair(data[t], t, argument) for t in tasks}
+    notices = []
+    checked = {t: _check_pair(data[t], t, argument, dtype, notices=notices) for t in tasks}
     shapes = {t: tuple(x.shape[1:]) for t, (x, _) in checked.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"{argument}: tasks' inputs differ in shape {shapes}; all models read one input")
-    return TensorData(checked, argument)
+    tensors = TensorData(checked, argument)
+    tensors.notices = notices
+    return tensors
 
 
 def check_batch(batch, task: str | None, data: LoaderData, offset: int) -> tuple[torch.Tensor, dict]:
@@ -100,7 +136,9 @@ def check_batch(batch, task: str | None, data: LoaderData, offset: int) -> tuple
         inputs, labels = batch[0], {task: batch[1]}
     checked = {}
     for name, task_labels in labels.items():
-        inputs, checked[name] = _check_pair((inputs, task_labels), name, argument, offset)
+        inputs, checked[name] = _check_pair((inputs, task_labels), name, argument, data.dtype, offset,
+                                            data.kinds.get(name), data.notices)
+        data.kinds.setdefault(name, is_multilabel(checked[name]))   # a task's first batch decides its label kind
         if name in data.widths:
             check_head(checked[name], data.widths[name], f"{argument}['{name}']", name)
     if data.shape is not None and tuple(inputs.shape[1:]) != data.shape:
@@ -126,20 +164,23 @@ def _described(batch) -> str:
     return f"a {type(batch).__name__}"
 
 
-def _check_pair(pair, task, argument, offset=0):
+def _check_pair(pair, task, argument, dtype, offset=0, multilabel=None, notices=None):
     inputs, labels = pair
-    labels = check_pair(inputs, labels, f"{argument}['{task}']", offset)
+    labels = check_pair(inputs, labels, f"{argument}['{task}']", offset, multilabel, notices)
     if not inputs.is_floating_point():
         raise DataError(f"{argument}['{task}']: inputs must be floating point, got {inputs.dtype}")
-    return inputs.float(), labels
+    return (inputs if inputs.dtype == dtype else inputs.to(dtype)), labels
 
 
-def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str, offset: int = 0) -> torch.Tensor:
+def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str, offset: int = 0, multilabel: bool | None = None,
+               notices: list | None = None) -> torch.Tensor:
     """Check that (inputs, labels) can be trained or evaluated on; returns the labels in canonical form
     (pamfx.labels.canonical: int64 class indices [n], or int64 0/1 attributes [n, k]).
 
-    Takes input and label tensors, `what`, a name for the data used in messages (a task, a desc), and `offset`,
-    the place of the first sample in its data (a DataLoader's batch), for messages.
+    Takes input and label tensors, `what`, a name for the data used in messages (a task, a desc), `offset`,
+    the place of the first sample in its data (a DataLoader's batch), for messages, `multilabel`, the task's label
+    kind if an earlier batch decided it, and `notices`: one-hot rows read as class indices add a LabelKindWarning
+    to it (once: not when `multilabel` is already decided), or warn at once when it is None.
     Raises TypeError when they are not tensors, DataError when the data is empty, the lengths differ,
     the labels are neither integer class indices >= 0 nor 0/1 (or -1/+1) attributes [n, k], or the inputs hold
     NaN or infinity.
@@ -151,7 +192,13 @@ def check_pair(inputs: torch.Tensor, labels: torch.Tensor, what: str, offset: in
         raise DataError(f"{what}: no samples; pass at least one (inputs, label) pair")
     if len(inputs) != len(labels):
         raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per input")
-    labels = canonical(labels, what)
+    if multilabel is None and is_one_hot(labels):
+        notice = one_hot_warning(what, labels.shape[1])
+        if notices is None:
+            warnings.warn(notice, stacklevel=3)
+        else:
+            notices.append(notice)
+    labels = canonical(labels, what, multilabel)
     if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
         bad = int((~torch.isfinite(inputs)).reshape(len(inputs), -1).any(1).nonzero()[0])
         raise DataError(f"{what}: inputs hold NaN or infinity (first at sample {offset + bad}); clean the data")

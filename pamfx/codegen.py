@@ -24,6 +24,7 @@ from .network import INPUT, GatedNetwork, Statement
 
 VERSION = "0.1.0"
 FUSE_LIMIT = 1.5          # specialise a combination when its fused network executes at most this many times its MACs
+TENSOR_METHOD = "torch.Tensor."   # a statement calling a tensor method is written as a method call
 AUTO_ALL = 5              # "auto" considers every combination up to this many tasks, else single tasks and all tasks
 
 
@@ -117,6 +118,8 @@ def render(network: GatedNetwork, weights_name: str, plans=(), own=None) -> str:
               "    def __init__(self):",
               "        super().__init__()",
               "        self.tasks = list(TASKS)"]
+    if own:
+        lines += ["        self.alone = dict(ALONE)"]
     lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in network.named_children()
               if name != "alone"]
     lines += [f"        self.fused{i} = Fused{i}()" for i in range(len(plans))]
@@ -124,24 +127,39 @@ def render(network: GatedNetwork, weights_name: str, plans=(), own=None) -> str:
     lines += ["",
               "    def forward(self, x: torch.Tensor, tasks: Union[None, str, List[str]] = None) -> Dict[str, torch.Tensor]:",
               "        if tasks is None:",
-              "            tasks = self.tasks",
-              "        if isinstance(tasks, str):   # one task by name, as the in-memory network takes it",
-              "            tasks = [tasks]",
-              "        if len(tasks) == 0:",
+              "            names = self.tasks",
+              "        elif isinstance(tasks, str):   # one task by name, as the in-memory network takes it",
+              "            names = [tasks]",
+              "        else:",
+              "            names = tasks",
+              "        if len(names) == 0:",
               '            raise ValueError("tasks is empty; ask for at least one of " + str(self.tasks))',
-              "        for task in tasks:",
+              "        for task in names:",
               "            if task not in self.tasks:",
-              '                raise KeyError("unknown task " + repr(task) + "; this network\'s tasks are " + str(self.tasks))']
+              '                raise KeyError("unknown task \'" + task + "\'; this network\'s tasks are " + str(self.tasks))']
     if own:
-        lines += ["        alone = ALONE.get(tuple(t for t in TASKS if t in tasks), ())",
-                  "        outputs = self.shared(x, [t for t in tasks if t not in alone]) if len(alone) < len(tasks) else {}"]
+        lines += ["        ordered: List[str] = []   # the combination in task order: its key in ALONE",
+                  "        for t in self.tasks:",
+                  "            if t in names:",
+                  "                ordered.append(t)",
+                  "        alone: List[str] = []",
+                  "        if \",\".join(ordered) in self.alone:",
+                  "            alone = self.alone[\",\".join(ordered)]",
+                  "        on_shared: List[str] = []",
+                  "        for t in ordered:",
+                  "            if t not in alone:",
+                  "                on_shared.append(t)",
+                  "        outputs = self.shared(x, on_shared) if len(on_shared) > 0 else {}"]
         lines += [f"        if {task!r} in alone:\n            outputs[{task!r}] = self.own{number[task]}(x)[{task!r}]"
                   for task in own]
-        lines += ["        return {t: outputs[t] for t in TASKS if t in outputs}",
+        lines += ["        result: Dict[str, torch.Tensor] = {}",
+                  "        for t in ordered:",
+                  "            result[t] = outputs[t]",
+                  "        return result",
                   "",
-                  "    def shared(self, x: torch.Tensor, tasks: List[str]) -> Dict[str, torch.Tensor]:",
+                  "    def shared(self, x: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:",
                   '        """The tasks that run on the shared statements."""']
-    lines += [f"        {flags[t]} = {t!r} in tasks" for t in network.tasks]
+    lines += [f"        {flags[t]} = {t!r} in names" for t in network.tasks]
     for index, (combination, _) in enumerate(plans):
         test = " and ".join(flags[t] if t in combination else f"not {flags[t]}" for t in network.tasks)
         lines += [f"        if {test}:", f"            return self.fused{index}(x)"]
@@ -175,8 +193,9 @@ def _header(network: GatedNetwork, weights_name: str, plans) -> list[str]:
         elif frozenset(c) in executed:
             line += f" (runs fused: {executed[frozenset(c)]:,} executed, zero blocks included)"
         costs.append(line)
-    table = ["# combination -> the tasks that run on their own network in it (the fewest MACs); the rest run shared",
-             "ALONE = {"] + [f"    {c!r}: {own!r}," for c, own in alone.items()] + ["}"] if alone else []
+    table = ["# combination (its tasks in order, joined by commas) -> the tasks that run on their own network in it (the",
+             "# fewest MACs); the rest run shared",
+             "ALONE = {"] + [f"    {','.join(c)!r}: {list(own)!r}," for c, own in alone.items()] + ["}"] if alone else []
     return [f'"""Task-gated multitask network generated by pamfx {VERSION}. Regenerate it rather than edit it.',
             "",
             f"Tasks: {', '.join(network.tasks)}.",
@@ -195,6 +214,7 @@ def _header(network: GatedNetwork, weights_name: str, plans) -> list[str]:
             "from torch import nn",
             "",
             f"TASKS = {list(network.tasks)!r}",
+            f"DTYPE = {_dtype(network)}   # of the weights",
             f"WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), {weights_name!r})",
             *table,
             "",
@@ -217,8 +237,9 @@ def _plan_class(name: str, doc: str, plan: GatedNetwork) -> list[str]:
 
 
 def _body(network: GatedNetwork, flags: dict[str, str]) -> list[str]:
-    """The statements, consecutive ones with the same gate under one `if`."""
-    lines, current = [], None
+    """The statements, consecutive ones with the same gate under one `if`, after the variables that a later block
+    reads bound to the input (see _bound_everywhere)."""
+    lines, current = _bound_everywhere(network), None
     everyone = frozenset(network.tasks)
     for statement in network.statements:
         if statement.gate != current:
@@ -227,6 +248,30 @@ def _body(network: GatedNetwork, flags: dict[str, str]) -> list[str]:
                 lines.append("        if " + " or ".join(flags[t] for t in network.tasks if t in current) + ":")
         indent = "        " if current == everyone else "            "
         lines.append(indent + _statement_source(statement))
+    return lines
+
+
+def _bound_everywhere(network: GatedNetwork) -> list[str]:
+    """`a = b = x` for every variable that an `if` block computes and another block (or the outputs) reads.
+
+    NOTE: TorchScript (torch.jit.script) refuses a variable that is bound in one branch and read after it. A block
+    only reads what blocks that ran before it computed (a statement's gate covers its readers' gates), so the
+    input placeholder is never read; binding it costs nothing (no copy)."""
+    everyone = frozenset(network.tasks)
+    block, blocks = {}, 0
+    for index, statement in enumerate(network.statements):
+        if index and statement.gate != network.statements[index - 1].gate:
+            blocks += 1
+        block[statement.out] = blocks if statement.gate != everyone else None
+    read_elsewhere = {name for s in network.statements for name in s.inputs if name in block
+                      and block[name] is not None and block[name] != block[s.out]}
+    read_elsewhere |= {name for name in network.outputs.values() if block.get(name) is not None}
+    names = [s.out for s in network.statements if s.out in read_elsewhere]
+    lines = []
+    for start in range(0, len(names), 8):
+        lines.append("        " + " = ".join(names[start:start + 8]) + f" = {INPUT}")
+    if lines:
+        lines.insert(0, "        # bound on every path for TorchScript; a block reads only what blocks run before it set")
     return lines
 
 
@@ -243,6 +288,8 @@ def _statement_source(statement: Statement) -> str:
             joined += f"[{before}{list(statement.args[0])}]"
         return f"{statement.out} = self.{statement.target}({joined})"
     arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
+    if statement.target.startswith(TENSOR_METHOD):   # x.expand_as(y): TorchScript has no torch.Tensor.expand_as
+        return f"{statement.out} = {arguments[0]}.{statement.target[len(TENSOR_METHOD):]}({', '.join(arguments[1:])})"
     return f"{statement.out} = {statement.target}({', '.join(arguments)})"
 
 
@@ -280,6 +327,11 @@ def _settings(module: nn.Module) -> dict:
     return {key: value for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
 
 
+def _dtype(network: GatedNetwork) -> str:
+    """`torch.float32` or `torch.float64`: the dtype of the network's weights, as source."""
+    return str(next((p.dtype for p in network.parameters() if p.is_floating_point()), torch.float32))
+
+
 def _flag_names(tasks: tuple[str, ...]) -> dict[str, str]:
     """`run_<task>` variable names, valid identifiers, distinct even if task names sanitise alike."""
     flags = {}
@@ -291,7 +343,7 @@ def _flag_names(tasks: tuple[str, ...]) -> dict[str, str]:
 
 _FOOTER = '''def load(path: str = WEIGHTS) -> MergedNetwork:
     """The network with its weights, in eval mode."""
-    model = MergedNetwork()
+    model = MergedNetwork().to(DTYPE)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 

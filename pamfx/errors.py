@@ -18,7 +18,7 @@ class UnsupportedOpError(PamfxError):
 
 
 class GroupingError(PamfxError):
-    """A grouping breaks the rules of the task-gated network (DESIGN.md section 2)."""
+    """A grouping breaks the rules of the task-gated network (docs/design.md section 2)."""
 
 
 class DataError(PamfxError, ValueError):
@@ -35,3 +35,15 @@ class DatasetMissingError(PamfxError, FileNotFoundError):
 
 class PamfxWarning(UserWarning):
     """A result the user must know about: a task below its accuracy floor, a combination dearer than the originals."""
+
+
+class AugmentedDataWarning(PamfxWarning):
+    """The guard data changes from one read to the next (a Dataset that augments at random)."""
+
+
+class LabelKindWarning(PamfxWarning):
+    """Labels whose kind pamfx had to choose: one-hot rows read as class labels."""
+
+
+class ToleranceWarning(PamfxWarning):
+    """A tolerance so large that it is probably not the fraction meant (1.0 lets a task lose everything)."""

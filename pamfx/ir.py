@@ -1,4 +1,4 @@
-"""The domain words of DESIGN.md section 1 as types: task, unit, group, channel space, grouping.
+"""The domain words of docs/design.md section 1 as types: task, unit, group, channel space, grouping.
 
 Per-node facts of the aligned graph live in `node.meta` under the keys defined here, never as attributes.
 """

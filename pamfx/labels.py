@@ -10,11 +10,16 @@ per-attribute accuracy. Mutual information sees a task's labels as columns: one 
     task_loss(logits, labels)      # cross-entropy or BCE-with-logits, by the labels' kind
     correct(logits, labels)        # how many samples are right (fractional for attributes)
     label_columns(labels)          # [labels] or [labels[:, 0], ..., labels[:, k-1]]
+
+NOTE: one-hot rows (a [n, k] integer or float tensor whose every row holds one 1 and 0 elsewhere) are ambiguous: k
+classes written as one-hot, or k attributes of which each sample happens to have one. pamfx reads them as class
+indices, the common case, and says so (LabelKindWarning); a bool tensor [n, k] declares attributes, never read as
+classes. For a DataLoader the kind is decided on a task's first batch and later batches must agree.
 """
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from .errors import DataError, LabelKindWarning
 
 
 def is_multilabel(labels: torch.Tensor) -> bool:
@@ -27,11 +32,34 @@ def accuracy_name(labels: torch.Tensor) -> str:
     return "mean attribute accuracy" if is_multilabel(labels) else "accuracy"
 
 
-def canonical(labels: torch.Tensor, what: str) -> torch.Tensor:
-    """Labels as pamfx keeps them: class indices [n] as int64, attributes [n, k] as int64 0/1 (-1 becomes 0).
+def is_one_hot(labels: torch.Tensor) -> bool:
+    """Whether `labels` are one-hot rows [n, k] (k > 1, each row one 1 and 0 elsewhere) not declared as attributes
+    by being bool: read as class indices (see the module's note)."""
+    if labels.dim() != 2 or labels.shape[1] < 2 or labels.dtype == torch.bool or labels.dtype.is_complex:
+        return False
+    return bool(((labels == 0) | (labels == 1)).all()) and bool((labels.sum(1) == 1).all())
 
-    Raises DataError naming `what` for labels of another shape, class indices that are not integers >= 0, or
-    attributes not all in {0, 1} or all in {-1, +1}."""
+
+def one_hot_warning(what: str, width: int) -> LabelKindWarning:
+    return LabelKindWarning(
+        f"{what}: labels are one-hot rows [n, {width}]; read as the class indices labels.argmax(1) of a {width}-class "
+        "task (cross-entropy, top-1 accuracy). If they are attributes (multi-label), pass them as a bool tensor: "
+        "labels.bool()")
+
+
+def canonical(labels: torch.Tensor, what: str, multilabel: bool | None = None) -> torch.Tensor:
+    """Labels as pamfx keeps them: class indices [n] as int64, attributes [n, k] as int64 0/1 (-1 becomes 0).
+    One-hot rows become class indices (is_one_hot) unless `multilabel` is True: the task's labels were already
+    found to be attributes (a DataLoader's earlier batch).
+
+    Raises DataError naming `what` for labels of another shape, class indices that are not integers >= 0,
+    attributes not all in {0, 1} or all in {-1, +1}, or attributes where `multilabel` is False (earlier batches
+    held class indices or one-hot rows)."""
+    if is_one_hot(labels) and not multilabel:
+        return labels.argmax(1)
+    if multilabel is False and labels.dim() == 2:
+        raise DataError(f"{what}: labels hold attribute rows [n, {labels.shape[1]}] (some with several 1s) but this "
+                        "task's earlier labels were class indices or one-hot rows; give one kind of label per task")
     if labels.dtype.is_complex or labels.dim() not in (1, 2):
         raise DataError(f"{what}: labels must be class indices [n] (integers) or attributes [n, k] of 0/1 or -1/+1, "
                         f"got {labels.dtype} of shape {tuple(labels.shape)}")

@@ -1,4 +1,4 @@
-"""The task-gated multitask network (DESIGN.md section 2) as a list of per-group statements.
+"""The task-gated multitask network (docs/design.md section 2) as a list of per-group statements.
 
 A statement computes one group's slice of one tensor: `conv2_g1 = self.conv2_g1(torch.cat([pool1_g0, pool1_g1], 1))`.
 `model(x, tasks=S)` runs exactly the statements that some task of S needs, so the cost of S is the sum of the
@@ -64,7 +64,9 @@ class GatedNetwork(nn.Module):
         for name, module in modules.items():
             if name in used:   # a module no task needs is not kept (nor written by codegen)
                 self.add_module(name, module)
-        self._functions = {s.target: ops.resolve(s.target) for s in self.statements if s.call == "function"}
+        for statement in self.statements:   # a name that resolves to nothing fails here, not when run
+            if statement.call == "function":
+                ops.resolve(statement.target)
         self.check()
 
     def with_alone(self, alone: dict[str, "GatedNetwork"]) -> "GatedNetwork":
@@ -145,7 +147,7 @@ class GatedNetwork(nn.Module):
             if statement.args:
                 joined = joined[(slice(None),) * dim + (list(statement.args[0]),)]
             return self._modules[statement.target](joined)
-        return self._functions[statement.target](*tensors, *statement.args, **dict(statement.kwargs))
+        return ops.resolve(statement.target)(*tensors, *statement.args, **dict(statement.kwargs))
 
     def combination(self, tasks) -> Group:
         """The set of task names asked for; raises KeyError naming an unknown task, ValueError if empty."""
@@ -201,7 +203,7 @@ class GatedNetwork(nn.Module):
         return groups
 
     def check(self) -> None:
-        """Raises GroupingError unless rule 2 and rule 3 of DESIGN.md section 2 hold for every statement."""
+        """Raises GroupingError unless rule 2 and rule 3 of docs/design.md section 2 hold for every statement."""
         groups = self.group_of()
         for statement in self.statements:
             for name in statement.inputs:

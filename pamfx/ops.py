@@ -50,6 +50,7 @@ Kinds:
                 permutation of each model's channels
     shape       x.size(...), x.shape, x.shape[0] and arithmetic on sizes: only feeds the arguments of a flatten
 """
+import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -560,8 +561,10 @@ PER_FEATURE_TENSORS = {kind: entry.per_feature for kind, entry in REGISTRY.items
 MACS = {kind: entry.macs for kind, entry in REGISTRY.items() if entry.macs is not None}
 
 
+@functools.cache
 def resolve(dotted_name: str):
-    """The function named by a dotted name from CHANNELWISE_FUNCTIONS (or torch.flatten, torch.add...)."""
+    """The function named by a dotted name from CHANNELWISE_FUNCTIONS (or torch.flatten, torch.add...). Networks
+    keep the name and resolve it when they run: some torch functions (F.max_pool2d) cannot be pickled."""
     obj = torch
     for part in dotted_name.split(".")[1:]:
         obj = getattr(obj, part)

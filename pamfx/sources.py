@@ -7,6 +7,7 @@ tasks share the inputs x:
     data.stream(batch_size, seed)     # fine-tuning, Taylor, VIB: an endless iterator of steps (lists of batches)
     data.batches()                    # evaluation and the guard: one pass over the data
     data.hold_out(fraction, seed)     # (training data, guard data) when optimize() gets no eval_data
+    guard = data.as_guard(seed)       # every read of it draws the same samples (pamfx.rng)
 
 `TensorData` draws from tensors exactly as pamfx always did (seeded random batches, a seeded calibration subset).
 `LoaderData` never materialises a DataLoader: it reads batches when a stage asks, checks each one as it is read
@@ -15,6 +16,7 @@ augmentation stays live. Its batch size, order and sampling are the loader's own
 the tensors' settings and a loader ignores them.
 """
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 
 from .errors import DataError
 from .labels import check_head, is_multilabel
+from .rng import loader_generators, seeded
 
 Batch = tuple[Tensor, dict]   # inputs, {task: labels} for every task that reads these inputs
 
@@ -36,6 +39,7 @@ class TaskData:
     """All tasks' data; see the module's docstring. Subclasses: TensorData, LoaderData."""
     tasks: tuple[str, ...]
     example: Tensor   # a few inputs, for tracing
+    notices: list     # PamfxWarnings about choices the checks made (one-hot labels read as classes)
 
     def sample(self, samples: int, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError
@@ -65,6 +69,19 @@ class TaskData:
         """The same data for `tasks` alone (the prune pass's per-task networks train and decide on one task)."""
         raise NotImplementedError
 
+    def as_guard(self, seed: int) -> "TaskData":
+        """The same data, every pass of `batches()` reading the same samples with the same random draws."""
+        return self
+
+    def reads_differ(self) -> bool:
+        """Whether two passes over the data under different random states give different batches (a Dataset that
+        augments at random); tensors never do."""
+        return False
+
+    def generators(self) -> dict:
+        """{torch.Generator: state} of the DataLoaders' own generators (pamfx.rng.loader_generators)."""
+        return {}
+
 
 class TensorData(TaskData):
     """{task: (inputs, labels)} tensors, checked by pamfx.checks.check_data. Tasks whose inputs are one tensor
@@ -72,6 +89,7 @@ class TensorData(TaskData):
 
     def __init__(self, pairs: dict, argument: str = "data"):
         self.pairs, self.argument, self.tasks = pairs, argument, tuple(pairs)
+        self.notices = []
         self.example = next(iter(pairs.values()))[0][:2]
 
     def sample(self, samples, seed):
@@ -130,12 +148,17 @@ class LoaderData(TaskData):
     offset)` (pamfx.checks.check_batch, passed in so that the checks stay in one module) against the input shape
     of the first batch and, once check_heads has told them, the heads' widths."""
 
-    def __init__(self, loaders: dict, tasks: tuple[str, ...], argument: str, check):
-        # loaders: {task: DataLoader}, or {None: DataLoader} for one loader of all tasks
-        self.loaders, self.tasks, self.argument, self.check = loaders, tasks, argument, check
+    def __init__(self, loaders: dict, tasks: tuple[str, ...], argument: str, check, kinds: dict | None = None,
+                 dtype: torch.dtype = torch.float32):
+        # loaders: {task: DataLoader}, or {None: DataLoader} for one loader of all tasks; kinds: see below;
+        # dtype: what check() gives the inputs (the models' dtype)
+        self.loaders, self.tasks, self.argument, self.check, self.dtype = loaders, tasks, argument, check, dtype
+        self.notices = []
         self.widths: dict[str, int] = {}
+        self.read_seed: int | None = None   # as_guard: every pass of batches() runs under this seed
+        self.read_states: dict = {}         # and the loaders' own generators at these states
         self.shape: tuple | None = None   # of one sample's inputs, from the first batch
-        self.kinds: dict[str, bool] = {}   # task -> multi-label
+        self.kinds: dict[str, bool] = dict(kinds or {})   # task -> multi-label, set by a task's first batch
         # NOTE: fine-tuning and the criteria continue where the last of them stopped reading, so that the many
         # short fine-tunes of the prune pass see the whole dataset rather than its first batches every time.
         self._cycles: dict = {}
@@ -144,7 +167,6 @@ class LoaderData(TaskData):
             for x, labels in self._pass(task, loader):
                 first[task] = x
                 self.shape = self.shape or tuple(x.shape[1:])
-                self.kinds.update({t: is_multilabel(y) for t, y in labels.items()})
                 break
             else:
                 raise DataError(f"{self._name(task)}: the DataLoader yields no batches")
@@ -190,8 +212,38 @@ class LoaderData(TaskData):
         return batch
 
     def batches(self, batch_size=1024):
-        for task, loader in self.loaders.items():
-            yield from self._pass(task, loader)
+        if self.read_seed is None:
+            for task, loader in self.loaders.items():
+                yield from self._pass(task, loader)
+            return
+        with seeded(self.read_seed, generators=self.read_states):
+            for task, loader in self.loaders.items():
+                yield from self._pass(task, loader)
+
+    def as_guard(self, seed):
+        guard = copy.copy(self)
+        guard.read_seed, guard.read_states = seed, self.generators()
+        return guard
+
+    def reads_differ(self):
+        seed = 0 if self.read_seed is None else self.read_seed
+        return self._samples(seed) != self._samples(seed + 1)
+
+    def _samples(self, seed: int) -> list[bytes]:
+        """The sorted hashes of every (inputs, labels) sample of one pass read with the global generators and the
+        loaders' own seeded from `seed`: two passes over the same samples in another order give the same list."""
+        hashes = []
+        generators = {generator: torch.Generator().manual_seed(seed).get_state() for generator in self.generators()}
+        with seeded(seed, generators=generators):
+            for task, loader in self.loaders.items():
+                for x, labels in self._pass(task, loader):
+                    rows = [x.reshape(len(x), -1), *(y.reshape(len(y), -1) for y in labels.values())]
+                    for row in zip(*(r.detach().cpu().numpy() for r in rows)):
+                        hashes.append(hashlib.blake2b(b"".join(r.tobytes() for r in row), digest_size=16).digest())
+        return sorted(hashes)
+
+    def generators(self):
+        return loader_generators(*self.loaders.values())
 
     def total_steps(self, config):
         if config.steps is not None:
@@ -220,9 +272,9 @@ class LoaderData(TaskData):
             order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
             rest[task] = _subset_loader(loader, order[count:].sort().values, loader.drop_last,
                                         isinstance(loader.sampler, RandomSampler))
-            held[task] = _subset_loader(loader, order[:count].sort().values, False, False)
-        return (LoaderData(rest, self.tasks, self.argument, self.check),
-                LoaderData(held, self.tasks, self.argument, self.check))
+            held[task] = _subset_loader(loader, order[:count].sort().values, False, False, persistent=False)
+        return (LoaderData(rest, self.tasks, self.argument, self.check, self.kinds, self.dtype),
+                LoaderData(held, self.tasks, self.argument, self.check, self.kinds, self.dtype))
 
     def check_heads(self, widths):
         self.widths = dict(widths)   # from now on every batch read is checked against its head
@@ -265,12 +317,16 @@ def _plain_sampling(loader: DataLoader) -> bool:
     return loader.batch_size is None or type(loader.batch_sampler) is BatchSampler
 
 
-def _subset_loader(loader: DataLoader, indices: Tensor, drop_last: bool, shuffle: bool) -> DataLoader:
+def _subset_loader(loader: DataLoader, indices: Tensor, drop_last: bool, shuffle: bool,
+                   persistent: bool | None = None) -> DataLoader:
+    """A loader with `loader`'s settings over the items `indices` of its dataset. The guard's workers are not
+    persistent: a persistent worker's random state runs on from one pass to the next (see pamfx.rng)."""
+    persistent = loader.persistent_workers if persistent is None else persistent
     return DataLoader(Subset(loader.dataset, _Indices(indices)), batch_size=loader.batch_size, shuffle=shuffle,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                       drop_last=drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
                       multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=persistent)
 
 
 def hold_out(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:

@@ -117,7 +117,7 @@ class _Builder:
                 # NOTE: every unit holds a copy of its model's weights (passes/stack.py); the run takes its first
                 # unit's: equal unless fine-tuning a model's units in several groups untied them.
                 module = nn.Linear(template.in_features, template.out_features, template.bias is not None,
-                                   device=self.device)
+                                   **_factory(template, self.device))
                 with torch.no_grad():
                     for name, tensor in stacked.items():
                         getattr(module, name).copy_(tensor[run[0]])
@@ -354,22 +354,30 @@ def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[
 
 def _norm(template: nn.Module, sets: int, channels: int, device: torch.device) -> nn.Module:
     """A GroupNorm of `sets` groups over `channels` (or a LayerNorm over `channels`, one set) set up like `template`."""
+    factory = _factory(template, device)
     if isinstance(template, nn.GroupNorm):
-        return nn.GroupNorm(sets, channels, template.eps, template.affine, device=device)
-    return nn.LayerNorm(channels, template.eps, template.elementwise_affine, template.bias is not None, device=device)
+        return nn.GroupNorm(sets, channels, template.eps, template.affine, **factory)
+    return nn.LayerNorm(channels, template.eps, template.elementwise_affine, template.bias is not None, **factory)
 
 
 def resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
     """A fresh module like `template` but with the given channel counts, on `device` (the stacked weights'); a
     depthwise conv stays depthwise, the blocks of a grouped conv are built as ungrouped modules."""
+    factory = _factory(template, device)
     if isinstance(template, nn.Conv2d):
         depthwise = template.groups == template.in_channels == template.out_channels != 1
         groups = in_size if depthwise else 1
         return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
-                         template.dilation, groups, template.bias is not None, template.padding_mode, device=device)
+                         template.dilation, groups, template.bias is not None, template.padding_mode, **factory)
     if isinstance(template, nn.Linear):
-        return nn.Linear(in_size, out_size, template.bias is not None, device=device)
+        return nn.Linear(in_size, out_size, template.bias is not None, **factory)
     if isinstance(template, nn.PReLU):
-        return nn.PReLU(out_size, device=device)
-    return type(template)(out_size, eps=template.eps, momentum=template.momentum, device=device)
+        return nn.PReLU(out_size, **factory)
+    return type(template)(out_size, eps=template.eps, momentum=template.momentum, **factory)
+
+
+def _factory(template: nn.Module, device: torch.device) -> dict:
+    """device= and dtype= for a module built like `template`: its weights' dtype (float32 or float64)."""
+    dtype = next((t.dtype for t in (*template.parameters(), *template.buffers()) if t.is_floating_point()), None)
+    return {"device": device, "dtype": dtype}
 

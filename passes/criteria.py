@@ -1,4 +1,4 @@
-"""Importance of every kept unit of the task-gated network, by criterion name: taylor, l1, vib (DESIGN.md section 4).
+"""Importance of every kept unit of the task-gated network, by criterion name: taylor, l1, vib (docs/design.md section 4).
 
 A criterion takes the network as built (a `Tuned`: network, layout, stacked weights) and returns, for every hidden
 channel space, one score per unit (larger = more important; units the network does not hold score 0). The prune

@@ -2,7 +2,7 @@
 
 For each hidden channel space and each task t, the greedy irrelevant set (passes/mutual_info.py) on t's calibration
 activations names the units irrelevant to t; a unit's group is the set of tasks it is relevant to, and a unit
-relevant to none is dropped (DESIGN.md section 3). pamfx keeps the exact subset of tasks where the reference folds
+relevant to none is dropped (docs/design.md section 3). pamfx keeps the exact subset of tasks where the reference folds
 every group of two or more tasks into one shared group.
 
     grouping = merge_pam(aligned, spaces, data, PamConfig(alpha_linear=0.2))

@@ -1,4 +1,4 @@
-"""Mutual information between a set of units' activations and a task's labels (DESIGN.md section 3).
+"""Mutual information between a set of units' activations and a task's labels (docs/design.md section 3).
 
 The entropy of the activations Z (one row per sample) is Kolchinsky & Tracey's pairwise-distance upper bound for a
 mixture of Gaussians of variance sigma2 centred on the samples:

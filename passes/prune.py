@@ -1,4 +1,4 @@
-"""prune(...) -> Pruned: structured pruning of the task-gated network under an accuracy guard (DESIGN.md section 4).
+"""prune(...) -> Pruned: structured pruning of the task-gated network under an accuracy guard (docs/design.md section 4).
 
 Removing a unit sets its group to None and the network is rebuilt from its stacked weights, so every coupled
 tensor follows (producer rows, BatchNorm entries, consumer columns, flatten blocks, residual partners, concat

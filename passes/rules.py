@@ -1,4 +1,4 @@
-"""The grouping rules of the task-gated network (DESIGN.md section 2), each in one function.
+"""The grouping rules of the task-gated network (docs/design.md section 2), each in one function.
 
 The builder, the network's own check, both merges and the prune pass call these; none re-derives them.
 

@@ -66,13 +66,15 @@ def test_generated_file_runs_the_same_plan(specialise, tmp_path):
     network, _, _ = with_own_networks("lenet5")
     path = pamfx.codegen(network, tmp_path / "own.py", specialise=specialise)
     generated = load_generated(path, f"own_{specialise}").load()
+    scripted = torch.jit.script(generated)   # TorchScript follows the table of own networks too
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         for combination in all_combinations(TASKS):
             got, expected = generated(x, list(combination)), network(x, combination)
-            assert list(got) == list(expected)
+            assert list(got) == list(expected) == list(scripted(x, list(combination)))
             for task in combination:
                 torch.testing.assert_close(got[task], expected[task], atol=1e-5, rtol=0)
+                torch.testing.assert_close(scripted(x, list(combination))[task], expected[task], atol=1e-5, rtol=0)
             if specialise is None:
                 assert counted_macs(lambda c=combination: generated(x[:1], list(c))) == network.macs(combination)
             else:

@@ -192,13 +192,6 @@ def test_inputs_without_a_channel_dimension_say_so():
         optimize(data=data)
 
 
-def test_models_and_data_of_different_dtypes_are_an_error():
-    models = {t: m.double() for t, m in make_models("lenet5", TASKS).items()}
-    with pytest.raises(pamfx.TraceError, match=r"model 'a' has torch.float64 parameters but the data's inputs are "
-                                               r"torch.float32"):
-        optimize(models)
-
-
 def test_a_stage_config_given_as_a_dict_is_an_error():
     with pytest.raises(TypeError, match=r"pam= takes a pamfx.PamConfig, got dict; write pam=pamfx.PamConfig"):
         optimize(pam={"alpha_conv": 0.1, "alpha_linear": 0.2})

@@ -73,7 +73,7 @@ def test_greedy_scores_in_chunks_like_all_at_once():
 
 
 def plain_greedy(activations, labels, alpha, sigma2=0.1):
-    """The greedy search as DESIGN.md section 3 states it: score every remaining unit at every step."""
+    """The greedy search as docs/design.md section 3 states it: score every remaining unit at every step."""
     selected, remaining = [], list(range(activations.shape[1]))
     while remaining:
         scores = [mutual_information(activations[:, selected + [u]], labels, sigma2) for u in remaining]

@@ -483,10 +483,12 @@ def originals(models):
 
 
 def assert_generated_matches(network, tmp_path, name):
-    """The generated module computes what the network does, and FlopCounterMode counts network.macs() on both."""
+    """The generated module computes what the network does, scripted by TorchScript too, and FlopCounterMode counts
+    network.macs() on both."""
     generated = load_generated(pamfx.codegen(network, tmp_path / f"{name}.py"), name).load()
     x = inputs()
     assert_equivalent(lambda x: network(x), generated, x, all_combinations(network.tasks))
+    assert_equivalent(lambda x: network(x), torch.jit.script(generated), x, all_combinations(network.tasks))
     for combination in all_combinations(network.tasks):
         assert counted_macs(lambda: generated(x[:1], list(combination))) == generated_macs(network)[frozenset(combination)]
         assert counted_macs(lambda: network(x[:1], list(combination))) == network.macs(combination)

@@ -127,7 +127,7 @@ def test_pruning_removes_units_and_the_generated_code_agrees(pruned, arch, crite
     assert set(after) <= set(before)
     assert all(after[layer] <= before[layer] for layer in after), (after, before)
     assert any(after[layer] < before[layer] for layer in after), (after, before)
-    # (d) rules 2 and 3 of DESIGN.md section 2 still hold
+    # (d) rules 2 and 3 of docs/design.md section 2 still hold
     assert_rules(network)
 
 
