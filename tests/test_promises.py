@@ -70,7 +70,7 @@ def run(models, data, **arguments):
 def test_a_lossless_merge_on_an_augmenting_guard_scores_what_the_originals_score(form):
     models = make_models("lenet5", TASKS)
     if form == "one loader":
-        data = DataLoader(Virtual(200, TASKS, augment=True), batch_size=16, shuffle=True)
+        data = DataLoader(Virtual(200, TASKS, augment=True, noise=1.0), batch_size=16, shuffle=True)
     else:
         data = loaders(lambda t: Virtual(200, TASKS, task=t, augment=True), shuffle=True,
                        num_workers=1 if form == "workers" else 0)
@@ -87,7 +87,7 @@ def test_an_augmenting_iterable_eval_data_is_read_alike_and_named():
             for _ in range(96):
                 image = torch.randn(1, 28, 28, generator=generator)
                 labels = {t: int(torch.randint(0, HEADS[t], (), generator=generator)) for t in TASKS}
-                yield image + 0.2 * torch.randn(1, 28, 28), labels   # augmentation from the global generator
+                yield image + torch.randn(1, 28, 28), labels   # augmentation from the global generator
 
     models = make_models("lenet5", TASKS)
     result, kinds = run(models, random_data(TASKS, 64), eval_data=DataLoader(Stream(), batch_size=32),
@@ -121,24 +121,39 @@ def test_a_multilabel_task_on_an_augmenting_loader_is_read_alike():
 
 # 2. the seed governs a run, whatever the caller's global random state, which is left as it was
 
-def _shuffled_run(global_seed):
+class Shuffled(IterableDataset):
+    """A stream without a length whose order and augmentation draw from the global generators (torch and numpy)."""
+
+    def __iter__(self):
+        data = random_data(TASKS, 96, seed=4)
+        for i in torch.randperm(96).tolist():
+            noise = torch.from_numpy(np.random.normal(0, 0.1, (1, 28, 28))).float()
+            yield data["a"][0][i] + noise, {t: data[t][1][i] for t in TASKS}
+
+
+def _shuffled_run(global_seed, form):
     torch.manual_seed(global_seed)
     np.random.seed(global_seed)
     random.seed(global_seed)
     generator = torch.Generator().manual_seed(7)   # a loader with a generator of its own, too
-    data = loaders(lambda t: Virtual(160, TASKS, task=t, augment=True), shuffle=True)
-    data["b"] = DataLoader(data["b"].dataset, batch_size=16, shuffle=True, generator=generator)
+    if form == "per task":
+        data = loaders(lambda t: Virtual(160, TASKS, task=t, augment=True), shuffle=True)
+        data["b"] = DataLoader(data["b"].dataset, batch_size=16, shuffle=True, generator=generator)
+        guard = None
+    else:   # one loader of all tasks over a stream: the guard must be given
+        data, guard = DataLoader(Shuffled(), batch_size=16, generator=generator), random_data(TASKS, 32, seed=9)
     models = make_models("lenet5", TASKS)
     states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), generator.get_state()
-    result, _ = run(models, data, merge="pam", prune="taylor", seed=3, **QUICK)
+    result, _ = run(models, data, eval_data=guard, merge="pam", prune="taylor", seed=3, **QUICK)
     after = torch.get_rng_state(), np.random.get_state()[1], random.getstate(), generator.get_state()
     assert torch.equal(states[0], after[0]) and np.array_equal(states[1], after[1])
     assert states[2] == after[2] and torch.equal(states[3], after[3])
     return result
 
 
-def test_the_same_seed_gives_the_same_network_whatever_the_global_seed():
-    first, second = _shuffled_run(0), _shuffled_run(12345)
+@pytest.mark.parametrize("form", ["per task", "one stream"])
+def test_the_same_seed_gives_the_same_network_whatever_the_global_seed(form):
+    first, second = _shuffled_run(0, form), _shuffled_run(12345, form)
     assert first.grouping.groups == second.grouping.groups
     assert [r.macs for r in first.report.rows] == [r.macs for r in second.report.rows]
     first_state, second_state = first.model.state_dict(), second.model.state_dict()
@@ -211,6 +226,22 @@ def test_evaluate_takes_every_form_optimize_takes():
     assert accuracies(models, per_task) == pytest.approx(accuracies(models, tensors), abs=1e-12)
     with pytest.raises(ValueError, match="'z'"):
         evaluate(network, {"z": tensors["a"]})
+
+
+def test_evaluate_reads_attribute_tasks_from_a_stream():
+    models = {"a": make_models("lenet5", ("a",))["a"], "m": make_models("lenet5", ("b",))["b"]}   # m: 4 attributes
+    x, y = random_data(("a",), 40, seed=6)["a"]
+    attributes = torch.randint(0, 2, (40, 4)).bool()
+    tensors = {"a": (x, y), "m": (x, attributes)}
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(40):
+                yield x[i], {"a": y[i], "m": attributes[i]}
+
+    network = run(models, tensors, merge="none", prune=None)[0].model
+    assert evaluate(network, DataLoader(Stream(), batch_size=16)) == pytest.approx(evaluate(network, tensors),
+                                                                                   abs=1e-12)
 
 
 # 6. a tolerance above 0.2 is named

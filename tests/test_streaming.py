@@ -19,8 +19,9 @@ class Virtual(Dataset):
     """`size` samples made from their index by a seeded generator: (image [1, 28, 28], {task: label}) items, or
     (image, label of `task`) items. Counts the items read; `augment` adds fresh noise at every read."""
 
-    def __init__(self, size, tasks=("a", "b"), task=None, augment=False, most=100_000):
+    def __init__(self, size, tasks=("a", "b"), task=None, augment=False, most=100_000, noise=0.1):
         self.size, self.tasks, self.task, self.augment, self.most = size, tasks, task, augment, most
+        self.noise = noise   # of the augmentation
         self.reads = []   # (index, the image's sum as read)
 
     def __len__(self):
@@ -33,7 +34,7 @@ class Virtual(Dataset):
         image = torch.randn(1, 28, 28, generator=generator)
         labels = {t: int(torch.randint(0, HEADS[t], (), generator=generator)) for t in self.tasks}
         if self.augment:   # random augmentation draws from the global RNG, as torchvision's transforms do
-            image = image + 0.1 * torch.randn(1, 28, 28)
+            image = image + self.noise * torch.randn(1, 28, 28)
         self.reads.append((index, float(image.sum())))
         return (image, labels) if self.task is None else (image, labels[self.task])
 
