@@ -42,7 +42,7 @@ from pamfx.train import accuracy, evaluate, train_or_load
 
 BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))     # bench/ is not a package
-from records import Output, key  # noqa: E402
+from records import Output, environment, key  # noqa: E402
 from scenarios import (FINETUNE, GUARD_SIZE, METHODS, PRUNING, SCENARIOS, TOLERANCE, Scenario,  # noqa: E402
                        make_model)
 from tables import write_summary, write_tables  # noqa: E402
@@ -158,7 +158,8 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
     models, train, guard, test = load(scenario)
     tasks = tuple(models)
     started = time.perf_counter()
-    record = {"method": method, "commit": _commit(), "models": fingerprint(models),
+    stamp = environment()
+    record = {"method": method, "commit": stamp["commit"], "environment": stamp, "models": fingerprint(models),
               "original_test": {t: accuracy(m, *test[t]) for t, m in models.items()}}
     if method == "peer":
         from peer import Budget, best_of_schedules, count_macs
@@ -208,17 +209,6 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
     path = output.record(scenario, method, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
-
-
-def _commit() -> str:
-    """The commit the code runs on, "-dirty" if pamfx, the passes or the bench's code differ from it (the tables and
-    records the bench itself writes do not count, nor untracked files: a new module counts through the tracked file
-    that imports it)."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=BENCH).stdout.strip()
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "../pamfx", "../passes", "*.py",
-                "../pyproject.toml")
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def measure_latency(output: Output, scenario: Scenario) -> None:

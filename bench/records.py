@@ -5,8 +5,12 @@ from collections import Counter
 from dataclasses import dataclass
 import json
 from pathlib import Path
+import platform
 from statistics import median
+import subprocess
 import sys
+
+import torch
 
 from scenarios import Scenario
 
@@ -44,6 +48,21 @@ class Output:
         return [*scenario.methods, *sorted(named - set(scenario.methods))]
 
 
+def environment() -> dict:
+    """What a record was made on: the commit ("-dirty" if pamfx, the passes or the bench's code differ from it; the
+    tables and records the bench writes do not count, nor untracked files: a new module counts through the tracked
+    file that imports it), torch's version and threads, the CPU and Python."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=BENCH).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "../pamfx", "../passes", "*.py",
+                "../pyproject.toml")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    return {"commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else ""), "clean": not dirty,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "python": platform.python_version()}
+
+
 def _stem(method: str) -> str:
     return method.replace(" ", "_")
 
@@ -56,7 +75,7 @@ def key(combination) -> str:
 def results_of(output: Output, scenario: Scenario) -> dict:
     """Per method, its seeds' results folded into one: the median MACs of each combination, the worst test accuracy
     of each task, the median seconds and peak memory; the notes are seed 0's. Only runs on the models most runs
-    used count (fingerprint); the others are named on stderr."""
+    used count (fingerprint), and only runs made from a clean tree; the others are named on stderr."""
     records = {method: [json.loads(output.record(scenario, method, seed).read_text()) for seed in range(MAX_SEEDS)
                         if output.record(scenario, method, seed).exists()] for method in output.methods(scenario)}
     models = Counter(r.get("models") for runs in records.values() for r in runs).most_common(1)
@@ -66,7 +85,11 @@ def results_of(output: Output, scenario: Scenario) -> dict:
         if len(kept) < len(runs):
             print(f"[bench] {scenario.name} / {method}: {len(runs) - len(kept)} run(s) on other models left out",
                   file=sys.stderr)
-        runs = kept
+        clean = [r for r in kept if not r.get("commit", "").endswith("-dirty")]
+        if len(clean) < len(kept):
+            print(f"[bench] {scenario.name} / {method}: {len(kept) - len(clean)} run(s) made from a changed tree "
+                  "left out (rerun them: delete the record)", file=sys.stderr)
+        runs = clean
         if not runs:
             continue
         folded[method] = {**runs[0], "seeds": len(runs), "seed0_macs": runs[0]["macs"],

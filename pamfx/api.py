@@ -114,8 +114,10 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         else:
             notes = [f"guard: eval_data, {guard.size()}"]
         guard = guard.as_guard(seed)                                     # every check reads the same samples and draws
-        if guard.reads_differ():
-            problems.append(_augmented_guard(eval_data is None))
+        if guard.reads_differ():   # fine-tuning then imitates the originals, so as not to drift towards the
+            problems.append(_augmented_guard(eval_data is None))    # augmented samples the guard cannot judge
+            data = data.distilled(dict(zip(tasks, aligned.modules)))
+            notes.append("fine-tuning imitates the original models' outputs (distillation): the guard is augmented")
         notes.append(f"device: {device} (the data stays where it is; each batch moves there when used)")
         if in_training:
             notes.append(f"models given in train mode were used in eval mode (BatchNorm statistics, no dropout): "
@@ -324,8 +326,9 @@ def _augmented_guard(held_out: bool) -> AugmentedDataWarning:
     source = "the share of data held out as the guard" if held_out else "eval_data"
     return AugmentedDataWarning(f"{source} changes from one read to the next: its Dataset draws at random (augmentation). Every check "
             "read it with the same draws, so the decisions agree with one another, but they measure accuracy on "
-            "augmented samples, not on the samples the models will see; pass eval_data= clean samples (your "
-            "validation split as tensors or through a DataLoader without random transforms)")
+            "augmented samples, not on the samples the models will see, so fine-tuning imitated the original models "
+            "instead of fitting the labels (distillation). For a guard you can trust, pass eval_data= clean samples "
+            "(your validation split as tensors or through a DataLoader without random transforms)")
 
 
 REMEDY = {"pam": "lower the PAM thresholds", "mtz": "lower MtzConfig.degree",

@@ -99,6 +99,14 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """The mean loss of imitating a teacher's logits (knowledge distillation at temperature 1): cross-entropy
+    against the teacher's softmax for a class task, binary cross-entropy against its sigmoids for attributes."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher_logits))
+    return F.cross_entropy(logits, torch.softmax(teacher_logits, 1))
+
+
 def correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """How many samples of a batch are right: top-1 hits for class indices; for attributes each sample counts the
     share of its attributes whose sign is right, so correct / n is the mean per-attribute accuracy."""

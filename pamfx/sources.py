@@ -40,6 +40,14 @@ class TaskData:
     tasks: tuple[str, ...]
     example: Tensor   # a few inputs, for tracing
     notices: list     # PamfxWarnings about choices the checks made (one-hot labels read as classes)
+    teachers: dict | None = None   # {task: model}: fine-tuning imitates their outputs instead of fitting labels
+
+    def distilled(self, teachers: dict) -> "TaskData":
+        """The same data, fine-tuning on it imitating `teachers` ({task: model}, the original models) rather than
+        fitting the labels (passes/finetune.py); calibration, the criteria and evaluation still read the labels."""
+        taught = copy.copy(self)
+        taught.teachers = dict(teachers)
+        return taught
 
     def sample(self, samples: int, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError
@@ -139,7 +147,9 @@ class TensorData(TaskData):
         return f"{len(next(iter(self.pairs.values()))[0])} samples per task"
 
     def only(self, tasks):
-        return TensorData({t: self.pairs[t] for t in tasks}, self.argument)
+        narrowed = TensorData({t: self.pairs[t] for t in tasks}, self.argument)
+        narrowed.teachers = self.teachers
+        return narrowed
 
 
 class LoaderData(TaskData):

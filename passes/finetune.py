@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from pamfx import distributed
 from pamfx.devices import device_of, forked_rng, to_device
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping, Layout
-from pamfx.labels import task_loss
+from pamfx.labels import distillation_loss, task_loss
 from pamfx.network import GatedNetwork
 from pamfx.passes.build import build_network
 from pamfx.passes.stack import read_back
@@ -94,9 +94,10 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
             if len(inputs) == 0:
                 continue
             weight = len(inputs) / rows * distributed.world_size()
-            outputs = network(to_device(device, inputs), tasks=list(labels))
-            part = weight * sum(task_loss(outputs[task], to_device(device, distributed.shard(task_labels)))
-                                for task, task_labels in labels.items())
+            inputs = to_device(device, inputs)
+            outputs = network(inputs, tasks=list(labels))
+            part = weight * _loss(outputs, {t: to_device(device, distributed.shard(y)) for t, y in labels.items()},
+                                  inputs, data)
             if part.requires_grad:      # else every module these tasks read is frozen
                 part.backward()
             loss += part.item()
@@ -109,6 +110,16 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     distributed.average_buffers(network)   # BatchNorm statistics: every rank keeps the same network
     return network.eval()
+
+
+def _loss(outputs: dict, labels: dict, inputs: torch.Tensor, data) -> torch.Tensor:
+    """The summed loss of one batch's tasks: each task's loss on its labels, or, for data distilled from teachers
+    (TaskData.distilled), the loss of imitating its teacher's outputs on the same inputs."""
+    if data.teachers is None:
+        return sum(task_loss(outputs[task], task_labels) for task, task_labels in labels.items())
+    with torch.no_grad():
+        taught = {task: data.teachers[task](inputs) for task in labels}
+    return sum(distillation_loss(outputs[task], taught[task], data.multilabel(task)) for task in labels)
 
 
 @dataclass

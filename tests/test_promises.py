@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import pamfx
 from pamfx import FinetuneConfig, PruneConfig
 from pamfx import AugmentedDataWarning, DataError, LabelKindWarning, PamfxWarning, ToleranceWarning
+from pamfx.checks import check_data
 from pamfx.ir import all_combinations
 from pamfx.train import accuracies, evaluate
 
@@ -78,6 +79,22 @@ def test_a_lossless_merge_on_an_augmenting_guard_scores_what_the_originals_score
     for row in result.report.rows:   # every check read the very samples the originals were scored on
         assert all(row.accuracy[t] == result.report.original_accuracy[t] for t in row.combination)
     assert kinds == [AugmentedDataWarning]   # and nothing else: no task is said to break its guard
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_read_of_the_guard_draws_the_same_samples(workers):
+    loader = DataLoader(Virtual(64, TASKS, augment=True), batch_size=16, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(5))
+    data = check_data(loader, TASKS)
+
+    def read(source):
+        return [torch.cat([x.flatten(1), *(y[:, None] for y in labels.values())], 1) for x, labels in source.batches()]
+
+    guard = data.as_guard(seed=3)
+    first, second = read(guard), read(guard)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, b) for a, b in zip(read(data), read(data)))   # as a loader reads it: new draws
+    assert guard.reads_differ() and not check_data(random_data(TASKS, 16), TASKS).as_guard(3).reads_differ()
 
 
 def test_an_augmenting_iterable_eval_data_is_read_alike_and_named():
@@ -306,3 +323,19 @@ def test_the_declared_torch_range_is_the_tested_one():
     assert torch.__version__.split("+")[0] in allowed
     assert {"2.13.0", "2.14.1"} <= set(allowed.filter(["2.12.1", "2.13.0", "2.14.1", "2.15.0"]))
     assert "2.15.0" not in allowed and "2.12.1" not in allowed
+
+
+def test_an_augmented_guard_makes_fine_tuning_imitate_the_originals():
+    """Labels drawn at random teach nothing the originals know: fitting them moves the merged network away from the
+    originals' predictions, imitating the originals (the choice when the guard is augmented) keeps it near them."""
+    models = make_models("lenet5", TASKS)
+
+    def agreement(augment):
+        data = loaders(lambda t: Virtual(256, TASKS, task=t, augment=augment), shuffle=True)
+        result, _ = run(models, data, merge="pam", prune=None, finetune=FinetuneConfig(steps=40, lr=3e-3))
+        x = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            merged = result.model(x)
+            return min(float((merged[t].argmax(1) == models[t](x).argmax(1)).float().mean()) for t in TASKS)
+
+    assert agreement(augment=True) > agreement(augment=False) + 0.2
