@@ -24,7 +24,6 @@ from .network import INPUT, GatedNetwork, Statement
 
 VERSION = "0.1.0"
 FUSE_LIMIT = 1.5          # specialise a combination when its fused network executes at most this many times its MACs
-TENSOR_METHOD = "torch.Tensor."   # a statement calling a tensor method is written as a method call
 AUTO_ALL = 5              # "auto" considers every combination up to this many tasks, else single tasks and all tasks
 
 
@@ -231,7 +230,7 @@ def _plan_class(name: str, doc: str, plan: GatedNetwork) -> list[str]:
     lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in plan.named_children()]
     lines += ["",
               "    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:"]
-    lines += ["        " + _statement_source(statement) for statement in plan.statements]
+    lines += ["        " + statement.source() for statement in plan.statements]
     outputs = ", ".join(f"{task!r}: {plan.outputs[task]}" for task in plan.tasks if task in plan.outputs)
     return lines + [f"        return {{{outputs}}}", "", ""]
 
@@ -247,7 +246,7 @@ def _body(network: GatedNetwork, flags: dict[str, str]) -> list[str]:
             if current != everyone:
                 lines.append("        if " + " or ".join(flags[t] for t in network.tasks if t in current) + ":")
         indent = "        " if current == everyone else "            "
-        lines.append(indent + _statement_source(statement))
+        lines.append(indent + statement.source())
     return lines
 
 
@@ -273,31 +272,6 @@ def _bound_everywhere(network: GatedNetwork) -> list[str]:
     if lines:
         lines.insert(0, "        # bound on every path for TorchScript; a block reads only what blocks run before it set")
     return lines
-
-
-def _statement_source(statement: Statement) -> str:
-    inputs = list(statement.inputs)
-    before = ":, " * statement.dim   # the dims before the channels, in an index
-    if statement.call == "concat":
-        return f"{statement.out} = torch.cat([{', '.join(inputs)}], {statement.dim})"
-    if statement.call == "select":
-        return f"{statement.out} = {inputs[0]}[{before}{_index(statement.args[0])}]"
-    if statement.call == "module":
-        joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], {statement.dim})"
-        if statement.args:
-            joined += f"[{before}{list(statement.args[0])}]"
-        return f"{statement.out} = self.{statement.target}({joined})"
-    arguments = inputs + [repr(a) for a in statement.args] + [f"{k}={v!r}" for k, v in statement.kwargs]
-    if statement.target.startswith(TENSOR_METHOD):   # x.expand_as(y): TorchScript has no torch.Tensor.expand_as
-        return f"{statement.out} = {arguments[0]}.{statement.target[len(TENSOR_METHOD):]}({', '.join(arguments[1:])})"
-    return f"{statement.out} = {statement.target}({', '.join(arguments)})"
-
-
-def _index(picked: tuple[int, ...]) -> str:
-    """Channels as an index: a slice `a:b` when they are a run (a view, no copy), else a list."""
-    if list(picked) == list(range(picked[0], picked[0] + len(picked))):
-        return f"{picked[0]}:{picked[0] + len(picked)}"
-    return str(list(picked))
 
 
 def _module_source(name: str, module: nn.Module) -> str:

@@ -46,7 +46,7 @@ def can_fuse(network: GatedNetwork) -> str | None:
             return f"'{statement.out}' calls {statement.target}, which is not applied to each channel alone"
         if statement.call == "module":
             module = network.get_submodule(statement.target)
-            if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
+            if ops.is_grouped(module):
                 return f"'{statement.out}' is a grouped convolution"
             if not isinstance(module, _LAYERS + _PER_CHANNEL + ops.CHANNELWISE_MODULES):
                 return f"'{statement.out}' runs {type(module).__name__}, which is not applied to each channel alone"
@@ -146,7 +146,7 @@ def _widths(network: GatedNetwork, combination) -> dict[str, int]:
 
 
 def _is_layer(module: nn.Module) -> bool:
-    return isinstance(module, _LAYERS) and not _per_channel(module)
+    return isinstance(module, _LAYERS) and not ops.is_depthwise(module)
 
 
 def _fused_layer(network: GatedNetwork, statements, columns: list, source: dict) -> nn.Module:
@@ -189,10 +189,6 @@ def _fused_per_channel(network: GatedNetwork, statements) -> nn.Module:
 
 def _stateless(module: nn.Module) -> bool:
     return not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
-
-
-def _per_channel(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels != 1
 
 
 def _macs(statement: Statement, part: nn.Module, module: nn.Module) -> int:

@@ -2,7 +2,11 @@
 
 A statement computes one group's slice of one tensor: `conv2_g1 = self.conv2_g1(torch.cat([pool1_g0, pool1_g1], 1))`.
 `model(x, tasks=S)` runs exactly the statements that some task of S needs, so the cost of S is the sum of the
-MACs of those statements. The same statements are what `pamfx.codegen` writes out as Python source.
+MACs of those statements.
+
+NOTE: a statement's meaning is defined once, by the Python source it writes (`Statement.source`). The network runs
+that very source (compiled once per statement), and `pamfx.codegen` writes the same lines into the generated file,
+so the two can never disagree (as torch.fx's GraphModule runs the code it generates).
 """
 import contextlib
 import itertools
@@ -17,6 +21,7 @@ from .ir import Group, group_label
 from .passes.rules import may_read
 
 INPUT = "x"   # the variable holding the network input, shared by every group
+TENSOR_METHOD = "torch.Tensor."   # a function statement calling a tensor method is written as a method call
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,29 @@ class Statement:
     gate: Group = field(default=frozenset(), compare=False)
     node: str = field(default="", compare=False)
 
+    def expression(self) -> str:
+        """What the statement computes, as a Python expression over its inputs' variables, `self` (the network,
+        holding the modules) and `torch`."""
+        inputs = list(self.inputs)
+        before = ":, " * self.dim   # the dims before the channels, in an index
+        if self.call == "concat":
+            return f"torch.cat([{', '.join(inputs)}], {self.dim})"
+        if self.call == "select":
+            return f"{inputs[0]}[{before}{_index(self.args[0])}]"
+        if self.call == "module":
+            joined = inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], {self.dim})"
+            if self.args:
+                joined += f"[{before}{list(self.args[0])}]"
+            return f"self.{self.target}({joined})"
+        arguments = inputs + [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs]
+        if self.target.startswith(TENSOR_METHOD):   # x.expand_as(y): TorchScript has no torch.Tensor.expand_as
+            return f"{arguments[0]}.{self.target[len(TENSOR_METHOD):]}({', '.join(arguments[1:])})"
+        return f"{self.target}({', '.join(arguments)})"
+
+    def source(self) -> str:
+        """The statement as one line of Python: `out = expression`."""
+        return f"{self.out} = {self.expression()}"
+
 
 class GatedNetwork(nn.Module):
     """One network for all tasks; `forward(x, tasks=S)` computes only the groups that the tasks in S need.
@@ -67,6 +95,7 @@ class GatedNetwork(nn.Module):
         for statement in self.statements:   # a name that resolves to nothing fails here, not when run
             if statement.call == "function":
                 ops.resolve(statement.target)
+            self._compiled(statement)
         self.check()
 
     def with_alone(self, alone: dict[str, "GatedNetwork"]) -> "GatedNetwork":
@@ -136,18 +165,20 @@ class GatedNetwork(nn.Module):
         return values
 
     def _run(self, statement: Statement, values: dict) -> torch.Tensor:
-        tensors = [values[name] for name in statement.inputs]
-        dim = statement.dim
-        if statement.call == "concat":
-            return torch.cat(tensors, dim)
-        if statement.call == "select":
-            return tensors[0][(slice(None),) * dim + (list(statement.args[0]),)]
-        if statement.call == "module":
-            joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-            if statement.args:
-                joined = joined[(slice(None),) * dim + (list(statement.args[0]),)]
-            return self._modules[statement.target](joined)
-        return ops.resolve(statement.target)(*tensors, *statement.args, **dict(statement.kwargs))
+        """The statement's own source (Statement.expression), evaluated over the variables computed so far."""
+        return eval(self._compiled(statement), {"torch": torch, "self": self}, values)   # noqa: S307
+
+    def _compiled(self, statement: Statement):
+        """The statement's expression compiled once (not pickled: see __getstate__)."""
+        compiled = self.__dict__.setdefault("_code", {})
+        if statement.out not in compiled:
+            compiled[statement.out] = compile(statement.expression(), f"<pamfx: {statement.out}>", "eval")
+        return compiled[statement.out]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_code", None)   # code objects do not pickle; compiled again when first run
+        return state
 
     def combination(self, tasks) -> Group:
         """The set of task names asked for; raises KeyError naming an unknown task, ValueError if empty."""
@@ -220,6 +251,13 @@ class GatedNetwork(nn.Module):
             if list(own.outputs) != [task]:
                 raise GroupingError(f"the own network of task '{task}' computes {list(own.outputs)}")
             own.check()
+
+
+def _index(picked: tuple[int, ...]) -> str:
+    """Channels as an index: a slice `a:b` when they are a run (a view, no copy), else a list."""
+    if list(picked) == list(range(picked[0], picked[0] + len(picked))):
+        return f"{picked[0]}:{picked[0] + len(picked)}"
+    return str(list(picked))
 
 
 def _alone_key(tasks: tuple[str, ...], task: str) -> str:

@@ -435,7 +435,7 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
     if kind is None:
         raise UnsupportedOpError(
             f"node '{node.name}' calls {type(module).__name__}, a module pamfx has no channel rule for: {module!r}")
-    if kind == CONV and module.groups == module.in_channels == module.out_channels != 1:
+    if kind == CONV and is_depthwise(module):
         return DEPTHWISE   # (a grouped conv stays CONV: passes/rules.py `blocks` says which inputs each unit reads)
     if kind == LINEAR:
         source = node.all_input_nodes[0]
@@ -450,6 +450,16 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
     return kind
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise conv: groups == in == out channels (> 1), each channel filtered on its own."""
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels != 1
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped conv that is not depthwise: each output channel reads one block of the input channels."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups and not is_depthwise(module)
+
+
 def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
@@ -459,9 +469,8 @@ def signature(node: fx.Node, module: nn.Module | None) -> tuple:
     if module is None:
         return (node.op, node.target)
     if isinstance(module, nn.Conv2d):
-        depthwise = module.groups == module.in_channels == module.out_channels != 1
         return (type(module), module.kernel_size, module.stride, module.padding, module.dilation,
-                module.padding_mode, "depthwise" if depthwise else module.groups, module.bias is not None)
+                module.padding_mode, "depthwise" if is_depthwise(module) else module.groups, module.bias is not None)
     if isinstance(module, nn.Linear):
         return (type(module), module.bias is not None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -365,8 +365,7 @@ def resized(template: nn.Module, in_size: int, out_size: int, device: torch.devi
     depthwise conv stays depthwise, the blocks of a grouped conv are built as ungrouped modules."""
     factory = _factory(template, device)
     if isinstance(template, nn.Conv2d):
-        depthwise = template.groups == template.in_channels == template.out_channels != 1
-        groups = in_size if depthwise else 1
+        groups = in_size if ops.is_depthwise(template) else 1
         return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
                          template.dilation, groups, template.bias is not None, template.padding_mode, **factory)
     if isinstance(template, nn.Linear):
