@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import pamfx
-from pamfx.checks import MERGES, PRUNERS
+from pamfx.api import MERGES
+from pamfx.checks import PRUNERS
 from pamfx.data import LabelFunction, load_fashion_mnist, paper_split, task_data
 from pamfx.devices import device_of, resolve_device
 from pamfx.errors import DataError, DatasetMissingError, DeviceError, GroupingError

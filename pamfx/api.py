@@ -1,8 +1,15 @@
-"""optimize(): the pipeline from N single-task models to one task-gated multitask network, read top to bottom."""
+"""optimize(): the pipeline from N single-task models to one task-gated multitask network, read top to bottom.
+
+Each stage is a function of the run (`Run`: the aligned models, their channel spaces, the data, the guard and its
+floors, the settings) that adds to the run's notes, problems and stage timings. The merges are one table, MERGES:
+name -> a function of the run returning the merged, fine-tuned network (`Merged`).
+"""
+import contextlib
 import copy
 import time
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -10,7 +17,7 @@ from . import distributed, ops
 from .checks import check_configs, check_data, check_models, check_options, models_dtype
 from .devices import resolve_device
 from .errors import AugmentedDataWarning, PamfxWarning, ToleranceWarning
-from .ir import OP, SHAPES, ChannelSpace, Grouping, all_combinations, group_label
+from .ir import OP, SHAPES, AlignedGraph, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
 from .passes.build import build_network
@@ -19,12 +26,16 @@ from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from .passes.merge_mtz import MtzConfig, merge_mtz, zip_groups
 from .passes.merge_none import merge_none
 from .passes.merge_pam import PamConfig, group_table, merge_pam, search_pam
-from .passes.prune import PruneConfig, prune as prune_network, prune_alone
+from .passes.prune import PruneConfig, Pruned, prune as prune_network, prune_alone
 from .passes.stack import stack_weights
 from .passes.trace import trace
 from .report import Report, make_report
 from .rng import loader_generators, seeded
+from .sources import TaskData
 from .train import accuracies, evaluate
+
+LARGE_TOLERANCE = 0.2   # a tolerance above it is more likely "1 %" written as 1.0 than meant
+
 
 @dataclass(frozen=True)
 class MergeSettings:
@@ -36,18 +47,43 @@ class MergeSettings:
     progress: bool
 
 
-def _merge_none(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping, dict]:
-    return merge_none(aligned, spaces), stack_weights(aligned, spaces)
+@dataclass
+class Run:
+    """One optimize() call as its stages see it, and what they record for the report."""
+    aligned: AlignedGraph
+    spaces: dict[str, ChannelSpace]
+    data: TaskData
+    guard: TaskData
+    original: dict          # task -> its original model's accuracy on the guard (measured once)
+    floors: dict            # task -> the least accuracy the result may leave it: original - tolerance
+    merge_floors: dict      # the floors of a merge searched under the guard (see _prepare)
+    tolerance: float
+    settings: MergeSettings
+    pruning: PruneConfig
+    notes: list = field(default_factory=list)      # the report's lines, in order
+    problems: list = field(default_factory=list)   # PamfxWarnings, issued when the result is ready
+    seconds: dict = field(default_factory=dict)    # stage -> wall time
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.aligned.tasks
+
+    def say(self, text: str) -> None:
+        if self.settings.progress:
+            print(text)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[stage] = time.perf_counter() - started
 
 
-def _merge_pam(aligned, spaces, data, settings: MergeSettings) -> tuple[Grouping, dict]:
-    grouping = merge_pam(aligned, spaces, data, settings.pam, settings.seed, settings.progress)
-    return grouping, stack_weights(aligned, spaces)
-
-
-# merge name -> merge(aligned, spaces, data, settings) -> (the group of every unit, the stacked weights); "mtz" runs
-# in _mtz_under_guard
-MERGES = {"none": _merge_none, "pam": _merge_pam}
+@dataclass
+class Merged:
+    """A merge's result: the group of every unit and the network built from it, fine-tuned."""
+    grouping: Grouping
+    tuned: Tuned
 
 
 @dataclass
@@ -68,18 +104,21 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
              tolerance: float = 0.01, seed: int = 0, progress: bool = True, device=None, pam: PamConfig = PamConfig(),
              mtz: MtzConfig = MtzConfig(), finetune: FinetuneConfig = FinetuneConfig(),
              pruning: PruneConfig = PruneConfig()) -> Result:
-    """Merges N single-task models of one architecture into one task-gated network and prunes it (docs/design.md section 6).
+    """Merges N single-task models of one architecture into one task-gated network and prunes it (docs/design.md
+    section 6).
 
     models: {task: nn.Module}, same topology (widths and head sizes may differ; one model is pruned alone).
     data / eval_data: {task: (inputs, labels)} tensors, {task: DataLoader of (inputs, labels)}, or one DataLoader
     of (inputs, {task: labels}). A DataLoader is streamed, never materialised (pamfx.sources): calibration reads
     its first batches, fine-tuning iterates it afresh every epoch, evaluation reads it batch by batch, and each
     batch is checked as it is read. eval_data is the guard: every decision (pruning
-    steps, stops) keeps each task's accuracy on it >= its original model's minus `tolerance`; without it a seeded
-    share `pruning.guard_fraction` of `data` is held out as the guard and never trained on (the report says how
-    many samples): of tensors, those samples; of a DataLoader, those items of its dataset, read through loaders
-    with its settings (torch.utils.data.Subset; a loader over an IterableDataset or with its own sampler needs
-    eval_data). merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | "none" (or None).
+    steps, stops) keeps each task's accuracy on it >= its original model's minus `tolerance` (a fraction: 0.01 is
+    one point); without it a seeded share `pruning.guard_fraction` of `data` is held out as the guard and never
+    trained on (the report says how many samples): of tensors, those samples; of a DataLoader, those items of its
+    dataset, read through loaders with its settings (torch.utils.data.Subset; a loader over an IterableDataset or
+    with its own sampler needs eval_data). Every read of the guard draws the same samples with the same random
+    draws. merge: "pam" | "mtz" | "none"; prune: "taylor" | "l1" | "vib" | "none" (or None).
+    seed: the run draws from random states seeded from it (the caller's are restored afterwards).
     device: None runs where the models are (all on one device); "cpu", "cuda", "cuda:1" or a torch.device runs
     every stage on copies of the models there. Data stays where it is; each batch moves to the device when used.
     The result's network lives on that device.
@@ -90,134 +129,189 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     UnsupportedOpError for models pamfx cannot merge, DataError for bad data, GroupingError when a merge leaves a
     task no path to its head.
     """
-    tasks = check_models(models)
-    prune = check_options(merge, prune, tolerance, seed)             # "none" is None
+    check_models(models)
+    prune = check_options(merge, prune, tolerance, seed, tuple(MERGES))   # "none" is None
     check_configs(pam=(pam, PamConfig), mtz=(mtz, MtzConfig), finetune=(finetune, FinetuneConfig),
                   pruning=(pruning, PruneConfig))
     device = resolve_device(device, models)
-    dtype = models_dtype(models)                                      # float32 or float64; the data's inputs follow
-    in_training = [t for t, model in models.items() if model.training]
-    progress = progress and distributed.rank() == 0   # several processes (pamfx.distributed): rank 0 reports
-    say = print if progress else (lambda *_: None)
-
+    settings = MergeSettings(pam, mtz, finetune, seed, progress and distributed.rank() == 0)   # rank 0 reports
     # the run's own random state; the caller's is restored afterwards, loaders' generators included (pamfx.rng)
     with seeded(seed, device, loader_generators(data, eval_data)):
-        data = check_data(data, tasks, "data", dtype)
-        guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data", dtype)
-        problems = data.notices + (guard.notices if guard is not None else [])   # label kinds the checks chose
-        say(f"[pamfx] tracing and aligning {len(tasks)} models on {device}")
-        aligned = align(trace(models, data.example, device))         # one graph, copies of the models on device
-        if guard is None:
-            data, guard = data.hold_out(pruning.guard_fraction, seed)    # the guard is never trained on
-            notes = [f"guard: {guard.size()} held out of data "
-                     f"({pruning.guard_fraction:.0%}, seed {seed}), never trained on"]
-        else:
-            notes = [f"guard: eval_data, {guard.size()}"]
-        guard = guard.as_guard(seed)                                     # every check reads the same samples and draws
-        if guard.reads_differ():   # fine-tuning then imitates the originals, so as not to drift towards the
-            problems.append(_augmented_guard(eval_data is None))    # augmented samples the guard cannot judge
-            data = data.distilled(dict(zip(tasks, aligned.modules)))
-            notes.append("fine-tuning imitates the original models' outputs (distillation): the guard is augmented")
-        notes.append(f"device: {device} (the data stays where it is; each batch moves there when used)")
-        if in_training:
-            notes.append(f"models given in train mode were used in eval mode (BatchNorm statistics, no dropout): "
-                         f"{', '.join(in_training)}")
-        heads = {t: shape[1] for t, shape in zip(tasks, _output_node(aligned).all_input_nodes[0].meta[SHAPES])}
-        data.check_heads(heads)                                          # tensors now; a DataLoader's batches as read
-        guard.check_heads(heads)
-        spaces = find_channel_spaces(aligned)                            # which tensors share a channel dimension
-        original = accuracies(dict(zip(tasks, aligned.modules)), guard)   # once
-        floors = {t: original[t] - tolerance for t in tasks}
-        if tolerance > LARGE_TOLERANCE:
-            problems.append(_large_tolerance(tolerance, original))
-        say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in spaces.values() if s.kind == 'hidden')} units "
-            f"in {sum(s.kind == 'hidden' for s in spaces.values())} channel spaces")
-        started = time.perf_counter()
-        # NOTE: PAM's search and zipping keep `pam.prune_share` of the tolerance for the prune pass; a merge that spends
-        # all of it leaves pruning nothing to remove.
-        share = pam.prune_share if prune is not None else 0.0
-        merge_floors = {t: original[t] - tolerance * (1 - share) for t in tasks}
-        if merge == "pam" and pam.alpha_conv is None:                    # thresholds chosen under the guard
-            grouping, tuned = search_pam(aligned, spaces, data, guard, merge_floors, pam, finetune, seed, progress)
-            seconds = {"merge": time.perf_counter() - started}
-            notes += [f"merge=pam: thresholds searched, {seconds['merge']:.1f} s with fine-tuning"]
-        elif merge == "mtz":                                         # lowers its degree while a task breaks its floor
-            grouping, tuned, mtz_notes = _mtz_under_guard(aligned, spaces, data, guard, floors,
-                                                          MergeSettings(pam, mtz, finetune, seed, progress))
-            seconds = {"merge": time.perf_counter() - started}
-            notes += [f"merge=mtz: zipped and fine-tuned in {seconds['merge']:.1f} s"] + mtz_notes
-        else:
-            settings = MergeSettings(pam, mtz, finetune, seed, progress)
-            grouping, weights = MERGES[merge](aligned, spaces, data, settings)   # the group of every unit (+ weights)
-            seconds = {"merge": time.perf_counter() - started}
-            notes += [f"merge={merge}: grouped in {seconds['merge']:.1f} s"]
-            started = time.perf_counter()
-            if merge == "none":                                          # none is exact: nothing to recover
-                tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
-            else:                                                        # all tasks, summed loss, rule 2 kept
-                notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
-                    aligned, spaces, grouping, weights)[0], guard)))
-                tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, finetune, seed, progress)
-                seconds["finetune"] = time.perf_counter() - started
-        notes += group_table(spaces, grouping, tasks) + list(grouping.notes)
-        unzipped = None                                                  # pruned too when zip_choice="pruned"
-        if merge == "pam" and pam.zip_degree > 0 and len(tasks) > 1:
-            started = time.perf_counter()
-            zipped_grouping, zipped, zip_notes = _zip_shared(aligned, spaces, grouping, tuned, data, guard,
-                                                             merge_floors,
-                                                             MergeSettings(pam, mtz, finetune, seed, progress))
-            seconds["zip"] = time.perf_counter() - started
-            notes += zip_notes
-            if zipped is not tuned and pam.zip_choice == "pruned" and prune is not None:
-                unzipped = (grouping, tuned)
-            grouping, tuned = zipped_grouping, zipped
-        merged_macs = {c: tuned.network.macs(c) for c in all_combinations(tasks)}
-        merged_accuracy = evaluate(tuned.network, guard)
-        notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(merged_accuracy))
-        problems += [PamfxWarning(f"the merge alone breaks the guard of task '{t}': {merged_accuracy[t]:.4f} on the guard data, "
-                    f"below its floor {floors[t]:.4f} (original {original[t]:.4f} - tolerance {tolerance}); raise the "
-                    f"fine-tuning budget or {REMEDY[merge]}") for t in tasks
-                    if merged_accuracy[t] < floors[t] and merge != "none"]   # none is exact: never reported
-        if prune is not None:
-            started = time.perf_counter()
-            pruned = prune_network(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed,
-                                   progress)
-            if unzipped is not None:
-                say("[pamfx] pruning the unzipped network too (zip_choice='pruned')")
-                other = prune_network(aligned, spaces, *unzipped, data, guard, floors, prune, pruning, seed, progress)
-                cost = {"zipped": _mean_macs(pruned), "unzipped": _mean_macs(other)}
-                kept = min(cost, key=cost.get)   # a tie keeps the zipped network
-                notes.append(f"zip_choice='pruned': after pruning, the combinations cost on average "
+        run = _prepare(models, data, eval_data, device, tolerance, prune, pruning, settings)
+        run.say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in run.spaces.values() if s.kind == 'hidden')} "
+                f"units in {sum(s.kind == 'hidden' for s in run.spaces.values())} channel spaces")
+        merged = MERGES[merge].run(run)                                # the group of every unit, fine-tuned
+        run.notes += group_table(run.spaces, merged.grouping, run.tasks) + list(merged.grouping.notes)
+        unzipped = None                                                # pruned too when zip_choice="pruned"
+        if merge == "pam" and pam.zip_degree > 0 and len(run.tasks) > 1:   # PAM's shared groups zipped (opt-in)
+            merged, unzipped = _zip(run, merged, prune)
+        merged_macs = {c: merged.tuned.network.macs(c) for c in all_combinations(run.tasks)}
+        _check_merge(run, merged, merge)                               # the guard after merging
+        if prune is not None:                                          # under the guard, per task
+            merged, merged_macs = _prune(run, merged, unzipped, merged_macs, prune, merge)
+        return _result(run, merged, merged_macs if prune is not None else None)
+
+
+def _prepare(models, data, eval_data, device, tolerance, prune, pruning: PruneConfig, settings: MergeSettings) -> Run:
+    """The checked data, the aligned graph of the models (copies, on `device`), its channel spaces, the guard (read
+    alike at every check) and the floors."""
+    tasks, dtype = tuple(models), models_dtype(models)                   # float32 or float64; the inputs follow
+    data = check_data(data, tasks, "data", dtype)
+    guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data", dtype)
+    problems = data.notices + (guard.notices if guard is not None else [])   # label kinds the checks chose
+    if settings.progress:
+        print(f"[pamfx] tracing and aligning {len(tasks)} models on {device}")
+    aligned = align(trace(models, data.example, device))             # one graph, copies of the models on device
+    if guard is None:
+        data, guard = data.hold_out(pruning.guard_fraction, settings.seed)    # the guard is never trained on
+        notes = [f"guard: {guard.size()} held out of data "
+                 f"({pruning.guard_fraction:.0%}, seed {settings.seed}), never trained on"]
+    else:
+        notes = [f"guard: eval_data, {guard.size()}"]
+    guard = guard.as_guard(settings.seed)                            # every check reads the same samples and draws
+    if guard.reads_differ():   # fine-tuning then imitates the originals, so as not to drift towards the
+        problems.append(_augmented_guard(eval_data is None))    # augmented samples the guard cannot judge
+        data = data.distilled(dict(zip(tasks, aligned.modules)))
+        notes.append("fine-tuning imitates the original models' outputs (distillation): the guard is augmented")
+    notes.append(f"device: {device} (the data stays where it is; each batch moves there when used)")
+    in_training = [t for t, model in models.items() if model.training]
+    if in_training:
+        notes.append(f"models given in train mode were used in eval mode (BatchNorm statistics, no dropout): "
+                     f"{', '.join(in_training)}")
+    heads = {t: shape[1] for t, shape in zip(tasks, _output_node(aligned).all_input_nodes[0].meta[SHAPES])}
+    data.check_heads(heads)                                          # tensors now; a DataLoader's batches as read
+    guard.check_heads(heads)
+    spaces = find_channel_spaces(aligned)                            # which tensors share a channel dimension
+    original = accuracies(dict(zip(tasks, aligned.modules)), guard)   # once
+    if tolerance > LARGE_TOLERANCE:
+        problems.append(_large_tolerance(tolerance, original))
+    # NOTE: PAM's search and zipping keep `pam.prune_share` of the tolerance for the prune pass; a merge that spends
+    # all of it leaves pruning nothing to remove.
+    share = settings.pam.prune_share if prune is not None else 0.0
+    return Run(aligned, spaces, data, guard, original, floors={t: original[t] - tolerance for t in tasks},
+               merge_floors={t: original[t] - tolerance * (1 - share) for t in tasks}, tolerance=tolerance,
+               settings=settings, pruning=pruning, notes=notes, problems=problems)
+
+
+def _merge_none(run: Run) -> Merged:
+    """Every unit in its own task's group: the original models side by side, exact (nothing to fine-tune)."""
+    with run.timed("merge"):
+        grouping, weights = merge_none(run.aligned, run.spaces), stack_weights(run.aligned, run.spaces)
+    run.notes.append(f"merge=none: grouped in {run.seconds['merge']:.1f} s")
+    return Merged(grouping, Tuned(*build_network(run.aligned, run.spaces, grouping, weights), weights))
+
+
+def _merge_pam(run: Run) -> Merged:
+    """PAM: thresholds searched under the guard (PamConfig's alphas None), or the given ones, then fine-tuned."""
+    settings = run.settings
+    if settings.pam.alpha_conv is None:
+        with run.timed("merge"):
+            grouping, tuned = search_pam(run.aligned, run.spaces, run.data, run.guard, run.merge_floors,
+                                         settings.pam, settings.finetune, settings.seed, settings.progress)
+        run.notes.append(f"merge=pam: thresholds searched, {run.seconds['merge']:.1f} s with fine-tuning")
+        return Merged(grouping, tuned)
+    with run.timed("merge"):
+        grouping = merge_pam(run.aligned, run.spaces, run.data, settings.pam, settings.seed, settings.progress)
+        weights = stack_weights(run.aligned, run.spaces)
+    run.notes.append(f"merge=pam: grouped in {run.seconds['merge']:.1f} s")
+    with run.timed("finetune"):                                      # all tasks, summed loss, rule 2 kept
+        run.notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
+            run.aligned, run.spaces, grouping, weights)[0], run.guard)))
+        tuned = rebuild_and_finetune(run.aligned, run.spaces, grouping, weights, run.data, settings.finetune,
+                                     settings.seed, settings.progress)
+    return Merged(grouping, tuned)
+
+
+def _merge_mtz(run: Run) -> Merged:
+    """MTZ, its degree lowered while a task breaks its floor (_mtz_under_guard)."""
+    with run.timed("merge"):
+        grouping, tuned, notes = _mtz_under_guard(run.aligned, run.spaces, run.data, run.guard, run.floors,
+                                                  run.settings)
+    run.notes += [f"merge=mtz: zipped and fine-tuned in {run.seconds['merge']:.1f} s"] + notes
+    return Merged(grouping, tuned)
+
+
+@dataclass(frozen=True)
+class Merge:
+    run: Callable[[Run], Merged]
+    remedy: str      # what to change when the merge alone breaks the guard
+
+
+MERGES = {"pam": Merge(_merge_pam, "lower the PAM thresholds"),
+          "mtz": Merge(_merge_mtz, "lower MtzConfig.degree"),
+          "none": Merge(_merge_none, "check the models (merge='none' is exact)")}
+
+
+def _zip(run: Run, merged: Merged, prune) -> tuple[Merged, Merged | None]:
+    """PAM's network with its shared groups zipped (_zip_shared), and the unzipped one when zip_choice="pruned"
+    lets pruning choose between them."""
+    with run.timed("zip"):
+        grouping, tuned, notes = _zip_shared(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
+                                             run.guard, run.merge_floors, run.settings)
+    run.notes += notes
+    choose = tuned is not merged.tuned and run.settings.pam.zip_choice == "pruned" and prune is not None
+    return Merged(grouping, tuned), merged if choose else None
+
+
+def _check_merge(run: Run, merged: Merged, merge: str) -> None:
+    """Notes the guard's accuracy after merging; a task below its floor is a problem (never under none: exact)."""
+    accuracy = evaluate(merged.tuned.network, run.guard)
+    run.notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(accuracy))
+    run.problems += [PamfxWarning(
+        f"the merge alone breaks the guard of task '{t}': {accuracy[t]:.4f} on the guard data, below its floor "
+        f"{run.floors[t]:.4f} (original {run.original[t]:.4f} - tolerance {run.tolerance}); raise the fine-tuning "
+        f"budget or {MERGES[merge].remedy}") for t in run.tasks if accuracy[t] < run.floors[t] and merge != "none"]
+
+
+def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict, prune: str, merge: str
+           ) -> tuple[Merged, dict]:
+    """The merged network pruned under the guard (and, with zip_choice="pruned", the cheaper of the zipped and the
+    unzipped network pruned); with PruneConfig(alone=True), each task's own network too. Returns it and the MACs
+    of each combination before pruning."""
+    settings, pruning = run.settings, run.pruning
+
+    def pruned_from(start: Merged) -> Pruned:
+        return prune_network(run.aligned, run.spaces, start.grouping, start.tuned, run.data, run.guard, run.floors,
+                             prune, pruning, settings.seed, settings.progress)
+
+    with run.timed("prune"):
+        pruned = pruned_from(merged)
+        if unzipped is not None:
+            run.say("[pamfx] pruning the unzipped network too (zip_choice='pruned')")
+            other = pruned_from(unzipped)
+            cost = {"zipped": _mean_macs(pruned), "unzipped": _mean_macs(other)}
+            kept = min(cost, key=cost.get)   # a tie keeps the zipped network
+            run.notes.append(f"zip_choice='pruned': after pruning, the combinations cost on average "
                              f"{cost['zipped']:,.0f} MACs zipped and {cost['unzipped']:,.0f} unzipped; kept {kept}")
-                if kept == "unzipped":
-                    pruned = other
-                    merged_macs = {c: unzipped[1].network.macs(c) for c in all_combinations(tasks)}
-            tuned, grouping = pruned.tuned, pruned.grouping
-            seconds["prune"] = time.perf_counter() - started
-            notes += pruned.notes() + group_table(spaces, grouping, tasks)
-            problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor {floors[t]:.4f}")
-                         for t, a in pruned.below_floor.items()]
-            if pruning.alone and merge != "none" and len(tasks) > 1:   # under none each task's network is its own
-                say("[pamfx] pruning each task's own network")
-                started = time.perf_counter()
-                alone, own_notes = _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning,
-                                                 seed, progress)
-                tuned.network.with_alone(alone)
-                seconds["alone"] = time.perf_counter() - started
-                notes += own_notes
-        say("[pamfx] measuring every combination")
-        started = time.perf_counter()
-        report = make_report(tuned.network, aligned, guard, original, notes,   # MACs, params, accuracy
-                             merged_macs if prune is not None else None)
-        seconds["report"] = time.perf_counter() - started
-        problems += [PamfxWarning(f"combination {group_label(frozenset(row.combination), tasks)} costs {row.macs:,} "
-                                  f"MACs, more than the original models' {row.separate_macs:,}") for row in report.rows
-                     if row.macs > row.separate_macs]
-        for problem in problems:   # each a PamfxWarning or one of its kinds (pamfx.errors)
-            warnings.warn(problem, stacklevel=2)
-        report = report.with_notes([f"WARNING: {p}" for p in problems])
-        return Result(model=tuned.network.eval(), report=report, grouping=grouping, spaces=spaces, seconds=seconds,
-                      warnings=tuple(str(problem) for problem in problems))
+            if kept == "unzipped":
+                pruned = other
+                merged_macs = {c: unzipped.tuned.network.macs(c) for c in all_combinations(run.tasks)}
+    run.notes += pruned.notes() + group_table(run.spaces, pruned.grouping, run.tasks)
+    run.problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor {run.floors[t]:.4f}")
+                     for t, a in pruned.below_floor.items()]
+    if pruning.alone and merge != "none" and len(run.tasks) > 1:   # under none each task's network is its own
+        run.say("[pamfx] pruning each task's own network")
+        with run.timed("alone"):
+            alone, notes = _own_networks(run.aligned, run.spaces, pruned.grouping, pruned.tuned, run.data,
+                                         run.guard, run.floors, prune, pruning, settings.seed, settings.progress)
+            pruned.tuned.network.with_alone(alone)
+        run.notes += notes
+    return Merged(pruned.grouping, pruned.tuned), merged_macs
+
+
+def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
+    """Measures every combination, issues the run's problems and returns the Result."""
+    run.say("[pamfx] measuring every combination")
+    with run.timed("report"):
+        report = make_report(final.tuned.network, run.aligned, run.guard, run.original, run.notes, merged_macs)
+    run.problems += [PamfxWarning(f"combination {group_label(frozenset(row.combination), run.tasks)} costs "
+                                  f"{row.macs:,} MACs, more than the original models' {row.separate_macs:,}")
+                     for row in report.rows if row.macs > row.separate_macs]
+    for problem in run.problems:   # each a PamfxWarning or one of its kinds (pamfx.errors)
+        warnings.warn(problem, stacklevel=3)
+    report = report.with_notes([f"WARNING: {p}" for p in run.problems])
+    return Result(model=final.tuned.network.eval(), report=report, grouping=final.grouping, spaces=run.spaces,
+                  seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems))
 
 
 def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettings
@@ -280,7 +374,7 @@ def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, 
     seed, so that no combination costs more than pruning the models separately). Kept only where it costs fewer
     MACs than the task's statements on the shared network."""
     from_merged = prune_alone(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
-    separate_grouping, weights = _merge_none(aligned, spaces, data, None)
+    separate_grouping, weights = merge_none(aligned, spaces), stack_weights(aligned, spaces)
     separate = prune_network(aligned, spaces, separate_grouping,
                              Tuned(*build_network(aligned, spaces, separate_grouping, weights), weights),
                              data, guard, floors, prune, pruning, seed, progress)
@@ -311,9 +405,6 @@ def _mean_macs(pruned) -> float:
     return sum(network.macs(c) for c in combinations) / len(combinations)
 
 
-LARGE_TOLERANCE = 0.2   # a tolerance above it is more likely "1 %" written as 1.0 than meant
-
-
 def _large_tolerance(tolerance: float, original: dict) -> ToleranceWarning:
     task = min(original, key=original.get)
     return ToleranceWarning(
@@ -329,10 +420,6 @@ def _augmented_guard(held_out: bool) -> AugmentedDataWarning:
             "augmented samples, not on the samples the models will see, so fine-tuning imitated the original models "
             "instead of fitting the labels (distillation). For a guard you can trust, pass eval_data= clean samples "
             "(your validation split as tensors or through a DataLoader without random transforms)")
-
-
-REMEDY = {"pam": "lower the PAM thresholds", "mtz": "lower MtzConfig.degree",
-          "none": "check the models (merge='none' is exact)"}   # what to change when a merge breaks the guard
 
 
 def _listed(accuracies: dict) -> str:

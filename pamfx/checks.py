@@ -10,7 +10,6 @@ from .errors import DataError
 from .labels import canonical, check_head, is_multilabel, is_one_hot, one_hot_warning
 from .sources import LoaderData, TaskData, TensorData
 
-MERGES = ("pam", "mtz", "none")
 PRUNERS = ("taylor", "l1", "vib", "none", None)   # "none" and None: no pruning
 
 
@@ -54,11 +53,11 @@ def models_dtype(models: dict) -> torch.dtype:
     return found.get(first, torch.float32)
 
 
-def check_options(merge, prune, tolerance, seed) -> str | None:
+def check_options(merge, prune, tolerance, seed, merges: tuple[str, ...]) -> str | None:
     """Returns the pruner (None for "none" or None); raises ValueError naming the argument whose value is out of
-    range."""
-    if merge not in MERGES:
-        raise ValueError(f"merge={merge!r} is not one of {list(MERGES)}")
+    range (`merges`: the merges pamfx.api offers)."""
+    if merge not in merges:
+        raise ValueError(f"merge={merge!r} is not one of {list(merges)}")
     if prune not in PRUNERS:
         raise ValueError(f"prune={prune!r} is not one of {list(PRUNERS)}")
     if not isinstance(tolerance, (int, float)) or math.isnan(tolerance) or not 0 <= tolerance <= 1:
