@@ -13,6 +13,7 @@ there as bench/results/augmented_guard.md. A record already on disk is not run a
 """
 import argparse
 import json
+from statistics import median
 import sys
 import time
 import warnings
@@ -90,7 +91,9 @@ def table(folder: Path) -> str:
              "`{task: DataLoader(shuffle=True)}` over a Dataset that augments in `__getitem__`: flip (left-right, with",
              f"probability 1/2), noise (Gaussian, std {NOISE} of the normalised images' std) or both; every argument of",
              f"`optimize` at its default (tolerance {TOLERANCE}, 10% held out as the guard). Test: the clean test split.",
-             "Command: `.venv/bin/python bench/augmented_guard.py --augment A --seed N`.",
+             "Command: `.venv/bin/python bench/augmented_guard.py --augment A [--clean-guard] --seed N`. Commit 0ebad77 is",
+             "pamfx before the guard was read alike and an augmented guard made fine-tuning imitate the originals; later",
+             "commits have both. Seconds are wall time on a 2-core machine shared with other jobs (not a speed figure).",
              "",
              "| commit | augment | guard | seed | test drop, points (tolerance + 0.5 = 1.5) | all-task MACs (originals) | "
              "seconds | PamfxWarnings | torch, threads, CPU |",
@@ -105,6 +108,13 @@ def table(folder: Path) -> str:
                      f"{r['seed']} | {drops} | "
                      f"{r['macs_all_tasks']:,} ({r['original_macs_all_tasks']:,}) | {r['seconds']:.0f} | {', '.join(kinds)} | "
                      f"{env['torch']}, {env['threads']}, {env['cpu']} |")
+    lines += ["", "Median test drop over the seeds, per commit, augmentation and guard:", ""]
+    cells: dict = {}
+    for r in records:
+        cells.setdefault((r["environment"]["commit"], r.get("augment", AUGMENTS[0]), _guard(r)), []).append(r)
+    for (commit, augment, guard), runs in sorted(cells.items()):
+        drops = ", ".join(f"{t} {median(r['drop_points'][t] for r in runs):+.2f}" for t in runs[0]["drop_points"])
+        lines.append(f"- {commit}, {augment}, guard {guard}: {drops} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     return "\n".join(lines) + "\n"
 
 
