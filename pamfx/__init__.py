@@ -13,10 +13,11 @@ from .codegen import codegen
 from .errors import (AlignmentError, AugmentedDataWarning, DataError, DatasetMissingError, DeviceError,
                      GroupingError, LabelKindWarning, PamfxError, PamfxWarning, ToleranceWarning, TraceError,
                      UnsupportedOpError)
+from .history import History, MergeTrial, OwnNetwork, Step
 from .network import GatedNetwork
 
 __all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "PruneConfig", "GatedNetwork",
            "PamfxError", "PamfxWarning", "TraceError", "AlignmentError", "UnsupportedOpError", "GroupingError",
            "DataError", "DatasetMissingError", "DeviceError", "AugmentedDataWarning", "LabelKindWarning",
-           "ToleranceWarning"]
+           "ToleranceWarning", "History", "MergeTrial", "OwnNetwork", "Step"]
 __version__ = "0.1.0"

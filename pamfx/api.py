@@ -17,6 +17,7 @@ from . import distributed, ops
 from .checks import check_configs, check_data, check_models, check_options, models_dtype
 from .devices import resolve_device
 from .errors import AugmentedDataWarning, PamfxWarning, ToleranceWarning
+from .history import History, MergeTrial, OwnNetwork
 from .ir import OP, SHAPES, AlignedGraph, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
@@ -63,6 +64,9 @@ class Run:
     notes: list = field(default_factory=list)      # the report's lines, in order
     problems: list = field(default_factory=list)   # PamfxWarnings, issued when the result is ready
     seconds: dict = field(default_factory=dict)    # stage -> wall time
+    trials: list = field(default_factory=list)     # pamfx.history.MergeTrial, in order
+    steps: tuple = ()                              # the prune pass's Steps
+    own: tuple = ()                                # pamfx.history.OwnNetwork
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -81,9 +85,11 @@ class Run:
 
 @dataclass
 class Merged:
-    """A merge's result: the group of every unit and the network built from it, fine-tuned."""
+    """A merge's result: the group of every unit and the network built from it, fine-tuned, and the report's lines
+    on how it was chosen (after the group table)."""
     grouping: Grouping
     tuned: Tuned
+    notes: tuple = ()
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Result:
     spaces: dict[str, ChannelSpace]
     seconds: dict[str, float]   # wall time of each stage: "merge", "finetune", "zip", "prune", "alone", "report"
     warnings: tuple[str, ...] = ()
+    history: History = History()   # every decision as a typed record (pamfx.history)
 
 
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
@@ -141,7 +148,8 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         run.say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in run.spaces.values() if s.kind == 'hidden')} "
                 f"units in {sum(s.kind == 'hidden' for s in run.spaces.values())} channel spaces")
         merged = MERGES[merge].run(run)                                # the group of every unit, fine-tuned
-        run.notes += group_table(run.spaces, merged.grouping, run.tasks) + list(merged.grouping.notes)
+        run.notes += group_table(run.spaces, merged.grouping, run.tasks) + list(merged.grouping.notes) + list(
+            merged.notes)
         unzipped = None                                                # pruned too when zip_choice="pruned"
         if merge == "pam" and pam.zip_degree > 0 and len(run.tasks) > 1:   # PAM's shared groups zipped (opt-in)
             merged, unzipped = _zip(run, merged, prune)
@@ -206,10 +214,12 @@ def _merge_pam(run: Run) -> Merged:
     settings = run.settings
     if settings.pam.alpha_conv is None:
         with run.timed("merge"):
-            grouping, tuned = search_pam(run.aligned, run.spaces, run.data, run.guard, run.merge_floors,
-                                         settings.pam, settings.finetune, settings.seed, settings.progress)
+            grouping, tuned, trials = search_pam(run.aligned, run.spaces, run.data, run.guard, run.merge_floors,
+                                                 settings.pam, settings.finetune, settings.seed, settings.progress)
         run.notes.append(f"merge=pam: thresholds searched, {run.seconds['merge']:.1f} s with fine-tuning")
-        return Merged(grouping, tuned)
+        run.trials += trials
+        chosen = f"pam search: chose alpha {trials[-1].setting[0]} / {trials[-1].setting[1]} x H(Y_t)"
+        return Merged(grouping, tuned, tuple(t.note() for t in trials) + (chosen,))
     with run.timed("merge"):
         grouping = merge_pam(run.aligned, run.spaces, run.data, settings.pam, settings.seed, settings.progress)
         weights = stack_weights(run.aligned, run.spaces)
@@ -225,10 +235,11 @@ def _merge_pam(run: Run) -> Merged:
 def _merge_mtz(run: Run) -> Merged:
     """MTZ, its degree lowered while a task breaks its floor (_mtz_under_guard)."""
     with run.timed("merge"):
-        grouping, tuned, notes = _mtz_under_guard(run.aligned, run.spaces, run.data, run.guard, run.floors,
-                                                  run.settings)
-    run.notes += [f"merge=mtz: zipped and fine-tuned in {run.seconds['merge']:.1f} s"] + notes
-    return Merged(grouping, tuned)
+        grouping, tuned, trials = _mtz_under_guard(run.aligned, run.spaces, run.data, run.guard, run.floors,
+                                                   run.settings)
+    run.notes.append(f"merge=mtz: zipped and fine-tuned in {run.seconds['merge']:.1f} s")
+    run.trials += trials
+    return Merged(grouping, tuned, tuple(t.note() for t in trials))
 
 
 @dataclass(frozen=True)
@@ -246,9 +257,11 @@ def _zip(run: Run, merged: Merged, prune) -> tuple[Merged, Merged | None]:
     """PAM's network with its shared groups zipped (_zip_shared), and the unzipped one when zip_choice="pruned"
     lets pruning choose between them."""
     with run.timed("zip"):
-        grouping, tuned, notes = _zip_shared(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
-                                             run.guard, run.merge_floors, run.settings)
-    run.notes += notes
+        grouping, tuned, trials = _zip_shared(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
+                                              run.guard, run.merge_floors, run.settings)
+    run.trials += trials
+    run.notes += [t.note() for t in trials] + (group_table(run.spaces, grouping, run.tasks) if trials[-1].passed else
+                                               ["pam zip: every degree breaks a floor; kept the network unzipped"])
     choose = tuned is not merged.tuned and run.settings.pam.zip_choice == "pruned" and prune is not None
     return Merged(grouping, tuned), merged if choose else None
 
@@ -286,16 +299,17 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
             if kept == "unzipped":
                 pruned = other
                 merged_macs = {c: unzipped.tuned.network.macs(c) for c in all_combinations(run.tasks)}
+    run.steps = tuple(pruned.history)
     run.notes += pruned.notes() + group_table(run.spaces, pruned.grouping, run.tasks)
     run.problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor {run.floors[t]:.4f}")
                      for t, a in pruned.below_floor.items()]
     if pruning.alone and merge != "none" and len(run.tasks) > 1:   # under none each task's network is its own
         run.say("[pamfx] pruning each task's own network")
         with run.timed("alone"):
-            alone, notes = _own_networks(run.aligned, run.spaces, pruned.grouping, pruned.tuned, run.data,
-                                         run.guard, run.floors, prune, pruning, settings.seed, settings.progress)
+            alone, run.own = _own_networks(run.aligned, run.spaces, pruned.grouping, pruned.tuned, run.data,
+                                           run.guard, run.floors, prune, pruning, settings.seed, settings.progress)
             pruned.tuned.network.with_alone(alone)
-        run.notes += notes
+        run.notes += [own.note() for own in run.own]
     return Merged(pruned.grouping, pruned.tuned), merged_macs
 
 
@@ -310,12 +324,13 @@ def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
     for problem in run.problems:   # each a PamfxWarning or one of its kinds (pamfx.errors)
         warnings.warn(problem, stacklevel=3)
     report = report.with_notes([f"WARNING: {p}" for p in run.problems])
+    history = History(tuple(run.trials), run.steps, run.own, tuple(run.problems))
     return Result(model=final.tuned.network.eval(), report=report, grouping=final.grouping, spaces=run.spaces,
-                  seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems))
+                  seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems), history=history)
 
 
 def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettings
-                     ) -> tuple[Grouping, Tuned, list[str]]:
+                     ) -> tuple[Grouping, Tuned, tuple[MergeTrial, ...]]:
     """MTZ's merge at `mtz.degree`, fine-tuned; while a task ends below its floor on the guard, the merge is redone
     at half and then a quarter of the degree (what a user would do on the warning), and the last try is kept."""
     def merge(degree):
@@ -324,17 +339,17 @@ def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettin
         return grouping, rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune,
                                               settings.seed, settings.progress)
 
-    (grouping, tuned), _, notes = _halving(settings.mtz.degree, merge, guard, floors, lambda d, network: (
-        f"mtz (degree {d:.3g}): all-task MACs {network.macs():,}"))
-    return grouping, tuned, notes
+    (grouping, tuned), _, trials = _halving("mtz", settings.mtz.degree, merge, guard, floors)
+    return grouping, tuned, trials
 
 
 def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings: MergeSettings
-                ) -> tuple[Grouping, Tuned, list[str]]:
+                ) -> tuple[Grouping, Tuned, tuple[MergeTrial, ...]]:
     """PAM's merged network with the units of different models in each shared group zipped in pairs
     (merge_mtz.zip_groups, MTZ's schedule) and fine-tuned as after a merge. Tries `pam.zip_degree` of the fewer
     side, then half and a quarter of it, and keeps the first network that leaves every task at or above `floors` on
-    the guard; if none does, the network as merged."""
+    the guard; if none does, the network as merged. Returns the grouping and network kept and the trials (the
+    last passed if the zipped network was kept)."""
     def zipped(degree):
         zipped, weights = zip_groups(aligned, spaces, grouping, copy.deepcopy(tuned.weights), data,
                                      replace(settings.mtz, degree=degree), settings.finetune, settings.seed,
@@ -342,33 +357,32 @@ def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings:
         return zipped, rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
                                             settings.progress, desc=f"pam: zipped {degree:.3g}")
 
-    (zipped_grouping, zipped_tuned), passed, notes = _halving(
-        settings.pam.zip_degree, zipped, guard, floors, lambda d, network: (
-            f"pam zip (degree {d:.3g}): all-task MACs {tuned.network.macs():,} -> {network.macs():,}"))
-    if not passed:
-        return grouping, tuned, notes + ["pam zip: every degree breaks a floor; kept the network unzipped"]
-    return zipped_grouping, zipped_tuned, notes + group_table(spaces, zipped_grouping, aligned.tasks)
+    (zipped_grouping, zipped_tuned), passed, trials = _halving("zip", settings.pam.zip_degree, zipped, guard, floors,
+                                                               before=tuned.network.macs())
+    return (zipped_grouping, zipped_tuned, trials) if passed else (grouping, tuned, trials)
 
 
-def _halving(degree, attempt, guard, floors, head) -> tuple[tuple, bool, list[str]]:
+def _halving(merge: str, degree, attempt, guard, floors, before: int = 0
+             ) -> tuple[tuple, bool, tuple[MergeTrial, ...]]:
     """Runs attempt(d) -> (grouping, Tuned) for d = degree, degree / 2, degree / 4 until every task meets its floor
-    on the guard. Returns the last result, whether it meets every floor, and one note per try (`head(d, network)`
-    followed by the guard accuracies and the verdict)."""
-    notes = []
+    on the guard. Returns the last result, whether it meets every floor, and one MergeTrial of `merge` per try
+    (`before`: the MACs of the network a zipping starts from)."""
+    trials = []
     for d in (degree, degree / 2, degree / 4):
+        started = time.perf_counter()
         result = attempt(d)
         accuracy = evaluate(result[1].network, guard)
-        failing = [t for t in floors if accuracy[t] < floors[t]]
-        notes.append(f"{head(d, result[1].network)}; guard {_listed(accuracy)}"
-                     + (f"; breaks the floor of {', '.join(failing)}" if failing else "; kept"))
+        failing = tuple(t for t in floors if accuracy[t] < floors[t])
+        trials.append(MergeTrial(merge, (d,), accuracy, failing, result[1].network.macs(), before,
+                                 seconds=time.perf_counter() - started))
         if not failing:
-            return result, True, notes
-    return result, False, notes
+            return result, True, tuple(trials)
+    return result, False, tuple(trials)
 
 
 def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress
-                  ) -> tuple[dict, list[str]]:
-    """{task: its own network} and the report's lines on them. Each task's own network is the cheaper of two
+                  ) -> tuple[dict, tuple[OwnNetwork, ...]]:
+    """{task: its own network} and an OwnNetwork record per task. Each task's own network is the cheaper of two
     prunings for that task alone under its guard: the pruned merged network's copy (passes.prune.prune_alone),
     and its original model as merge="none" prunes it (the very network optimize(merge="none") gives with this
     seed, so that no combination costs more than pruning the models separately). Kept only where it costs fewer
@@ -378,7 +392,7 @@ def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, 
     separate = prune_network(aligned, spaces, separate_grouping,
                              Tuned(*build_network(aligned, spaces, separate_grouping, weights), weights),
                              data, guard, floors, prune, pruning, seed, progress)
-    alone, notes = {}, []
+    alone, records = {}, []
     for task in aligned.tasks:
         candidates = {"the merged network": from_merged.get(task),
                       "its original model": None if task in separate.below_floor
@@ -386,14 +400,11 @@ def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, 
         candidates = {source: network for source, network in candidates.items() if network is not None}
         shared = tuned.network.gated_macs([task])
         source = min(candidates, key=lambda name: candidates[name].macs(), default=None)
-        if source is None or candidates[source].macs() >= shared:
-            notes.append(f"own network of task '{task}': none cheaper than its {shared:,} MACs on the shared network")
-            continue
-        alone[task] = candidates[source]
-        notes.append(f"own network of task '{task}': {alone[task].macs():,} MACs, pruned from {source} ("
-                     + ", ".join(f"from {name}: {network.macs():,}" for name, network in candidates.items())
-                     + f"), against {shared:,} on the shared network")
-    return alone, notes
+        if source is not None and candidates[source].macs() < shared:
+            alone[task] = candidates[source]
+        records.append(OwnNetwork(task, {name: network.macs() for name, network in candidates.items()}, shared,
+                                  source if task in alone else ""))
+    return alone, tuple(records)
 
 
 def _mean_macs(pruned) -> float:

@@ -182,7 +182,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return kind
 
 
-SUPPORTED = "the ops listed in README.md, section 'Supported ops' (pamfx.ops.supported_table())"
+SUPPORTED = "the ops listed in docs/ops.md (pamfx.ops.supported_table())"
 
 INDEXING = {FLATTEN: "`y[:, :, None, None]`", SELECT: "`x[:, a:b]`, `pieces[i]` of a chunk / split",
             SHAPE: "`x.shape`, `x.shape[i]`, `x.size()[i]`, arithmetic on sizes (`c // groups`)",
@@ -191,7 +191,7 @@ INDEXING = {FLATTEN: "`y[:, :, None, None]`", SELECT: "`x[:, a:b]`, `pieces[i]` 
 
 
 def supported_table() -> str:
-    """The markdown table of every op pamfx follows, by kind, generated from the tables classify reads (README.md
+    """The markdown table of every op pamfx follows, by kind, generated from the tables classify reads (docs/ops.md
     holds it verbatim; a test checks that)."""
     rows = ["| kind | rule | modules | functions and methods |", "|---|---|---|---|"]
     for kind in KINDS:
@@ -505,7 +505,7 @@ def linear_macs(module: nn.Linear, out_shape: torch.Size) -> int:
 @dataclass(frozen=True)
 class Kind:
     """Everything pamfx knows of one op kind, in one place (the passes read these entries, never their own lists):
-    rule: how it treats channels, for README's Supported ops table;
+    rule: how it treats channels, for the Supported ops table of docs/ops.md;
     space: how find_channel_spaces treats its output: "new" (it makes units: each output channel one unit),
            "keeps" (its input's space), "joins" (two tensors whose channels meet one to one: one space), or ""
            (handled by name: input, output, sizes, flatten, cat, split, select);

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from pamfx import ops
 from pamfx.errors import GroupingError
+from pamfx.history import MergeTrial
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
 from pamfx.passes.finetune import rebuild_and_finetune
@@ -179,11 +180,11 @@ def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dic
 
     Tries the pairs from the largest down and keeps the first that passes: each trial is a merge and a full
     fine-tune, and the largest pair passed in 5 of the 6 bench runs (one trial instead of three from the middle of
-    the list). Returns (grouping, tuned network); the grouping's notes say each trial's guard accuracy and cost. If
-    no pair passes, the smallest pair's network (its failing tasks are then the caller's to report)."""
+    the list). Returns (grouping, tuned network, the trials as pamfx.history.MergeTrial records, the kept one last).
+    If no pair passes, the smallest pair's network (its failing tasks are then the caller's to report)."""
     ladder = sorted(config.search, reverse=True)          # largest thresholds first
-    trials: dict[int, tuple] = {}
-    notes = []
+    built: dict[int, tuple] = {}
+    tried: list[MergeTrial] = []
 
     def trial(index):
         started = time.perf_counter()
@@ -191,23 +192,20 @@ def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dic
         try:
             grouping = merge_pam(aligned, spaces, data, chosen, seed, progress=False)
         except GroupingError as error:       # thresholds so large that a task keeps no path
-            notes.append(f"pam search: alpha {ladder[index][0]} / {ladder[index][1]} x H(Y_t): {error}")
-            trials[index] = None
+            tried.append(MergeTrial("pam", ladder[index], {}, (), 0, error=str(error)))
             return False
         tuned = rebuild_and_finetune(aligned, spaces, grouping, stack_weights(aligned, spaces), data, tuning, seed,
                                      progress, desc=f"pam {ladder[index][0]}/{ladder[index][1]}")
         accuracy = evaluate(tuned.network, guard)
-        passed = all(accuracy[t] >= floors[t] for t in aligned.tasks)
-        notes.append(f"pam search: alpha {ladder[index][0]} / {ladder[index][1]} x H(Y_t): guard "
-                     + ", ".join(f"{t} {a:.4f}" for t, a in accuracy.items())
-                     + f" -> {'meets' if passed else 'breaks'} the floors; all-task MACs {tuned.network.macs():,}; "
-                     f"{time.perf_counter() - started:.0f} s")
-        trials[index] = (grouping, tuned, passed)
-        return passed
+        failing = tuple(t for t in aligned.tasks if accuracy[t] < floors[t])
+        tried.append(MergeTrial("pam", ladder[index], accuracy, failing, tuned.network.macs(),
+                                seconds=time.perf_counter() - started))
+        built[index] = (grouping, tuned)
+        return not failing
 
     index = next((i for i in range(len(ladder)) if trial(i)), len(ladder) - 1)
-    if trials.get(index) is None:            # the smallest pair could not even be built: say why
-        raise GroupingError("PAM found no thresholds that keep every task a path to its head: " + "; ".join(notes))
-    grouping, tuned, _ = trials[index]
-    notes.append(f"pam search: chose alpha {ladder[index][0]} / {ladder[index][1]} x H(Y_t)")
-    return Grouping(grouping.groups, grouping.notes + tuple(notes)), tuned
+    if index not in built:            # the smallest pair could not even be built: say why
+        raise GroupingError("PAM found no thresholds that keep every task a path to its head: "
+                            + "; ".join(t.note() for t in tried))
+    grouping, tuned = built[index]
+    return grouping, tuned, tuple(tried)

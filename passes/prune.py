@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
+from pamfx.history import Step
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping
 from pamfx.network import GatedNetwork
 from pamfx.passes.criteria import CRITERIA, unit_macs
@@ -95,19 +96,6 @@ class PruneConfig:
         return FinetuneConfig(steps=steps, batch_size=self.batch_size, lr=self.lr)
 
 
-@dataclass(frozen=True)
-class Step:
-    """One pruning step as the report's notes tell it."""
-    index: int
-    removed: dict           # task -> units removed from groups containing it (accepted steps)
-    macs: int               # the pruned tasks together, after the step (or before it, if nothing was accepted)
-    accuracy: dict          # task -> guard accuracy after the step's fine-tuning
-    restored_for: tuple     # tasks that failed and got their units back
-    accepted: bool
-    kept_for_good: tuple = ()   # (space, unit) whose removal alone failed a task: never offered again
-    longer: bool = False        # the step's removal got the longer recovery (retry_share)
-
-
 @dataclass
 class Pruned:
     tuned: Tuned
@@ -116,17 +104,7 @@ class Pruned:
     below_floor: dict       # task -> guard accuracy, for tasks the returned network leaves below their floor
 
     def notes(self) -> list[str]:
-        lines = []
-        for step in self.history:
-            removed = ", ".join(f"{t} {n}" for t, n in step.removed.items() if n)
-            accuracy = ", ".join(f"{t} {a:.4f}" for t, a in step.accuracy.items())
-            restored = f"; restored units of {', '.join(step.restored_for)}" if step.restored_for else ""
-            longer = "; after the longer recovery" if step.longer else ""
-            needed = "".join(f"; {name} unit {unit} kept for good" for name, unit in step.kept_for_good)
-            verdict = "kept" if step.accepted else "undone"
-            lines.append(f"prune step {step.index}: removed {removed or 'nothing'} -> all-task MACs {step.macs:,}; "
-                         f"guard {accuracy}{restored}{longer}{needed}; {verdict}")
-        return lines
+        return [step.note() for step in self.history]
 
 
 def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data: dict,

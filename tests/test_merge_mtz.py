@@ -135,10 +135,10 @@ def test_an_mtz_merge_that_breaks_a_floor_is_redone_at_a_lower_degree(floor, deg
     data = random_data(tasks, n=64)
     aligned, spaces = compile_parts(models, data["a"][0][:2])
     settings = MergeSettings(pamfx.PamConfig(), NO_TUNING, FinetuneConfig(steps=0), 0, False)
-    grouping, tuned, notes = _mtz_under_guard(aligned, spaces, data, data, {t: floor for t in tasks}, settings)
-    assert [note.split(":")[0] for note in notes] == [f"mtz (degree {d:.3g})" for d in degrees]
-    assert all(note.endswith("breaks the floor of a, b") for note in notes[:-1])
-    assert notes[-1].endswith("kept" if floor < 0 else "breaks the floor of a, b")
+    grouping, tuned, trials = _mtz_under_guard(aligned, spaces, data, data, {t: floor for t in tasks}, settings)
+    assert [(trial.merge, trial.setting) for trial in trials] == [("mtz", (d,)) for d in degrees]
+    assert all(trial.failing == tasks for trial in trials[:-1])
+    assert trials[-1].passed == (floor < 0)
     full, _ = merge_mtz(aligned, spaces, data, NO_TUNING, progress=False)
     last, _ = merge_mtz(aligned, spaces, data, MtzConfig(degree=degrees[-1], base_steps=0, steps_per_layer=0),
                         progress=False)

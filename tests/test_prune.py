@@ -195,7 +195,7 @@ def solid_pruned_with_and_without_shaky(criterion, order, batches, final_steps, 
     alone = run({"solid": models["solid"]}, {"solid": data["solid"]}, {"solid": guard["solid"]}, prune=criterion,
                 tolerance=0.0, pruning=config)
     # the run exercised the property: shaky failed at least once and got its units back, solid was pruned
-    assert any("restored units of shaky" in note for note in both.report.notes), both.report.notes
+    assert any("shaky" in step.restored_for for step in both.history.prune_steps), both.history.prune_steps
     assert both.model.macs(["solid"]) < both.report.row(["solid"]).merged_macs
     return both, alone, guard["solid"][0]
 
@@ -246,9 +246,10 @@ def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monk
     result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
     fc1 = result.grouping.groups["fc1"]
     assert fc1[0] is not None and fc1[1] is None and fc1[2] is None and all(g is not None for g in fc1[3:])
-    steps = [note for note in result.report.notes if note.startswith("prune step")]
-    assert [step.rsplit("; ", 1)[1] for step in steps[:3]] == ["undone", "kept", "kept"], steps
-    assert "fc1 unit 0 kept for good" in steps[0], steps
+    steps = result.history.prune_steps
+    assert [step.accepted for step in steps[:3]] == [False, True, True], steps
+    assert ("fc1", 0) in steps[0].kept_for_good, steps
+    assert [step.note() for step in steps] == [n for n in result.report.notes if n.startswith("prune step")]
 
 
 @pytest.mark.parametrize("retry_share, goes", [(0.05, True), (1.0, False)])
@@ -282,8 +283,8 @@ def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retr
     result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
     assert (result.grouping.groups["conv1"][0] is None) == goes
     assert calls[:2] == ([(True, 2), (True, 4)] if goes else [(True, 2), (False, 4)]), calls
-    step = next(note for note in result.report.notes if note.startswith("prune step 0:"))
-    assert ("after the longer recovery" in step, "conv1 unit 0 kept for good" in step) == (goes, not goes), step
+    step = result.history.prune_steps[0]
+    assert (step.longer, ("conv1", 0) in step.kept_for_good) == (goes, not goes), step
 
 
 def test_an_offer_passes_over_a_last_path_and_goes_on_down_the_ranking():

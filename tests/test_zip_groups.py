@@ -55,7 +55,8 @@ def test_optimize_zips_pam_shared_groups_and_says_so():
         held = [sum(1 for u, g in enumerate(groups) if g == shared and units[u].model == m) for m in (0, 1)]
         assert zipped.grouping.groups[name].count(shared) == max(held), name
     assert zipped.model.macs() < plain.model.macs()
-    assert any(note.startswith("pam zip (degree 1)") for note in zipped.report.notes)
+    assert [(t.merge, t.setting, t.passed) for t in zipped.history.merge_trials] == [("zip", (1.0,), True)]
+    assert zipped.history.merge_trials[0].before > zipped.history.merge_trials[0].macs
     assert "zip" in zipped.seconds
 
 
@@ -103,12 +104,11 @@ def test_zipping_that_breaks_a_floor_is_undone():
     tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
     settings = MergeSettings(pamfx.PamConfig(zip_degree=1.0), NO_TUNING, FinetuneConfig(steps=0), 0, False)
     before = copy.deepcopy(tuned.weights)
-    kept, network, notes = _zip_shared(aligned, spaces, grouping, tuned, data, data, {t: 1.01 for t in tasks},
-                                       settings)
+    kept, network, trials = _zip_shared(aligned, spaces, grouping, tuned, data, data, {t: 1.01 for t in tasks},
+                                        settings)
     assert kept is grouping and network is tuned
-    assert [n.split(":")[0] for n in notes] == ["pam zip (degree 1)", "pam zip (degree 0.5)", "pam zip (degree 0.25)",
-                                                "pam zip"]
-    assert all(n.endswith("breaks the floor of a, b") for n in notes[:3])
+    assert [t.setting for t in trials] == [(1.0,), (0.5,), (0.25,)]
+    assert all(t.merge == "zip" and t.failing == tasks for t in trials)
     for name, tensors in before.items():   # the weights the prune pass starts from are the merged network's
         for key, tensor in tensors.items():
             assert torch.equal(_dense(network.weights[name][key]), _dense(tensor)), f"{name}.{key}"

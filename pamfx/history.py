@@ -1,0 +1,98 @@
+"""What a run decided, as typed records: the merges tried under the guard, the prune steps, the tasks' own networks
+and the warnings. `optimize` returns them in `Result.history`; the report's notes are rendered from them here, and
+tests and the benchmark read the records, never the sentences.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MergeTrial:
+    """One merge tried under the guard: a pair of PAM thresholds, an MTZ degree, or a zipping degree.
+
+    merge: "pam", "mtz" or "zip"; setting: PAM's (alpha conv, alpha linear) as fractions of each task's H(Y), or
+    (degree,); accuracy: task -> guard accuracy after fine-tuning; failing: the tasks below their floors there;
+    macs: all tasks' MACs of the merged network (before: the network it was zipped from, for "zip"); error: why the
+    merge could not be built (then accuracy is empty); seconds: the trial's wall time."""
+    merge: str
+    setting: tuple
+    accuracy: dict
+    failing: tuple
+    macs: int
+    before: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and not self.failing
+
+    def note(self) -> str:
+        """The report's line on the trial."""
+        guard = ", ".join(f"{t} {a:.4f}" for t, a in self.accuracy.items())
+        if self.merge == "pam":
+            head = f"pam search: alpha {self.setting[0]} / {self.setting[1]} x H(Y_t)"
+            if self.error:
+                return f"{head}: {self.error}"
+            return (f"{head}: guard {guard} -> {'meets' if self.passed else 'breaks'} the floors; all-task MACs "
+                    f"{self.macs:,}; {self.seconds:.0f} s")
+        degree = self.setting[0]
+        head = (f"mtz (degree {degree:.3g}): all-task MACs {self.macs:,}" if self.merge == "mtz" else
+                f"pam zip (degree {degree:.3g}): all-task MACs {self.before:,} -> {self.macs:,}")
+        return f"{head}; guard {guard}" + (f"; breaks the floor of {', '.join(self.failing)}" if self.failing
+                                           else "; kept")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the prune pass (passes/prune.py).
+
+    removed: task -> units removed from groups containing it (accepted steps); macs: the pruned tasks together
+    after the step (or before it, if nothing was accepted); accuracy: task -> guard accuracy after the step's
+    fine-tuning; restored_for: tasks that failed and got their units back; kept_for_good: (space, unit) whose
+    removal alone failed a task, never offered again; longer: the removal got the longer recovery (retry_share)."""
+    index: int
+    removed: dict
+    macs: int
+    accuracy: dict
+    restored_for: tuple
+    accepted: bool
+    kept_for_good: tuple = ()
+    longer: bool = False
+
+    def note(self) -> str:
+        removed = ", ".join(f"{t} {n}" for t, n in self.removed.items() if n)
+        accuracy = ", ".join(f"{t} {a:.4f}" for t, a in self.accuracy.items())
+        restored = f"; restored units of {', '.join(self.restored_for)}" if self.restored_for else ""
+        longer = "; after the longer recovery" if self.longer else ""
+        needed = "".join(f"; {name} unit {unit} kept for good" for name, unit in self.kept_for_good)
+        return (f"prune step {self.index}: removed {removed or 'nothing'} -> all-task MACs {self.macs:,}; "
+                f"guard {accuracy}{restored}{longer}{needed}; {'kept' if self.accepted else 'undone'}")
+
+
+@dataclass(frozen=True)
+class OwnNetwork:
+    """A task's own network (PruneConfig(alone=True)): the cheapest candidate, kept when it costs fewer MACs than
+    the task's statements on the shared network. candidates: where each was pruned from -> its MACs; source: the
+    kept one's ("" when none is cheaper than shared_macs)."""
+    task: str
+    candidates: dict
+    shared_macs: int
+    source: str = ""
+
+    def note(self) -> str:
+        if not self.source:
+            return (f"own network of task '{self.task}': none cheaper than its {self.shared_macs:,} MACs on the "
+                    "shared network")
+        return (f"own network of task '{self.task}': {self.candidates[self.source]:,} MACs, pruned from {self.source} ("
+                + ", ".join(f"from {name}: {macs:,}" for name, macs in self.candidates.items())
+                + f"), against {self.shared_macs:,} on the shared network")
+
+
+@dataclass(frozen=True)
+class History:
+    """Every decision of a run, in order within each kind; warnings are the PamfxWarning instances issued (their
+    class says their kind: pamfx.errors)."""
+    merge_trials: tuple[MergeTrial, ...] = ()
+    prune_steps: tuple[Step, ...] = ()
+    own_networks: tuple[OwnNetwork, ...] = ()
+    warnings: tuple = ()
