@@ -1,8 +1,8 @@
 """optimize(): the pipeline from N single-task models to one task-gated multitask network, read top to bottom.
 
 Each stage is a function of the run (`Run`: the aligned models, their channel spaces, the data, the guard and its
-floors, the settings) that adds to the run's notes, problems and stage timings. The merges are one table, MERGES:
-name -> a function of the run returning the merged, fine-tuned network (`Merged`).
+floors as a pamfx.guard.Guard, the settings) that adds to the run's notes, problems and stage timings. The merges
+are one table, MERGES: name -> a function of the run returning the merged, fine-tuned network (`Merged`).
 """
 import contextlib
 import copy
@@ -17,6 +17,7 @@ from . import distributed, ops
 from .checks import check_configs, check_data, check_models, check_options, models_dtype
 from .devices import resolve_device
 from .errors import AugmentedDataWarning, PamfxWarning, ToleranceWarning
+from .guard import Guard
 from .history import History, MergeTrial, OwnNetwork
 from .ir import OP, SHAPES, AlignedGraph, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
@@ -54,10 +55,9 @@ class Run:
     aligned: AlignedGraph
     spaces: dict[str, ChannelSpace]
     data: TaskData
-    guard: TaskData
+    guard: Guard            # the guard data and each task's floor: original - tolerance
+    merge_guard: Guard      # the same data, the floors a merge searched under the guard must meet (see _prepare)
     original: dict          # task -> its original model's accuracy on the guard (measured once)
-    floors: dict            # task -> the least accuracy the result may leave it: original - tolerance
-    merge_floors: dict      # the floors of a merge searched under the guard (see _prepare)
     tolerance: float
     settings: MergeSettings
     pruning: PruneConfig
@@ -196,8 +196,8 @@ def _prepare(models, data, eval_data, device, tolerance, prune, pruning: PruneCo
     # NOTE: PAM's search and zipping keep `pam.prune_share` of the tolerance for the prune pass; a merge that spends
     # all of it leaves pruning nothing to remove.
     share = settings.pam.prune_share if prune is not None else 0.0
-    return Run(aligned, spaces, data, guard, original, floors={t: original[t] - tolerance for t in tasks},
-               merge_floors={t: original[t] - tolerance * (1 - share) for t in tasks}, tolerance=tolerance,
+    return Run(aligned, spaces, data, Guard(guard, {t: original[t] - tolerance for t in tasks}),
+               Guard(guard, {t: original[t] - tolerance * (1 - share) for t in tasks}), original, tolerance=tolerance,
                settings=settings, pruning=pruning, notes=notes, problems=problems)
 
 
@@ -214,8 +214,8 @@ def _merge_pam(run: Run) -> Merged:
     settings = run.settings
     if settings.pam.alpha_conv is None:
         with run.timed("merge"):
-            grouping, tuned, trials = search_pam(run.aligned, run.spaces, run.data, run.guard, run.merge_floors,
-                                                 settings.pam, settings.finetune, settings.seed, settings.progress)
+            grouping, tuned, trials = search_pam(run.aligned, run.spaces, run.data, run.merge_guard, settings.pam,
+                                                 settings.finetune, settings.seed, settings.progress)
         run.notes.append(f"merge=pam: thresholds searched, {run.seconds['merge']:.1f} s with fine-tuning")
         run.trials += trials
         chosen = f"pam search: chose alpha {trials[-1].setting[0]} / {trials[-1].setting[1]} x H(Y_t)"
@@ -226,7 +226,7 @@ def _merge_pam(run: Run) -> Merged:
     run.notes.append(f"merge=pam: grouped in {run.seconds['merge']:.1f} s")
     with run.timed("finetune"):                                      # all tasks, summed loss, rule 2 kept
         run.notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
-            run.aligned, run.spaces, grouping, weights)[0], run.guard)))
+            run.aligned, run.spaces, grouping, weights)[0], run.guard.data)))
         tuned = rebuild_and_finetune(run.aligned, run.spaces, grouping, weights, run.data, settings.finetune,
                                      settings.seed, settings.progress)
     return Merged(grouping, tuned)
@@ -235,8 +235,7 @@ def _merge_pam(run: Run) -> Merged:
 def _merge_mtz(run: Run) -> Merged:
     """MTZ, its degree lowered while a task breaks its floor (_mtz_under_guard)."""
     with run.timed("merge"):
-        grouping, tuned, trials = _mtz_under_guard(run.aligned, run.spaces, run.data, run.guard, run.floors,
-                                                   run.settings)
+        grouping, tuned, trials = _mtz_under_guard(run.aligned, run.spaces, run.data, run.guard, run.settings)
     run.notes.append(f"merge=mtz: zipped and fine-tuned in {run.seconds['merge']:.1f} s")
     run.trials += trials
     return Merged(grouping, tuned, tuple(t.note() for t in trials))
@@ -258,7 +257,7 @@ def _zip(run: Run, merged: Merged, prune) -> tuple[Merged, Merged | None]:
     lets pruning choose between them."""
     with run.timed("zip"):
         grouping, tuned, trials = _zip_shared(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
-                                              run.guard, run.merge_floors, run.settings)
+                                              run.merge_guard, run.settings)
     run.trials += trials
     run.notes += [t.note() for t in trials] + (group_table(run.spaces, grouping, run.tasks) if trials[-1].passed else
                                                ["pam zip: every degree breaks a floor; kept the network unzipped"])
@@ -268,12 +267,12 @@ def _zip(run: Run, merged: Merged, prune) -> tuple[Merged, Merged | None]:
 
 def _check_merge(run: Run, merged: Merged, merge: str) -> None:
     """Notes the guard's accuracy after merging; a task below its floor is a problem (never under none: exact)."""
-    accuracy = evaluate(merged.tuned.network, run.guard)
-    run.notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(accuracy))
+    check = run.guard.check(merged.tuned.network)
+    run.notes.append(f"accuracy after {'fine-tuning' if merge != 'none' else 'merging'}: " + _listed(check.accuracy))
     run.problems += [PamfxWarning(
-        f"the merge alone breaks the guard of task '{t}': {accuracy[t]:.4f} on the guard data, below its floor "
-        f"{run.floors[t]:.4f} (original {run.original[t]:.4f} - tolerance {run.tolerance}); raise the fine-tuning "
-        f"budget or {MERGES[merge].remedy}") for t in run.tasks if accuracy[t] < run.floors[t] and merge != "none"]
+        f"the merge alone breaks the guard of task '{t}': {check.accuracy[t]:.4f} on the guard data, below its floor "
+        f"{run.guard.floors[t]:.4f} (original {run.original[t]:.4f} - tolerance {run.tolerance}); raise the "
+        f"fine-tuning budget or {MERGES[merge].remedy}") for t in check.failing if merge != "none"]
 
 
 def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict, prune: str, merge: str
@@ -284,8 +283,8 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
     settings, pruning = run.settings, run.pruning
 
     def pruned_from(start: Merged) -> Pruned:
-        return prune_network(run.aligned, run.spaces, start.grouping, start.tuned, run.data, run.guard, run.floors,
-                             prune, pruning, settings.seed, settings.progress)
+        return prune_network(run.aligned, run.spaces, start.grouping, start.tuned, run.data, run.guard, prune,
+                             pruning, settings.seed, settings.progress)
 
     with run.timed("prune"):
         pruned = pruned_from(merged)
@@ -301,13 +300,13 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
                 merged_macs = {c: unzipped.tuned.network.macs(c) for c in all_combinations(run.tasks)}
     run.steps = tuple(pruned.history)
     run.notes += pruned.notes() + group_table(run.spaces, pruned.grouping, run.tasks)
-    run.problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor {run.floors[t]:.4f}")
-                     for t, a in pruned.below_floor.items()]
+    run.problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor "
+                                  f"{run.guard.floors[t]:.4f}") for t, a in pruned.below_floor.items()]
     if pruning.alone and merge != "none" and len(run.tasks) > 1:   # under none each task's network is its own
         run.say("[pamfx] pruning each task's own network")
         with run.timed("alone"):
             alone, run.own = _own_networks(run.aligned, run.spaces, pruned.grouping, pruned.tuned, run.data,
-                                           run.guard, run.floors, prune, pruning, settings.seed, settings.progress)
+                                           run.guard, prune, pruning, settings.seed, settings.progress)
             pruned.tuned.network.with_alone(alone)
         run.notes += [own.note() for own in run.own]
     return Merged(pruned.grouping, pruned.tuned), merged_macs
@@ -317,7 +316,7 @@ def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
     """Measures every combination, issues the run's problems and returns the Result."""
     run.say("[pamfx] measuring every combination")
     with run.timed("report"):
-        report = make_report(final.tuned.network, run.aligned, run.guard, run.original, run.notes, merged_macs)
+        report = make_report(final.tuned.network, run.aligned, run.guard.data, run.original, run.notes, merged_macs)
     run.problems += [PamfxWarning(f"combination {group_label(frozenset(row.combination), run.tasks)} costs "
                                   f"{row.macs:,} MACs, more than the original models' {row.separate_macs:,}")
                      for row in report.rows if row.macs > row.separate_macs]
@@ -329,7 +328,7 @@ def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
                   seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems), history=history)
 
 
-def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettings
+def _mtz_under_guard(aligned, spaces, data, guard: Guard, settings: MergeSettings
                      ) -> tuple[Grouping, Tuned, tuple[MergeTrial, ...]]:
     """MTZ's merge at `mtz.degree`, fine-tuned; while a task ends below its floor on the guard, the merge is redone
     at half and then a quarter of the degree (what a user would do on the warning), and the last try is kept."""
@@ -339,15 +338,15 @@ def _mtz_under_guard(aligned, spaces, data, guard, floors, settings: MergeSettin
         return grouping, rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune,
                                               settings.seed, settings.progress)
 
-    (grouping, tuned), _, trials = _halving("mtz", settings.mtz.degree, merge, guard, floors)
+    (grouping, tuned), _, trials = _halving("mtz", settings.mtz.degree, merge, guard)
     return grouping, tuned, trials
 
 
-def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings: MergeSettings
+def _zip_shared(aligned, spaces, grouping, tuned, data, guard: Guard, settings: MergeSettings
                 ) -> tuple[Grouping, Tuned, tuple[MergeTrial, ...]]:
     """PAM's merged network with the units of different models in each shared group zipped in pairs
     (merge_mtz.zip_groups, MTZ's schedule) and fine-tuned as after a merge. Tries `pam.zip_degree` of the fewer
-    side, then half and a quarter of it, and keeps the first network that leaves every task at or above `floors` on
+    side, then half and a quarter of it, and keeps the first network that leaves every task at or above its floor on
     the guard; if none does, the network as merged. Returns the grouping and network kept and the trials (the
     last passed if the zipped network was kept)."""
     def zipped(degree):
@@ -357,12 +356,12 @@ def _zip_shared(aligned, spaces, grouping, tuned, data, guard, floors, settings:
         return zipped, rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
                                             settings.progress, desc=f"pam: zipped {degree:.3g}")
 
-    (zipped_grouping, zipped_tuned), passed, trials = _halving("zip", settings.pam.zip_degree, zipped, guard, floors,
+    (zipped_grouping, zipped_tuned), passed, trials = _halving("zip", settings.pam.zip_degree, zipped, guard,
                                                                before=tuned.network.macs())
     return (zipped_grouping, zipped_tuned, trials) if passed else (grouping, tuned, trials)
 
 
-def _halving(merge: str, degree, attempt, guard, floors, before: int = 0
+def _halving(merge: str, degree, attempt, guard: Guard, before: int = 0
              ) -> tuple[tuple, bool, tuple[MergeTrial, ...]]:
     """Runs attempt(d) -> (grouping, Tuned) for d = degree, degree / 2, degree / 4 until every task meets its floor
     on the guard. Returns the last result, whether it meets every floor, and one MergeTrial of `merge` per try
@@ -371,27 +370,26 @@ def _halving(merge: str, degree, attempt, guard, floors, before: int = 0
     for d in (degree, degree / 2, degree / 4):
         started = time.perf_counter()
         result = attempt(d)
-        accuracy = evaluate(result[1].network, guard)
-        failing = tuple(t for t in floors if accuracy[t] < floors[t])
-        trials.append(MergeTrial(merge, (d,), accuracy, failing, result[1].network.macs(), before,
+        check = guard.check(result[1].network)
+        trials.append(MergeTrial(merge, (d,), check.accuracy, check.failing, result[1].network.macs(), before,
                                  seconds=time.perf_counter() - started))
-        if not failing:
+        if check.passed:
             return result, True, tuple(trials)
     return result, False, tuple(trials)
 
 
-def _own_networks(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress
+def _own_networks(aligned, spaces, grouping, tuned, data, guard: Guard, prune, pruning, seed, progress
                   ) -> tuple[dict, tuple[OwnNetwork, ...]]:
     """{task: its own network} and an OwnNetwork record per task. Each task's own network is the cheaper of two
     prunings for that task alone under its guard: the pruned merged network's copy (passes.prune.prune_alone),
     and its original model as merge="none" prunes it (the very network optimize(merge="none") gives with this
     seed, so that no combination costs more than pruning the models separately). Kept only where it costs fewer
     MACs than the task's statements on the shared network."""
-    from_merged = prune_alone(aligned, spaces, grouping, tuned, data, guard, floors, prune, pruning, seed, progress)
+    from_merged = prune_alone(aligned, spaces, grouping, tuned, data, guard, prune, pruning, seed, progress)
     separate_grouping, weights = merge_none(aligned, spaces), stack_weights(aligned, spaces)
     separate = prune_network(aligned, spaces, separate_grouping,
                              Tuned(*build_network(aligned, spaces, separate_grouping, weights), weights),
-                             data, guard, floors, prune, pruning, seed, progress)
+                             data, guard, prune, pruning, seed, progress)
     alone, records = {}, []
     for task in aligned.tasks:
         candidates = {"the merged network": from_merged.get(task),

@@ -22,7 +22,6 @@ from torch import nn
 
 from . import ops
 from .network import INPUT, GatedNetwork, Statement
-from .passes.build import resized
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
@@ -153,7 +152,7 @@ def _fused_layer(network: GatedNetwork, statements, columns: list, source: dict)
     """A conv or linear with every group's rows, reading the whole fused input (`columns`: its groups and
     widths), zero where a group does not read an input group."""
     parts = [network.get_submodule(s.target) for s in statements]
-    module = resized(parts[0], sum(width for _, width in columns), sum(p.weight.shape[0] for p in parts),
+    module = ops.resized(parts[0], sum(width for _, width in columns), sum(p.weight.shape[0] for p in parts),
                      parts[0].weight.device)
     with torch.no_grad():
         module.weight.zero_()
@@ -177,7 +176,7 @@ def _fused_per_channel(network: GatedNetwork, statements) -> nn.Module:
     parts = [network.get_submodule(s.target) for s in statements]
     template = parts[0]
     width = sum(len(p.weight) if hasattr(p, "weight") else p.num_features for p in parts)
-    module = resized(template, width, width, template.weight.device)
+    module = ops.resized(template, width, width, template.weight.device)
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if tensor.dim() == 0:                      # BatchNorm's num_batches_tracked

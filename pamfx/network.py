@@ -18,7 +18,7 @@ from torch import nn
 from . import ops
 from .errors import GroupingError
 from .ir import Group, group_label
-from .passes.rules import may_read
+from .rules import may_read
 
 INPUT = "x"   # the variable holding the network input, shared by every group
 TENSOR_METHOD = "torch.Tensor."   # a function statement calling a tensor method is written as a method call

@@ -9,7 +9,7 @@ Kinds:
     output      the model's result (one tensor: the task's head)
     conv        nn.Conv2d with groups == 1: a new channel space; MACs = out * in * kh * kw * H_out * W_out. A grouped
                 conv (groups g > 1, not depthwise) too: each unit reads only the input channels of its block
-                (passes/rules.py `blocks`); MACs = out * in / g * kh * kw * H_out * W_out
+                (pamfx/rules.py `blocks`); MACs = out * in / g * kh * kw * H_out * W_out
     depthwise   nn.Conv2d with groups == in == out channels: keeps its input's channel space; MACs = C * kh * kw * H * W
     linear      nn.Linear over the channels (the last dim: [batch, features], or tokens [batch, tokens, channels]):
                 a new channel space; MACs = out * in * (tokens)
@@ -21,7 +21,7 @@ Kinds:
                 the channel space
     norm        nn.GroupNorm on [B, C, ...] and nn.LayerNorm over the channels (the last dim, one dim): per-channel
                 affine, keeps the channel space, but its statistics mix the channels of each statistic set (a model's
-                GroupNorm group, all of a model's channels for a LayerNorm; passes/rules.py `norm_sets`), so the
+                GroupNorm group, all of a model's channels for a LayerNorm; pamfx/rules.py `norm_sets`), so the
                 units of one set share one group (rules `couple_norms`)
     channelwise an op applied to each channel on its own: keeps the channel space. Activations (ReLU, ReLU6,
                 LeakyReLU, ELU, GELU, SiLU, Hardswish, Hardsigmoid, Hardtanh, Sigmoid, Tanh, Softplus, Mish),
@@ -436,7 +436,7 @@ def _classify_module(node: fx.Node, module: nn.Module) -> str:
         raise UnsupportedOpError(
             f"node '{node.name}' calls {type(module).__name__}, a module pamfx has no channel rule for: {module!r}")
     if kind == CONV and is_depthwise(module):
-        return DEPTHWISE   # (a grouped conv stays CONV: passes/rules.py `blocks` says which inputs each unit reads)
+        return DEPTHWISE   # (a grouped conv stays CONV: pamfx/rules.py `blocks` says which inputs each unit reads)
     if kind == LINEAR:
         source = node.all_input_nodes[0]
         axis, shape = source.meta.get(AXIS), source.meta[SHAPES][0]
@@ -578,3 +578,24 @@ def resolve(dotted_name: str):
     for part in dotted_name.split(".")[1:]:
         obj = getattr(obj, part)
     return obj
+
+
+def resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
+    """A fresh module like `template` but with the given channel counts, on `device` (the stacked weights'); a
+    depthwise conv stays depthwise, the blocks of a grouped conv are built as ungrouped modules."""
+    factory = module_factory(template, device)
+    if isinstance(template, nn.Conv2d):
+        groups = in_size if is_depthwise(template) else 1
+        return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
+                         template.dilation, groups, template.bias is not None, template.padding_mode, **factory)
+    if isinstance(template, nn.Linear):
+        return nn.Linear(in_size, out_size, template.bias is not None, **factory)
+    if isinstance(template, nn.PReLU):
+        return nn.PReLU(out_size, **factory)
+    return type(template)(out_size, eps=template.eps, momentum=template.momentum, **factory)
+
+
+def module_factory(template: nn.Module, device: torch.device) -> dict:
+    """device= and dtype= for a module built like `template`: its weights' dtype (float32 or float64)."""
+    dtype = next((t.dtype for t in (*template.parameters(), *template.buffers()) if t.is_floating_point()), None)
+    return {"device": device, "dtype": dtype}

@@ -18,7 +18,7 @@ from pamfx.errors import GroupingError, UnsupportedOpError
 from pamfx.ir import (AXIS, FEATURES, MODULES, OP, ROUTE, SHAPES, AlignedGraph, ChannelSpace, Group, Grouping,
                        Layout, Origin, Slice, group_names, group_of_feature, group_order)
 from pamfx.network import INPUT, GatedNetwork, Statement
-from pamfx.passes.rules import blocks, norm_sets, readable
+from pamfx.rules import blocks, norm_sets, readable
 
 
 def build_network(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping,
@@ -117,7 +117,7 @@ class _Builder:
                 # NOTE: every unit holds a copy of its model's weights (passes/stack.py); the run takes its first
                 # unit's: equal unless fine-tuning a model's units in several groups untied them.
                 module = nn.Linear(template.in_features, template.out_features, template.bias is not None,
-                                   **_factory(template, self.device))
+                                   **ops.module_factory(template, self.device))
                 with torch.no_grad():
                     for name, tensor in stacked.items():
                         getattr(module, name).copy_(tensor[run[0]])
@@ -159,7 +159,7 @@ class _Builder:
                     raise GroupingError(f"layer '{node.name}': group {sorted(group)} has units in block {block} of "
                                         "its grouped convolution but no input of that block it may read")
                 columns = [joined[p] for p in picked]
-                module = resized(template, len(columns), len(run), stacked["weight"].device)
+                module = ops.resized(template, len(columns), len(run), stacked["weight"].device)
                 with torch.no_grad():
                     module.weight.copy_(stacked["weight"].get(run, columns))
                     if module.bias is not None:
@@ -188,7 +188,7 @@ class _Builder:
         stacked = self.weights[node.name]
         template = node.meta[MODULES][0]
         for group, features in self.layout[node].items():
-            module = resized(template, len(features), len(features), next(iter(stacked.values())).device)
+            module = ops.resized(template, len(features), len(features), next(iter(stacked.values())).device)
             with torch.no_grad():
                 for name in tensor_names:
                     if name in stacked:
@@ -212,7 +212,7 @@ class _Builder:
                 if owner.setdefault(norm_set, group) != group or [s for s, _ in runs].count(norm_set) > 1:
                     raise GroupingError(f"norm '{node.name}': the channels of model {norm_set[0]}'s statistic set "
                                         f"{norm_set[1]} are in groups {sorted(owner[norm_set])} and {sorted(group)}; "
-                                        "they need one group (passes/rules.py couple_norms)")
+                                        "they need one group (pamfx/rules.py couple_norms)")
             whole = isinstance(template, nn.GroupNorm) and len({len(run) for _, run in runs}) == 1
             pieces = [(len(runs), features)] if whole else [(1, run) for _, run in runs]
             outs = []
@@ -354,29 +354,7 @@ def _runs(rows: list[int], row_blocks: tuple[int, ...]) -> list[tuple[int, list[
 
 def _norm(template: nn.Module, sets: int, channels: int, device: torch.device) -> nn.Module:
     """A GroupNorm of `sets` groups over `channels` (or a LayerNorm over `channels`, one set) set up like `template`."""
-    factory = _factory(template, device)
+    factory = ops.module_factory(template, device)
     if isinstance(template, nn.GroupNorm):
         return nn.GroupNorm(sets, channels, template.eps, template.affine, **factory)
     return nn.LayerNorm(channels, template.eps, template.elementwise_affine, template.bias is not None, **factory)
-
-
-def resized(template: nn.Module, in_size: int, out_size: int, device: torch.device) -> nn.Module:
-    """A fresh module like `template` but with the given channel counts, on `device` (the stacked weights'); a
-    depthwise conv stays depthwise, the blocks of a grouped conv are built as ungrouped modules."""
-    factory = _factory(template, device)
-    if isinstance(template, nn.Conv2d):
-        groups = in_size if ops.is_depthwise(template) else 1
-        return nn.Conv2d(in_size, out_size, template.kernel_size, template.stride, template.padding,
-                         template.dilation, groups, template.bias is not None, template.padding_mode, **factory)
-    if isinstance(template, nn.Linear):
-        return nn.Linear(in_size, out_size, template.bias is not None, **factory)
-    if isinstance(template, nn.PReLU):
-        return nn.PReLU(out_size, **factory)
-    return type(template)(out_size, eps=template.eps, momentum=template.momentum, **factory)
-
-
-def _factory(template: nn.Module, device: torch.device) -> dict:
-    """device= and dtype= for a module built like `template`: its weights' dtype (float32 or float64)."""
-    dtype = next((t.dtype for t in (*template.parameters(), *template.buffers()) if t.is_floating_point()), None)
-    return {"device": device, "dtype": dtype}
-

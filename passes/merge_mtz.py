@@ -25,7 +25,7 @@ from pamfx.ir import AXIS, FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSp
 from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
-from pamfx.passes.rules import blocks, couple_norms, drop_unreadable, may_read
+from pamfx.rules import blocks, couple_norms, drop_unreadable, may_read
 from pamfx.passes.stack import stack_weights
 from pamfx.sources import as_task_data
 

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 
 from pamfx import ops
 from pamfx.errors import GroupingError
+from pamfx.guard import Guard
 from pamfx.history import MergeTrial
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
 from pamfx.passes.finetune import rebuild_and_finetune
 from pamfx.passes.stack import stack_weights
-from pamfx.train import evaluate
 from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy, unit_kernels
-from pamfx.passes.rules import check_paths, drop_unreadable
+from pamfx.rules import check_paths, drop_unreadable
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,8 @@ def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
     return any(kinds[name] in (ops.CONV, ops.DEPTHWISE) for name in space.nodes)
 
 
-def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dict, guard: dict, floors: dict,
-               config: PamConfig, tuning, seed: int = 0, progress: bool = True):
+def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data, guard: Guard, config: PamConfig, tuning,
+               seed: int = 0, progress: bool = True):
     """Chooses PAM's thresholds under the guard: the largest pair of `config.search` (fractions of each task's
     H(Y)) whose merged, fine-tuned network keeps every task at or above its floor on the guard data.
 
@@ -196,12 +196,11 @@ def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data: dic
             return False
         tuned = rebuild_and_finetune(aligned, spaces, grouping, stack_weights(aligned, spaces), data, tuning, seed,
                                      progress, desc=f"pam {ladder[index][0]}/{ladder[index][1]}")
-        accuracy = evaluate(tuned.network, guard)
-        failing = tuple(t for t in aligned.tasks if accuracy[t] < floors[t])
-        tried.append(MergeTrial("pam", ladder[index], accuracy, failing, tuned.network.macs(),
+        check = guard.check(tuned.network)
+        tried.append(MergeTrial("pam", ladder[index], check.accuracy, check.failing, tuned.network.macs(),
                                 seconds=time.perf_counter() - started))
         built[index] = (grouping, tuned)
-        return not failing
+        return check.passed
 
     index = next((i for i in range(len(ladder)) if trial(i)), len(ladder) - 1)
     if index not in built:            # the smallest pair could not even be built: say why

@@ -25,7 +25,7 @@ The schedule, one step at a time:
    guard, as pruning its model alone would.
 A final longer fine-tune follows; if it broke the guard, the network from before it is returned.
 
-    pruned = prune(aligned, spaces, grouping, tuned, data, guard, floors, "taylor", PruneConfig())
+    pruned = prune(aligned, spaces, grouping, tuned, data, Guard(guard_data, floors), "taylor", PruneConfig())
     pruned.tuned.network.macs()     # cheaper, and every task still meets its floor on the guard data
 """
 from dataclasses import dataclass
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
+from pamfx.guard import Guard
 from pamfx.history import Step
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping
 from pamfx.network import GatedNetwork
 from pamfx.passes.criteria import CRITERIA, unit_macs
 from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
-from pamfx.passes.rules import check_paths, drop_unreadable
-from pamfx.train import evaluate
+from pamfx.rules import check_paths, drop_unreadable
 
 
 @dataclass(frozen=True)
@@ -107,19 +107,18 @@ class Pruned:
         return [step.note() for step in self.history]
 
 
-def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data: dict,
-          guard: dict, floors: dict, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
+def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data,
+          guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
           progress: bool = True) -> Pruned:
     """Prunes the network `tuned` (built from `grouping`) until no task can lose more units without falling below
-    its floor (floors[t]: the least accuracy task t may have on `guard`). `data` trains, `guard` decides.
+    its floor on the guard (pamfx.guard.Guard: its data and floors). `data` trains, `guard` decides.
     A task already below its floor at the start keeps its starting accuracy as its floor (and is reported in
-    `below_floor`). Only the tasks in `floors` are pruned and guarded: a task left out may lose any unit but its
+    `below_floor`). Only the guard's tasks are pruned and guarded: a task left out may lose any unit but its
     last path to its head (prune_alone prunes one task's own copy of the network that way)."""
-    tasks = tuple(floors)
+    tasks = guard.tasks
     unguarded = frozenset(aligned.tasks) - frozenset(tasks)
     score_units = CRITERIA[criterion]
-    start = evaluate(tuned.network, guard)
-    required, floors = floors, {t: min(floors[t], start[t]) for t in tasks}
+    required, guard = guard, guard.at_most(guard.check(tuned.network).accuracy)
     fraction = {t: config.step_fraction for t in tasks}
     done: set = set()
     needed: set = set()     # units whose removal alone failed a task
@@ -152,8 +151,8 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
                                         if group is not None and after is None))
             trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), tuned.weights, data,
                                          config.tuning(steps), seed=seed + index, changed=changed)
-            accuracy = evaluate(trial.network, guard)
-            failing = {t for t in tasks if accuracy[t] < floors[t]}
+            check = guard.check(trial.network)
+            accuracy, failing = check.accuracy, set(check.failing)
             if not failing:
                 accepted = (trial, trial_groups)
                 break
@@ -177,28 +176,27 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
             removed = {t: 0 for t in tasks}
         history.append(Step(index, removed, tuned.network.macs(tasks), accuracy, tuple(sorted(restored_for)),
                             accepted is not None, tuple(sorted(needed - needed_before)), steps > config.step_steps))
-        margin = min(accuracy[t] - floors[t] for t in tasks)
+        margin = min(accuracy[t] - guard.floors[t] for t in tasks)
         bar.update()
         bar.set_postfix(macs=f"{tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
     bar.close()
     final = rebuild_and_finetune(aligned, spaces, Grouping(groups), tuned.weights, data,
                                  config.tuning(config.final_steps), seed=seed + config.max_steps)
-    accuracy = evaluate(final.network, guard)
-    failing = {t for t in tasks if accuracy[t] < floors[t]}
-    if failing:   # the final fine-tune broke some tasks: redo it training only the groups of the others
-        others = frozenset(tasks) - failing
+    check = guard.check(final.network)
+    if not check.passed:   # the final fine-tune broke some tasks: redo it training only the groups of the others
+        others = frozenset(tasks) - set(check.failing)
         final = tuned if not others else rebuild_and_finetune(
             aligned, spaces, Grouping(groups), tuned.weights, data, config.tuning(config.final_steps),
             seed=seed + config.max_steps, changed=others)
-        accuracy = evaluate(final.network, guard)
-        if any(accuracy[t] < floors[t] for t in tasks):
-            final, accuracy = tuned, evaluate(tuned.network, guard)
-    below = {t: accuracy[t] for t in tasks if accuracy[t] < required[t]}
+        check = guard.check(final.network)
+        if not check.passed:
+            final, check = tuned, guard.check(tuned.network)
+    below = {t: check.accuracy[t] for t in tasks if check.accuracy[t] < required.floors[t]}
     return Pruned(final, Grouping(groups, grouping.notes), history, below)
 
 
 def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned,
-                data, guard, floors: dict, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
+                data, guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
                 progress: bool = True) -> dict[str, GatedNetwork]:
     """{task: its own network}: for each task that keeps its floor, the pruned network `tuned` pruned further for
     that task alone (its loss, its guard) and cut down to what it computes. Merged networks end mostly shared, so
@@ -206,8 +204,8 @@ def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping
     (pamfx.api._own_networks keeps it where it is the cheapest way to run the task)."""
     alone = {}
     for task in aligned.tasks:
-        pruned = prune(aligned, spaces, grouping, tuned, data.only([task]), guard.only([task]), {task: floors[task]},
-                       criterion, config, seed, progress)
+        pruned = prune(aligned, spaces, grouping, tuned, data.only([task]), guard.only([task]), criterion, config,
+                       seed, progress)
         if not pruned.below_floor:
             alone[task] = pruned.tuned.network.restricted(task)
     return alone

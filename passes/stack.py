@@ -66,7 +66,7 @@ def _stack_layer(name, modules, owners, rows) -> dict:
 
 def _dense_weight(module) -> torch.Tensor:
     """The layer's weight over all its input channels: a grouped conv's blocks on the diagonal, zero elsewhere (the
-    builder never builds those zeros: a unit reads only its block, passes/rules.py `blocks`)."""
+    builder never builds those zeros: a unit reads only its block, pamfx/rules.py `blocks`)."""
     weight = module.weight.detach()
     groups = getattr(module, "groups", 1)
     if groups == 1:

@@ -11,7 +11,7 @@ from torch import nn
 import pamfx
 from pamfx.ir import Grouping, all_combinations
 from pamfx.passes.build import build_network
-from pamfx.passes.rules import drop_unreadable, norm_sets
+from pamfx.rules import drop_unreadable, norm_sets
 from pamfx.passes.stack import stack_weights
 
 from conftest import (HEADS, assert_equivalent, compile_parts, generated_macs, random_data, random_grouping,

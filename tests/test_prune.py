@@ -9,6 +9,7 @@ import torch
 
 import pamfx
 from pamfx import FinetuneConfig, MtzConfig, PamConfig, PruneConfig
+from pamfx.guard import Check, Guard
 from pamfx.sources import hold_out
 from pamfx.ir import all_combinations
 from pamfx.network import INPUT
@@ -276,8 +277,8 @@ def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retr
         return tuned
     monkeypatch.setitem(pamfx.passes.prune.CRITERIA, "taylor", scores)
     monkeypatch.setattr(pamfx.passes.prune, "rebuild_and_finetune", recording)
-    monkeypatch.setattr(pamfx.passes.prune, "evaluate",
-                        lambda network, guard: {"a": 0.0 if getattr(network, "short", False) else 1.0})
+    monkeypatch.setattr(Guard, "check", lambda guard, network: Check(
+        {"a": 0.0 if getattr(network, "short", False) else 1.0}, ("a",) if getattr(network, "short", False) else ()))
     config = PruneConfig(step_fraction=1e-4, min_fraction=1e-5, max_steps=1, step_steps=2, final_steps=4,
                          cost_aware=False, batch_size=32, retry_share=retry_share)   # one unit per step
     result = run({"a": model}, data, data, tolerance=0.0, pruning=config)

@@ -16,7 +16,7 @@ from pamfx.ir import Grouping
 from pamfx.passes.build import build_network
 from pamfx.passes.merge_none import merge_none
 from pamfx.passes.merge_pam import merge_pam
-from pamfx.passes.rules import check_paths
+from pamfx.rules import check_paths
 from pamfx.passes.stack import stack_weights
 
 from conftest import (HEADS, assert_equivalent, compile_parts, dense, make_models, random_data, random_grouping,

@@ -7,6 +7,7 @@ import torch
 
 import pamfx
 from pamfx.api import MergeSettings, _zip_shared
+from pamfx.guard import Guard
 from pamfx.passes.build import build_network
 from pamfx.passes.finetune import FinetuneConfig, Tuned
 from pamfx.passes.layer_weights import LayerWeights
@@ -104,7 +105,7 @@ def test_zipping_that_breaks_a_floor_is_undone():
     tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
     settings = MergeSettings(pamfx.PamConfig(zip_degree=1.0), NO_TUNING, FinetuneConfig(steps=0), 0, False)
     before = copy.deepcopy(tuned.weights)
-    kept, network, trials = _zip_shared(aligned, spaces, grouping, tuned, data, data, {t: 1.01 for t in tasks},
+    kept, network, trials = _zip_shared(aligned, spaces, grouping, tuned, data, Guard(data, {t: 1.01 for t in tasks}),
                                         settings)
     assert kept is grouping and network is tuned
     assert [t.setting for t in trials] == [(1.0,), (0.5,), (0.25,)]
