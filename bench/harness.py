@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 import pamfx
-from pamfx.data import load_fashion_mnist, task_data
+from pamfx.demo.data import load_fashion_mnist, task_data
 from pamfx.ir import all_combinations
-from pamfx.train import accuracy, evaluate, train_or_load
+from pamfx.train import accuracy, evaluate
+from pamfx.demo.training import train_or_load
 
 BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))     # bench/ is not a package

@@ -20,7 +20,7 @@ def child(tasks: int, merge: str, samples: int) -> dict:
     import torch
 
     import pamfx
-    from pamfx.zoo import vgg_bn
+    from pamfx.demo.zoo import vgg_bn
 
     names = [f"task_{i}" for i in range(tasks)]
     models, data = {}, {}

@@ -12,9 +12,9 @@ import warnings
 import torch
 
 import pamfx
-from pamfx.data import class_group_task, load_fashion_mnist, task_data
-from pamfx.train import train_or_load
-from pamfx.zoo import lenet5
+from pamfx.demo.data import class_group_task, load_fashion_mnist, task_data
+from pamfx.demo.training import train_or_load
+from pamfx.demo.zoo import lenet5
 
 
 def main(argv=None) -> None:

@@ -225,9 +225,9 @@ def main(argv=None) -> None:
     """Self-check: prune a LeNet-5 per task of the paper's split and print MACs, guard accuracy and time."""
     import functools
 
-    from pamfx.data import load_fashion_mnist, paper_split, task_data
-    from pamfx.train import train_or_load
-    from pamfx.zoo import lenet5
+    from pamfx.demo.data import load_fashion_mnist, paper_split, task_data
+    from pamfx.demo.training import train_or_load
+    from pamfx.demo.zoo import lenet5
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=0.01)

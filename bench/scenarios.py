@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 from pamfx import FinetuneConfig, PruneConfig
-from pamfx.data import LabelFunction, attribute_task, class_group_task, paper_split, partition_task
-from pamfx.zoo import lenet5, resnet_small, vgg_bn
+from pamfx.demo.data import LabelFunction, attribute_task, class_group_task, paper_split, partition_task
+from pamfx.demo.zoo import lenet5, resnet_small, vgg_bn
 
 GUARD_SIZE = 6000
 TOLERANCE = 0.01

@@ -13,7 +13,7 @@ from pamfx.passes.channel_spaces import find_channel_spaces
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.stack import stack_weights
 from pamfx.passes.trace import trace
-from pamfx.zoo import ZOO
+from pamfx.demo.zoo import ZOO
 
 HEADS = {"a": 6, "b": 4, "c": 3}   # tasks with different head widths
 

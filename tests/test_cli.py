@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pamfx
-from pamfx.__main__ import main
+from pamfx.demo.cli import main
 
 TASKS = ("classes_0_4", "classes_5_9")
 COMBINATIONS = {"{classes_0_4}", "{classes_5_9}", "{classes_0_4, classes_5_9}"}

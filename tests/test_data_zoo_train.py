@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pamfx import data, train as train_module, zoo
-from pamfx.data import (
+from pamfx import train as evaluation
+from pamfx.demo import data, training, zoo
+from pamfx.demo.data import (
     CLASS_NAMES, LabelFunction, class_group_task, load_fashion_mnist, paper_split, partition_task, read_idx, task_data,
 )
 from pamfx.errors import DataError, DatasetMissingError, PamfxError
-from pamfx.train import accuracy, train, train_or_load
+from pamfx.train import accuracy
+from pamfx.demo.training import train, train_or_load
 
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_real_data = pytest.mark.skipif(
@@ -299,7 +301,7 @@ def test_train_or_load_trains_once_then_loads(tmp_path, monkeypatch):
         calls.append(kwargs["desc"])
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", counting_train)
+    monkeypatch.setattr(training, "train", counting_train)
     inputs, labels = separable_problem(n=128)
     settings = dict(cache_dir=tmp_path / "cache", epochs=2, seed=5, progress=False)
 
@@ -364,10 +366,10 @@ def test_evaluate_runs_tasks_on_one_tensor_in_one_pass():
     labels = {t: torch.randint(0, 3, (250,)) for t in tasks}
     shared = {t: (inputs, labels[t]) for t in tasks}
     apart = {t: (inputs.clone(), labels[t]) for t in tasks}      # equal values, three tensors
-    together = train_module.evaluate(network, shared, batch_size=100)
+    together = evaluation.evaluate(network, shared, batch_size=100)
     assert network.calls == 3                                    # 250 samples in batches of 100, all tasks at once
     network.calls = 0
-    alone = train_module.evaluate(network, apart, batch_size=100)
+    alone = evaluation.evaluate(network, apart, batch_size=100)
     assert network.calls == 9
     assert together == alone
     expected = {t: (network.heads[t](inputs).argmax(1) == labels[t]).float().mean().item() for t in tasks}

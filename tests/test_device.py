@@ -6,7 +6,7 @@ import torch
 
 import pamfx
 from pamfx import DeviceError, FinetuneConfig
-from pamfx.__main__ import main
+from pamfx.demo.cli import main
 from pamfx.ir import all_combinations
 
 from conftest import make_models, random_data

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pamfx
-from pamfx.zoo import lenet5
+from pamfx.demo.zoo import lenet5
 
 from conftest import make_models, random_data
 

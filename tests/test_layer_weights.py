@@ -10,7 +10,7 @@ from pamfx.passes.build import build_network
 from pamfx.passes.layer_weights import SHARED, LayerWeights
 from pamfx.passes.merge_none import merge_none
 from pamfx.passes.stack import read_back, stack_weights
-from pamfx.zoo import vgg_bn
+from pamfx.demo.zoo import vgg_bn
 
 from conftest import compile_parts
 

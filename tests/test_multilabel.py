@@ -13,7 +13,7 @@ from pamfx.ir import all_combinations
 from pamfx.labels import correct, task_loss
 from pamfx.passes.mutual_info import irrelevant_units, label_entropy, mutual_information, unit_kernels
 from pamfx.train import accuracy, evaluate
-from pamfx.zoo import lenet5
+from pamfx.demo.zoo import lenet5
 
 from conftest import assert_equivalent, randomised
 from test_codegen import load_generated
@@ -222,7 +222,7 @@ def test_bad_attribute_labels_name_the_task(labels, message):
 # ---- attribute tasks from Fashion-MNIST classes (the bench's "attributes" scenario) ----
 
 def test_attribute_task_labels_images_with_their_classes_attributes():
-    from pamfx.data import attribute_task, task_data
+    from pamfx.demo.data import attribute_task, task_data
     task = attribute_task([[0, 2], [1]], num_source_classes=3)
     assert task.multilabel and task.num_classes == 2
     assert torch.equal(task(torch.tensor([2, 1, 0])), torch.tensor([[1, 0], [0, 1], [1, 0]]))

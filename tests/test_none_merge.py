@@ -62,7 +62,7 @@ def test_none_reproduces_every_channel_rule():
 def test_models_of_different_widths_merge():
     """Channel widths may differ between the models; only the topology must agree."""
     torch.manual_seed(0)
-    from pamfx.zoo import vgg_bn
+    from pamfx.demo.zoo import vgg_bn
     models = {"a": randomised(vgg_bn(6, widths=(8, 16, 32)), 0), "b": randomised(vgg_bn(4, widths=(4, 8, 16)), 1)}
     result = pamfx.optimize(models, random_data(("a", "b")), merge="none", prune=None, progress=False)
     assert_equivalent(originals_of(models), result.model, torch.randn(4, 1, 28, 28), all_combinations(("a", "b")))

@@ -57,7 +57,7 @@ def batch_norm(h, tensors, eps=1e-5):
 
 
 def lenet5_reference(x, w, g):
-    """LeNet-5 (pamfx/zoo.py) on stacked weights `w` and unit groups `g`, by space name."""
+    """LeNet-5 (pamfx/demo/zoo.py) on stacked weights `w` and unit groups `g`, by space name."""
     def layer(name, reads):
         return masked(w[name]["weight"], g[name], reads), w[name]["bias"]
     h = F.max_pool2d(F.relu(F.conv2d(x, *layer("conv1", g["input"]), padding=2)), 2)
