@@ -117,56 +117,18 @@ def render(network: GatedNetwork, weights_name: str, plans=(), own=None) -> str:
               "    def __init__(self):",
               "        super().__init__()",
               "        self.tasks = list(TASKS)"]
-    if own:
-        lines += ["        self.alone = dict(ALONE)"]
+    lines += ["        self.alone = dict(ALONE)"] if own else []
     lines += [f"        self.{name} = {_module_source(name, module)}" for name, module in network.named_children()
               if name != "alone"]
     lines += [f"        self.fused{i} = Fused{i}()" for i in range(len(plans))]
     lines += [f"        self.own{number[task]} = Own{number[task]}()" for task in own]
-    lines += ["",
-              "    def forward(self, x: torch.Tensor, tasks: Union[None, str, List[str]] = None) -> Dict[str, torch.Tensor]:",
-              "        if tasks is None:",
-              "            names = self.tasks",
-              "        elif isinstance(tasks, str):   # one task by name, as the in-memory network takes it",
-              "            names = [tasks]",
-              "        else:",
-              "            names = tasks",
-              "        if len(names) == 0:",
-              '            raise ValueError("tasks is empty; ask for at least one of " + str(self.tasks))',
-              "        for task in names:",
-              "            if task not in self.tasks:",
-              '                raise KeyError("unknown task \'" + task + "\'; this network\'s tasks are " + str(self.tasks))']
-    if own:
-        lines += ["        ordered: List[str] = []   # the combination in task order: its key in ALONE",
-                  "        for t in self.tasks:",
-                  "            if t in names:",
-                  "                ordered.append(t)",
-                  "        alone: List[str] = []",
-                  "        if \",\".join(ordered) in self.alone:",
-                  "            alone = self.alone[\",\".join(ordered)]",
-                  "        on_shared: List[str] = []",
-                  "        for t in ordered:",
-                  "            if t not in alone:",
-                  "                on_shared.append(t)",
-                  "        outputs = self.shared(x, on_shared) if len(on_shared) > 0 else {}"]
+    lines += _FORWARD.splitlines()
+    if own:   # the tasks on their own networks, then the rest on the shared statements
+        lines += _OWN_DISPATCH.splitlines()
         lines += [f"        if {task!r} in alone:\n            outputs[{task!r}] = self.own{number[task]}(x)[{task!r}]"
                   for task in own]
-        lines += ["        result: Dict[str, torch.Tensor] = {}",
-                  "        for t in ordered:",
-                  "            result[t] = outputs[t]",
-                  "        return result",
-                  "",
-                  "    def shared(self, x: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:",
-                  '        """The tasks that run on the shared statements."""']
-    lines += [f"        {flags[t]} = {t!r} in names" for t in network.tasks]
-    for index, (combination, _) in enumerate(plans):
-        test = " and ".join(flags[t] if t in combination else f"not {flags[t]}" for t in network.tasks)
-        lines += [f"        if {test}:", f"            return self.fused{index}(x)"]
-    lines += _body(network, flags)
-    lines += ["        outputs: Dict[str, torch.Tensor] = {}"]
-    for task in network.tasks:
-        lines += [f"        if {flags[task]}:", f"            outputs[{task!r}] = {network.outputs[task]}"]
-    lines += ["        return outputs", "", ""]
+        lines += _OWN_RESULT.splitlines() + _SHARED.splitlines()
+    lines += _gated_forward(network, flags, plans)
     for i, (combination, plan) in enumerate(plans):
         lines += _plan_class(f"Fused{i}", f"{{{', '.join(combination)}}} with one module per layer (pamfx.fuse).",
                              plan)
@@ -175,6 +137,20 @@ def render(network: GatedNetwork, weights_name: str, plans=(), own=None) -> str:
                              plan)
     lines += _FOOTER.splitlines()
     return "\n".join(lines) + "\n"
+
+
+def _gated_forward(network: GatedNetwork, flags: dict[str, str], plans) -> list[str]:
+    """The task flags, a fused class's call for each specialised combination, then the gated statements and the
+    outputs of the tasks asked for."""
+    lines = [f"        {flags[t]} = {t!r} in names" for t in network.tasks]
+    for index, (combination, _) in enumerate(plans):
+        test = " and ".join(flags[t] if t in combination else f"not {flags[t]}" for t in network.tasks)
+        lines += [f"        if {test}:", f"            return self.fused{index}(x)"]
+    lines += _body(network, flags)
+    lines += ["        outputs: Dict[str, torch.Tensor] = {}"]
+    for task in network.tasks:
+        lines += [f"        if {flags[task]}:", f"            outputs[{task!r}] = {network.outputs[task]}"]
+    return lines + ["        return outputs", "", ""]
 
 
 def _header(network: GatedNetwork, weights_name: str, plans) -> list[str]:
@@ -314,6 +290,43 @@ def _flag_names(tasks: tuple[str, ...]) -> dict[str, str]:
         flags[task] = name if name not in flags.values() and name != INPUT else f"run_{i}"
     return flags
 
+
+# The generated forward's start: the tasks asked for, checked (written so that TorchScript can compile it).
+_FORWARD = '''
+    def forward(self, x: torch.Tensor, tasks: Union[None, str, List[str]] = None) -> Dict[str, torch.Tensor]:
+        if tasks is None:
+            names = self.tasks
+        elif isinstance(tasks, str):   # one task by name, as the in-memory network takes it
+            names = [tasks]
+        else:
+            names = tasks
+        if len(names) == 0:
+            raise ValueError("tasks is empty; ask for at least one of " + str(self.tasks))
+        for task in names:
+            if task not in self.tasks:
+                raise KeyError("unknown task '" + task + "'; this network's tasks are " + str(self.tasks))'''
+
+# With own networks: the combination's entry in ALONE says which tasks run on theirs (one `if` per such task follows),
+# the rest run on the shared statements (`shared`); _OWN_RESULT puts the outputs in task order.
+_OWN_DISPATCH = '''        ordered: List[str] = []   # the combination in task order: its key in ALONE
+        for t in self.tasks:
+            if t in names:
+                ordered.append(t)
+        alone: List[str] = []
+        if ",".join(ordered) in self.alone:
+            alone = self.alone[",".join(ordered)]
+        on_shared: List[str] = []
+        for t in ordered:
+            if t not in alone:
+                on_shared.append(t)
+        outputs = self.shared(x, on_shared) if len(on_shared) > 0 else {}'''
+_OWN_RESULT = '''        result: Dict[str, torch.Tensor] = {}
+        for t in ordered:
+            result[t] = outputs[t]
+        return result'''
+_SHARED = '''
+    def shared(self, x: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:
+        """The tasks that run on the shared statements."""'''
 
 _FOOTER = '''def load(path: str = WEIGHTS) -> MergedNetwork:
     """The network with its weights, in eval mode."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from pamfx.errors import GroupingError
-from pamfx.guard import Guard
+from pamfx.guard import Check, Guard
 from pamfx.history import Step
 from pamfx.ir import AlignedGraph, ChannelSpace, Grouping
 from pamfx.network import GatedNetwork
@@ -107,6 +107,17 @@ class Pruned:
         return [step.note() for step in self.history]
 
 
+@dataclass
+class _State:
+    """What the prune loop carries from one step to the next."""
+    tuned: Tuned            # the network as pruned so far
+    groups: dict            # its grouping: space -> group of each unit (None: removed)
+    fraction: dict          # task -> the share of its MACs a step may remove (halved when a step of several fails it)
+    done: set               # tasks no longer pruned: their units are kept from now on
+    needed: set             # (space, unit) whose removal alone failed a task: never offered again
+    history: list           # the Steps so far
+
+
 def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data,
           guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
           progress: bool = True) -> Pruned:
@@ -116,83 +127,94 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
     `below_floor`). Only the guard's tasks are pruned and guarded: a task left out may lose any unit but its
     last path to its head (prune_alone prunes one task's own copy of the network that way)."""
     tasks = guard.tasks
-    unguarded = frozenset(aligned.tasks) - frozenset(tasks)
-    score_units = CRITERIA[criterion]
     required, guard = guard, guard.at_most(guard.check(tuned.network).accuracy)
-    fraction = {t: config.step_fraction for t in tasks}
-    done: set = set()
-    needed: set = set()     # units whose removal alone failed a task
-    groups = dict(grouping.groups)
-    history = []
+    state = _State(tuned, dict(grouping.groups), {t: config.step_fraction for t in tasks}, set(), set(), [])
     bar = tqdm(total=config.max_steps, desc=f"prune ({criterion})", disable=not progress)
     for index in range(config.max_steps):
-        done |= {t for t in tasks if fraction[t] < config.min_fraction}
-        if done >= set(tasks):
+        state.done |= {t for t in tasks if state.fraction[t] < config.min_fraction}
+        if state.done >= set(tasks) or not _step(aligned, spaces, data, guard, criterion, config, seed + index,
+                                                 index, state):
             break
-        scores = score_units(aligned, spaces, tuned, data, config, seed + index)
-        saved = unit_macs(aligned, spaces, tuned, frozenset(tasks))
-        if config.cost_aware:
-            scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
-        budget = {t: fraction[t] * tuned.network.macs([t]) for t in tasks}
-        removal, exhausted = _choose(aligned, spaces, groups, scores, saved, budget, done, needed)
-        done |= exhausted
-        if done >= set(tasks):
-            break
-        restored_for: set = set()
-        needed_before = set(needed)
-        accepted = None
-        steps = config.step_steps
-        while removal:
-            trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
-            # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
-            # outputs and cannot fail: under merge="none" each task's pruning is its own.
-            changed = unguarded.union(*(group for name in groups
-                                        for group, after in zip(groups[name], trial_groups[name])
-                                        if group is not None and after is None))
-            trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), tuned.weights, data,
-                                         config.tuning(steps), seed=seed + index, changed=changed)
-            check = guard.check(trial.network)
-            accuracy, failing = check.accuracy, set(check.failing)
-            if not failing:
-                accepted = (trial, trial_groups)
-                break
-            if steps < config.final_steps and _dear(removal, failing, saved, tuned.network, config.retry_share):
-                steps = config.final_steps      # one longer recovery before the unit is kept for good
-                continue
-            for t in failing - restored_for:
-                offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
-                if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
-                    needed.add(offered[0])
-                else:
-                    fraction[t] /= 2
-            restored_for |= failing
-            remaining = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
-            removal = remaining if len(remaining) < len(removal) else []   # nothing to restore: the step is undone
-        if accepted is not None:
-            removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
-                              if group is not None and t in group and accepted[1][name][unit] is None) for t in tasks}
-            tuned, groups = accepted
-        else:
-            removed = {t: 0 for t in tasks}
-        history.append(Step(index, removed, tuned.network.macs(tasks), accuracy, tuple(sorted(restored_for)),
-                            accepted is not None, tuple(sorted(needed - needed_before)), steps > config.step_steps))
-        margin = min(accuracy[t] - guard.floors[t] for t in tasks)
+        margin = min(state.history[-1].accuracy[t] - guard.floors[t] for t in tasks)
         bar.update()
-        bar.set_postfix(macs=f"{tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
+        bar.set_postfix(macs=f"{state.tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
     bar.close()
-    final = rebuild_and_finetune(aligned, spaces, Grouping(groups), tuned.weights, data,
-                                 config.tuning(config.final_steps), seed=seed + config.max_steps)
+    final, check = _final(aligned, spaces, data, guard, config, seed, state)
+    below = {t: check.accuracy[t] for t in tasks if check.accuracy[t] < required.floors[t]}
+    return Pruned(final, Grouping(state.groups, grouping.notes), state.history, below)
+
+
+def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConfig, seed: int, index: int,
+          state: _State) -> bool:
+    """One step: choose the units each task offers, fine-tune without them, check the guard, give failing tasks
+    their units back and check again; records the Step. Returns False when no task has anything left to offer."""
+    tasks = guard.tasks
+    scores = CRITERIA[criterion](aligned, spaces, state.tuned, data, config, seed)
+    saved = unit_macs(aligned, spaces, state.tuned, frozenset(tasks))
+    if config.cost_aware:
+        scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
+    budget = {t: state.fraction[t] * state.tuned.network.macs([t]) for t in tasks}
+    removal, exhausted = _choose(aligned, spaces, state.groups, scores, saved, budget, state.done, state.needed)
+    state.done |= exhausted
+    if state.done >= set(tasks):
+        return False
+    unguarded = frozenset(aligned.tasks) - frozenset(tasks)
+    groups, restored_for, needed_before = state.groups, set(), set(state.needed)
+    accuracy = state.history[-1].accuracy if state.history else {}   # what a step that removes nothing records
+    accepted, steps = None, config.step_steps
+    while removal:
+        trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
+        # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
+        # outputs and cannot fail: under merge="none" each task's pruning is its own.
+        changed = unguarded.union(*(group for name in groups
+                                    for group, after in zip(groups[name], trial_groups[name])
+                                    if group is not None and after is None))
+        trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), state.tuned.weights, data,
+                                     config.tuning(steps), seed=seed, changed=changed)
+        check = guard.check(trial.network)
+        accuracy, failing = check.accuracy, set(check.failing)
+        if not failing:
+            accepted = (trial, trial_groups)
+            break
+        if steps < config.final_steps and _dear(removal, failing, saved, state.tuned.network, config.retry_share):
+            steps = config.final_steps      # one longer recovery before the unit is kept for good
+            continue
+        for t in failing - restored_for:
+            offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
+            if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
+                state.needed.add(offered[0])
+            else:
+                state.fraction[t] /= 2
+        restored_for |= failing
+        remaining = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
+        removal = remaining if len(remaining) < len(removal) else []   # nothing to restore: the step is undone
+    removed = {t: 0 for t in tasks}
+    if accepted is not None:
+        removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
+                          if group is not None and t in group and accepted[1][name][unit] is None) for t in tasks}
+        state.tuned, state.groups = accepted
+    state.history.append(Step(index, removed, state.tuned.network.macs(tasks), accuracy,
+                              tuple(sorted(restored_for)), accepted is not None,
+                              tuple(sorted(state.needed - needed_before)), steps > config.step_steps))
+    return True
+
+
+def _final(aligned, spaces, data, guard: Guard, config: PruneConfig, seed: int, state: _State) -> tuple[Tuned, Check]:
+    """A final longer fine-tune; if it breaks some tasks it is redone training only the others' groups, and if that
+    breaks some too, the network from before it is kept. Returns the network and its guard check."""
+    tuned, grouping = state.tuned, Grouping(state.groups)
+    final = rebuild_and_finetune(aligned, spaces, grouping, tuned.weights, data, config.tuning(config.final_steps),
+                                 seed=seed + config.max_steps)
     check = guard.check(final.network)
     if not check.passed:   # the final fine-tune broke some tasks: redo it training only the groups of the others
-        others = frozenset(tasks) - set(check.failing)
+        others = frozenset(guard.tasks) - set(check.failing)
         final = tuned if not others else rebuild_and_finetune(
-            aligned, spaces, Grouping(groups), tuned.weights, data, config.tuning(config.final_steps),
+            aligned, spaces, grouping, tuned.weights, data, config.tuning(config.final_steps),
             seed=seed + config.max_steps, changed=others)
         check = guard.check(final.network)
         if not check.passed:
             final, check = tuned, guard.check(tuned.network)
-    below = {t: check.accuracy[t] for t in tasks if check.accuracy[t] < required.floors[t]}
-    return Pruned(final, Grouping(groups, grouping.notes), history, below)
+    return final, check
 
 
 def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned,
