@@ -13,11 +13,11 @@ from .codegen import codegen
 from .errors import (AlignmentError, AugmentedDataWarning, DataError, DatasetMissingError, DeviceError,
                      GroupingError, LabelKindWarning, PamfxError, PamfxWarning, ToleranceWarning, TraceError,
                      UnsupportedOpError)
-from .history import History, MergeTrial, OwnNetwork, Step
+from .history import History, MergeTrial, OwnNetwork, Step, ZipChoice
 from .network import GatedNetwork
 
 __all__ = ["optimize", "codegen", "Result", "PamConfig", "MtzConfig", "FinetuneConfig", "PruneConfig", "GatedNetwork",
            "PamfxError", "PamfxWarning", "TraceError", "AlignmentError", "UnsupportedOpError", "GroupingError",
            "DataError", "DatasetMissingError", "DeviceError", "AugmentedDataWarning", "LabelKindWarning",
-           "ToleranceWarning", "History", "MergeTrial", "OwnNetwork", "Step"]
+           "ToleranceWarning", "History", "MergeTrial", "OwnNetwork", "Step", "ZipChoice"]
 __version__ = "0.1.0"

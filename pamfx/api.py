@@ -18,7 +18,7 @@ from .checks import check_configs, check_data, check_models, check_options, mode
 from .devices import resolve_device
 from .errors import AugmentedDataWarning, PamfxWarning, ToleranceWarning
 from .guard import Guard
-from .history import History, MergeTrial, OwnNetwork
+from .history import History, MergeTrial, OwnNetwork, ZipChoice
 from .ir import OP, SHAPES, AlignedGraph, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
@@ -67,6 +67,8 @@ class Run:
     trials: list = field(default_factory=list)     # pamfx.history.MergeTrial, in order
     steps: tuple = ()                              # the prune pass's Steps
     own: tuple = ()                                # pamfx.history.OwnNetwork
+    zip_choice: ZipChoice | None = None
+    below_floor: dict = field(default_factory=dict)  # task -> guard accuracy, for tasks pruning left below
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -292,13 +294,12 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
             run.say("[pamfx] pruning the unzipped network too (zip_choice='pruned')")
             other = pruned_from(unzipped)
             cost = {"zipped": _mean_macs(pruned), "unzipped": _mean_macs(other)}
-            kept = min(cost, key=cost.get)   # a tie keeps the zipped network
-            run.notes.append(f"zip_choice='pruned': after pruning, the combinations cost on average "
-                             f"{cost['zipped']:,.0f} MACs zipped and {cost['unzipped']:,.0f} unzipped; kept {kept}")
-            if kept == "unzipped":
+            run.zip_choice = ZipChoice(cost["zipped"], cost["unzipped"], min(cost, key=cost.get))   # a tie: zipped
+            run.notes.append(run.zip_choice.note())
+            if run.zip_choice.kept == "unzipped":
                 pruned = other
                 merged_macs = {c: unzipped.tuned.network.macs(c) for c in all_combinations(run.tasks)}
-    run.steps = tuple(pruned.history)
+    run.steps, run.below_floor = tuple(pruned.history), dict(pruned.below_floor)
     run.notes += pruned.notes() + group_table(run.spaces, pruned.grouping, run.tasks)
     run.problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor "
                                   f"{run.guard.floors[t]:.4f}") for t, a in pruned.below_floor.items()]
@@ -323,7 +324,7 @@ def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
     for problem in run.problems:   # each a PamfxWarning or one of its kinds (pamfx.errors)
         warnings.warn(problem, stacklevel=3)
     report = report.with_notes([f"WARNING: {p}" for p in run.problems])
-    history = History(tuple(run.trials), run.steps, run.own, tuple(run.problems))
+    history = History(tuple(run.trials), run.steps, run.own, tuple(run.problems), run.zip_choice, run.below_floor)
     return Result(model=final.tuned.network.eval(), report=report, grouping=final.grouping, spaces=run.spaces,
                   seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems), history=history)
 

@@ -2,7 +2,7 @@
 and the warnings. `optimize` returns them in `Result.history`; the report's notes are rendered from them here, and
 tests and the benchmark read the records, never the sentences.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,19 @@ class OwnNetwork:
 
 
 @dataclass(frozen=True)
+class ZipChoice:
+    """PamConfig(zip_choice="pruned"): the zipped and the unzipped network both pruned; the mean MACs over every
+    combination of each (infinite when a task ends below its floor) and the one kept ("zipped" on a tie)."""
+    zipped: float
+    unzipped: float
+    kept: str
+
+    def note(self) -> str:
+        return (f"zip_choice='pruned': after pruning, the combinations cost on average {self.zipped:,.0f} MACs zipped "
+                f"and {self.unzipped:,.0f} unzipped; kept {self.kept}")
+
+
+@dataclass(frozen=True)
 class History:
     """Every decision of a run, in order within each kind; warnings are the PamfxWarning instances issued (their
     class says their kind: pamfx.errors)."""
@@ -96,3 +109,5 @@ class History:
     prune_steps: tuple[Step, ...] = ()
     own_networks: tuple[OwnNetwork, ...] = ()
     warnings: tuple = ()
+    zip_choice: ZipChoice | None = None
+    below_floor: dict = field(default_factory=dict)   # task -> guard accuracy, for tasks left below their floor
