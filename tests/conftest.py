@@ -1,12 +1,21 @@
-"""Shared helpers: small random models of every zoo architecture, random groupings, the equivalence check."""
+"""Shared helpers: small random models of every zoo architecture (and Mixed, every channel rule at once), random
+groupings, the equivalence check, loading a generated file, counting MACs with FlopCounterMode, a virtual dataset,
+and the tiny budgets the tests run with."""
+import importlib.util
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from pamfx import FinetuneConfig, MtzConfig, PamConfig, PruneConfig
 
 from pamfx.codegen import own_networks, specialised
 from pamfx.ir import Grouping, all_combinations
+from pamfx.network import INPUT
 from pamfx.passes.align import align
 from pamfx.passes.build import build_network
 from pamfx.passes.channel_spaces import find_channel_spaces
@@ -132,3 +141,89 @@ def dense(weights: dict, cross_seed=None) -> dict:
                     tensor.set(rows, columns, value)
                 out[node][name] = value
     return out
+
+
+def load_generated(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
+def counted_macs(run) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        run()
+    return counter.get_total_flops() // 2
+
+
+
+class Virtual(Dataset):
+    """`size` samples made from their index by a seeded generator: (image [1, 28, 28], {task: label}) items, or
+    (image, label of `task`) items. Counts the items read; `augment` adds fresh noise at every read."""
+
+    def __init__(self, size, tasks=("a", "b"), task=None, augment=False, most=100_000, noise=0.1):
+        self.size, self.tasks, self.task, self.augment, self.most = size, tasks, task, augment, most
+        self.noise = noise   # of the augmentation
+        self.reads = []   # (index, the image's sum as read)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if len(self.reads) >= self.most:   # fail fast where materialising would read millions
+            raise RuntimeError(f"more than {self.most} items read")
+        generator = torch.Generator().manual_seed(index)
+        image = torch.randn(1, 28, 28, generator=generator)
+        labels = {t: int(torch.randint(0, HEADS[t], (), generator=generator)) for t in self.tasks}
+        if self.augment:   # random augmentation draws from the global RNG, as torchvision's transforms do
+            image = image + self.noise * torch.randn(1, 28, 28)
+        self.reads.append((index, float(image.sum())))
+        return (image, labels) if self.task is None else (image, labels[self.task])
+
+
+
+TINY = PruneConfig(step_steps=5, final_steps=5, max_steps=3, importance_batches=2, vib_steps=5, batch_size=32)
+TUNE = FinetuneConfig(steps=5, batch_size=32)
+PAM = PamConfig(alpha_conv=0.3, alpha_linear=0.5, relative=True, samples=32)   # a mix of shared and private groups
+MTZ = MtzConfig(samples=32, base_steps=1, steps_per_layer=1)
+
+def assert_rules(network):
+    """Rule 2: every statement reads only groups containing its own; rule 3: each head reads its task's groups."""
+    group = {INPUT: frozenset(network.tasks)} | {s.out: s.group for s in network.statements}
+    for statement in network.statements:
+        for name in statement.inputs:
+            assert group[name] >= statement.group, f"{statement.out} ({set(statement.group)}) reads {name}"
+        assert statement.gate <= statement.group, f"{statement.out} runs for tasks outside its group"
+    for task, name in network.outputs.items():
+        assert task in group[name], f"head of {task} reads {name} ({set(group[name])})"
+
+
+
+class Mixed(nn.Module):
+    """Every channel rule at once: concat of two branches, depthwise conv, BatchNorm1d, spatial mean, functional
+    pooling, dropout, a residual add with a 1x1 shortcut, and x.view(x.size(0), -1)."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.left = nn.Conv2d(1, 4, 3, padding=1)
+        self.right = nn.Conv2d(1, 3, 5, padding=2)
+        self.depthwise = nn.Conv2d(7, 7, 3, padding=1, groups=7)
+        self.bn = nn.BatchNorm2d(7)
+        self.expand = nn.Conv2d(7, 8, 3, padding=1)
+        self.shortcut = nn.Conv2d(7, 8, 1)
+        self.drop = nn.Dropout(0.3)
+        self.fc1 = nn.Linear(8 * 7 * 7, 16)
+        self.bn1d = nn.BatchNorm1d(16)
+        self.side = nn.Linear(8, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.cat([F.relu(self.left(x)), torch.sigmoid(self.right(x))], 1)
+        x = F.max_pool2d(self.bn(self.depthwise(x)).relu(), 2)
+        x = self.expand(x) + self.shortcut(x)
+        x = F.avg_pool2d(x, 2)
+        pooled = x.mean((2, 3))
+        flat = self.drop(x.view(x.size(0), -1))
+        hidden = torch.relu(self.bn1d(self.fc1(flat))) + self.side(pooled)
+        return self.head(hidden)

@@ -17,8 +17,8 @@ from pamfx.passes.stack import stack_weights
 from pamfx.train import accuracy, evaluate
 
 from conftest import compile_parts, generated_macs, make_models, random_data, random_grouping
-from test_codegen import load_generated
-from test_macs import counted_macs
+from conftest import load_generated
+from conftest import counted_macs
 
 TASKS = ("a", "b", "c")
 

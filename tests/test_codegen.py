@@ -1,6 +1,5 @@
 """The generated file: equal to the in-memory network, standalone (runs where pamfx cannot be imported),
 deterministic, exportable for a fixed combination, and never overwriting a file unasked."""
-import importlib.util
 import subprocess
 import sys
 
@@ -10,16 +9,10 @@ import torch
 import pamfx
 from pamfx.ir import all_combinations
 
+from conftest import load_generated
 from conftest import assert_equivalent, build_random, make_models
 
 TASKS = ("a", "b", "c")
-
-
-def load_generated(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("seed", [0, 1])

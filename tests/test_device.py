@@ -11,8 +11,8 @@ from pamfx.ir import all_combinations
 
 from conftest import make_models, random_data
 from test_cli import demo_args, fake_dataset  # noqa: F401 - fixtures of the demo on a tiny fake Fashion-MNIST
-from test_codegen import load_generated
-from test_prune import PAM, TINY
+from conftest import load_generated
+from conftest import PAM, TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore::pamfx.PamfxWarning")   # tiny budgets: merges may cost more
 TASKS = ("a", "b")

@@ -9,8 +9,8 @@ from pamfx.fuse import can_fuse, fuse
 from pamfx.ir import all_combinations
 
 from conftest import assert_equivalent, build_random, make_models, random_data
-from test_codegen import load_generated
-from test_macs import counted_macs
+from conftest import load_generated
+from conftest import counted_macs
 from test_patterns import SHAPE, inputs, models_of
 
 TASKS = ("a", "b", "c")

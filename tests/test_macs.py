@@ -3,20 +3,14 @@ import importlib.util
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import pamfx
 from pamfx.ir import all_combinations
 
+from conftest import counted_macs
 from conftest import build_random, generated_macs, make_models, random_data
 
 TASKS = ("a", "b", "c")
-
-
-def counted_macs(run) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        run()
-    return counter.get_total_flops() // 2
 
 
 def test_none_macs_equal_the_originals(arch):

@@ -16,8 +16,8 @@ from pamfx.train import accuracy, evaluate
 from pamfx.demo.zoo import lenet5
 
 from conftest import assert_equivalent, randomised
-from test_codegen import load_generated
-from test_prune import MTZ, PAM, TINY, TUNE
+from conftest import load_generated
+from conftest import MTZ, PAM, TINY, TUNE
 
 ATTRIBUTES = {"m": 5, "n": 3}    # multi-label tasks and their number of attributes (= head width)
 

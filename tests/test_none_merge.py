@@ -1,12 +1,11 @@
 """merge="none" is the N original models side by side: every output equals its original to 1e-5."""
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import pamfx
 from pamfx.ir import all_combinations
 
+from conftest import Mixed
 from conftest import HEADS, assert_equivalent, make_models, random_data, randomised
 
 
@@ -22,33 +21,7 @@ def test_none_reproduces_every_original(arch, tasks):
     assert_equivalent(originals_of(models), result.model, x, all_combinations(tasks))
 
 
-class Mixed(nn.Module):
-    """Every channel rule at once: concat of two branches, depthwise conv, BatchNorm1d, spatial mean, functional
-    pooling, dropout, a residual add with a 1x1 shortcut, and x.view(x.size(0), -1)."""
 
-    def __init__(self, classes):
-        super().__init__()
-        self.left = nn.Conv2d(1, 4, 3, padding=1)
-        self.right = nn.Conv2d(1, 3, 5, padding=2)
-        self.depthwise = nn.Conv2d(7, 7, 3, padding=1, groups=7)
-        self.bn = nn.BatchNorm2d(7)
-        self.expand = nn.Conv2d(7, 8, 3, padding=1)
-        self.shortcut = nn.Conv2d(7, 8, 1)
-        self.drop = nn.Dropout(0.3)
-        self.fc1 = nn.Linear(8 * 7 * 7, 16)
-        self.bn1d = nn.BatchNorm1d(16)
-        self.side = nn.Linear(8, 16)
-        self.head = nn.Linear(16, classes)
-
-    def forward(self, x):
-        x = torch.cat([F.relu(self.left(x)), torch.sigmoid(self.right(x))], 1)
-        x = F.max_pool2d(self.bn(self.depthwise(x)).relu(), 2)
-        x = self.expand(x) + self.shortcut(x)
-        x = F.avg_pool2d(x, 2)
-        pooled = x.mean((2, 3))
-        flat = self.drop(x.view(x.size(0), -1))
-        hidden = torch.relu(self.bn1d(self.fc1(flat))) + self.side(pooled)
-        return self.head(hidden)
 
 
 def test_none_reproduces_every_channel_rule():

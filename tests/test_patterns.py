@@ -16,9 +16,9 @@ from pamfx.passes.stack import stack_weights
 
 from conftest import (HEADS, assert_equivalent, compile_parts, generated_macs, random_data, random_grouping,
                       randomised)
-from test_codegen import load_generated
-from test_macs import counted_macs
-from test_prune import MTZ, PAM, TINY, TUNE, assert_rules
+from conftest import load_generated
+from conftest import counted_macs
+from conftest import MTZ, PAM, TINY, TUNE, assert_rules
 
 TASKS = ("a", "b", "c")
 SHAPE = (1, 12, 12)

@@ -2,7 +2,6 @@
 a run, the result pickles, float64 works, evaluate() takes what optimize() takes, a large tolerance and one-hot
 labels are never taken silently, prune="none" means no pruning, and the declared torch range is the tested one."""
 import copy
-import io
 import pickle
 import random
 import re
@@ -25,8 +24,8 @@ from pamfx.ir import all_combinations
 from pamfx.train import accuracies, evaluate
 
 from conftest import HEADS, assert_equivalent, make_models, random_data
-from test_codegen import load_generated
-from test_streaming import Virtual
+from conftest import load_generated
+from conftest import Virtual
 
 TASKS = ("a", "b")
 QUICK = dict(finetune=FinetuneConfig(steps=3),

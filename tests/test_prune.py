@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import pamfx
-from pamfx import FinetuneConfig, MtzConfig, PamConfig, PruneConfig
+from pamfx import PamConfig, PruneConfig
 from pamfx.guard import Check, Guard
 from pamfx.sources import hold_out
 from pamfx.ir import all_combinations
-from pamfx.network import INPUT
 from pamfx.passes.build import build_network
 from pamfx.passes.merge_none import merge_none
 from pamfx.passes.prune import _choose
@@ -20,16 +19,9 @@ from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.stack import read_back, stack_weights
 from pamfx.train import accuracy, evaluate
 
-from conftest import (HEADS, compile_parts, dense, generated_macs, make_models, random_data, random_grouping,
-                      randomised)
-from test_codegen import load_generated
-from test_macs import counted_macs
-from test_none_merge import Mixed
+from conftest import (HEADS, MTZ, PAM, TINY, TUNE, Mixed, assert_rules, compile_parts, counted_macs, dense,
+                      generated_macs, load_generated, make_models, random_data, random_grouping, randomised)
 
-TINY = PruneConfig(step_steps=5, final_steps=5, max_steps=3, importance_batches=2, vib_steps=5, batch_size=32)
-TUNE = FinetuneConfig(steps=5, batch_size=32)
-PAM = PamConfig(alpha_conv=0.3, alpha_linear=0.5, relative=True, samples=32)   # a mix of shared and private groups
-MTZ = MtzConfig(samples=32, base_steps=1, steps_per_layer=1)
 ARCHS = ("lenet5", "vgg_bn", "resnet_small", "mixed")   # mixed: every channel rule (tests/test_none_merge.py)
 
 # Tiny budgets and random labels make merges that cost more than the originals or break a guard: the tests read
@@ -67,15 +59,7 @@ def pruned():
     return get
 
 
-def assert_rules(network):
-    """Rule 2: every statement reads only groups containing its own; rule 3: each head reads its task's groups."""
-    group = {INPUT: frozenset(network.tasks)} | {s.out: s.group for s in network.statements}
-    for statement in network.statements:
-        for name in statement.inputs:
-            assert group[name] >= statement.group, f"{statement.out} ({set(statement.group)}) reads {name}"
-        assert statement.gate <= statement.group, f"{statement.out} runs for tasks outside its group"
-    for task, name in network.outputs.items():
-        assert task in group[name], f"head of {task} reads {name} ({set(group[name])})"
+
 
 
 def out_widths(module) -> dict[str, int]:

@@ -21,8 +21,8 @@ from pamfx.passes.stack import stack_weights
 
 from conftest import (HEADS, assert_equivalent, compile_parts, dense, make_models, random_data, random_grouping,
                       randomised)
-from test_macs import counted_macs
-from test_none_merge import Mixed
+from conftest import counted_macs
+from conftest import Mixed
 
 TASKS = ("a", "b", "c")
 

@@ -12,31 +12,8 @@ from pamfx.checks import check_data
 from pamfx.passes.finetune import finetune
 from pamfx.sources import hold_out
 
+from conftest import Virtual
 from conftest import HEADS, build_random, make_models, random_data
-
-
-class Virtual(Dataset):
-    """`size` samples made from their index by a seeded generator: (image [1, 28, 28], {task: label}) items, or
-    (image, label of `task`) items. Counts the items read; `augment` adds fresh noise at every read."""
-
-    def __init__(self, size, tasks=("a", "b"), task=None, augment=False, most=100_000, noise=0.1):
-        self.size, self.tasks, self.task, self.augment, self.most = size, tasks, task, augment, most
-        self.noise = noise   # of the augmentation
-        self.reads = []   # (index, the image's sum as read)
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        if len(self.reads) >= self.most:   # fail fast where materialising would read millions
-            raise RuntimeError(f"more than {self.most} items read")
-        generator = torch.Generator().manual_seed(index)
-        image = torch.randn(1, 28, 28, generator=generator)
-        labels = {t: int(torch.randint(0, HEADS[t], (), generator=generator)) for t in self.tasks}
-        if self.augment:   # random augmentation draws from the global RNG, as torchvision's transforms do
-            image = image + self.noise * torch.randn(1, 28, 28)
-        self.reads.append((index, float(image.sum())))
-        return (image, labels) if self.task is None else (image, labels[self.task])
 
 
 def peak_rss_mb() -> float:
