@@ -20,7 +20,7 @@ from torch import nn
 from .errors import PamfxError
 from .ir import all_combinations, group_label, group_names
 from .fuse import can_fuse, fuse
-from .network import INPUT, GatedNetwork, Statement
+from .network import INPUT, GatedNetwork
 
 VERSION = "0.1.0"
 FUSE_LIMIT = 1.5          # specialise a combination when its fused network executes at most this many times its MACs
