@@ -1,6 +1,7 @@
 """Patterns that real models write (issue 12), each through every stage: merge="none" reproduces the originals with
 analytic MACs equal to FlopCounterMode, random groupings keep rule 2 and the generated code agrees, PAM and MTZ run,
 and every pruner removes units through the pattern. Models are tiny, weights and data random."""
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -484,11 +485,13 @@ def originals(models):
 
 def assert_generated_matches(network, tmp_path, name):
     """The generated module computes what the network does, scripted by TorchScript too, and FlopCounterMode counts
-    network.macs() on both."""
+    network.macs() on both; the network survives pickling (every op it calls is kept by name)."""
     generated = load_generated(pamfx.codegen(network, tmp_path / f"{name}.py"), name).load()
     x = inputs()
     assert_equivalent(lambda x: network(x), generated, x, all_combinations(network.tasks))
     assert_equivalent(lambda x: network(x), torch.jit.script(generated), x, all_combinations(network.tasks))
+    assert_equivalent(lambda x: network(x), pickle.loads(pickle.dumps(network)), x, all_combinations(network.tasks),
+                      atol=0)
     for combination in all_combinations(network.tasks):
         assert counted_macs(lambda: generated(x[:1], list(combination))) == generated_macs(network)[frozenset(combination)]
         assert counted_macs(lambda: network(x[:1], list(combination))) == network.macs(combination)
