@@ -108,9 +108,7 @@ def check_data(data, tasks: tuple[str, ...], argument: str = "data", dtype: torc
     shapes = {t: tuple(x.shape[1:]) for t, (x, _) in checked.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"{argument}: tasks' inputs differ in shape {shapes}; all models read one input")
-    tensors = TensorData(checked, argument)
-    tensors.notices = notices
-    return tensors
+    return TensorData(checked, argument, notices)
 
 
 def check_batch(batch, task: str | None, data: LoaderData, offset: int) -> tuple[torch.Tensor, dict]:

@@ -18,6 +18,7 @@ the tensors' settings and a loader ignores them.
 import copy
 import hashlib
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -95,9 +96,9 @@ class TensorData(TaskData):
     """{task: (inputs, labels)} tensors, checked by pamfx.checks.check_data. Tasks whose inputs are one tensor
     share each training batch's samples and one forward pass."""
 
-    def __init__(self, pairs: dict, argument: str = "data"):
+    def __init__(self, pairs: dict, argument: str = "data", notices: list | None = None):
         self.pairs, self.argument, self.tasks = pairs, argument, tuple(pairs)
-        self.notices = []
+        self.notices = list(notices or [])
         self.example = next(iter(pairs.values()))[0][:2]
 
     def sample(self, samples, seed):
@@ -222,11 +223,8 @@ class LoaderData(TaskData):
         return batch
 
     def batches(self, batch_size=1024):
-        if self.read_seed is None:
-            for task, loader in self.loaders.items():
-                yield from self._pass(task, loader)
-            return
-        with seeded(self.read_seed, generators=self.read_states):
+        reading = nullcontext() if self.read_seed is None else seeded(self.read_seed, generators=self.read_states)
+        with reading:
             for task, loader in self.loaders.items():
                 yield from self._pass(task, loader)
 
