@@ -5,7 +5,6 @@ floors as a pamfx.guard.Guard, the settings) that adds to the run's notes, probl
 are one table, MERGES: name -> a function of the run returning the merged, fine-tuned network (`Merged`).
 """
 import contextlib
-import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -18,14 +17,15 @@ from .checks import check_configs, check_data, check_models, check_options, mode
 from .devices import resolve_device
 from .errors import AugmentedDataWarning, PamfxWarning, ToleranceWarning
 from .guard import Guard
-from .history import History, MergeTrial, OwnNetwork, ZipChoice
+from .history import History, OwnNetwork, ZipChoice
 from .ir import OP, SHAPES, AlignedGraph, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
 from .passes.build import build_network
 from .passes.channel_spaces import find_channel_spaces
+from .passes.criteria import CRITERIA
 from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
-from .passes.merge_mtz import MtzConfig, merge_mtz, zip_groups
+from .passes.merge_mtz import MtzConfig, search_mtz, search_zip
 from .passes.merge_none import merge_none
 from .passes.merge_pam import PamConfig, group_table, merge_pam, search_pam
 from .passes.prune import PruneConfig, Pruned, prune as prune_network, prune_alone
@@ -39,16 +39,6 @@ from .train import accuracies, evaluate
 LARGE_TOLERANCE = 0.2   # a tolerance above it is more likely "1 %" written as 1.0 than meant
 
 
-@dataclass(frozen=True)
-class MergeSettings:
-    """What a merge reads besides the aligned graph, its channel spaces and the data."""
-    pam: PamConfig
-    mtz: MtzConfig
-    finetune: FinetuneConfig   # MTZ fine-tunes layer by layer with its batch size and learning rate
-    seed: int
-    progress: bool
-
-
 @dataclass
 class Run:
     """One optimize() call as its stages see it, and what they record for the report."""
@@ -59,8 +49,12 @@ class Run:
     merge_guard: Guard      # the same data, the floors a merge searched under the guard must meet (see _prepare)
     original: dict          # task -> its original model's accuracy on the guard (measured once)
     tolerance: float
-    settings: MergeSettings
+    pam: PamConfig
+    mtz: MtzConfig
+    finetune: FinetuneConfig   # the budget after a merge (MTZ fine-tunes layer by layer with its batch size and lr)
     pruning: PruneConfig
+    seed: int
+    progress: bool
     notes: list = field(default_factory=list)      # the report's lines, in order
     problems: list = field(default_factory=list)   # PamfxWarnings, issued when the result is ready
     seconds: dict = field(default_factory=dict)    # stage -> wall time
@@ -75,7 +69,7 @@ class Run:
         return self.aligned.tasks
 
     def say(self, text: str) -> None:
-        if self.settings.progress:
+        if self.progress:
             print(text)
 
     @contextlib.contextmanager
@@ -139,14 +133,15 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     task no path to its head.
     """
     check_models(models)
-    prune = check_options(merge, prune, tolerance, seed, tuple(MERGES))   # "none" is None
+    prune = check_options(merge, prune, tolerance, seed, tuple(MERGES), tuple(CRITERIA))   # "none" is None
     check_configs(pam=(pam, PamConfig), mtz=(mtz, MtzConfig), finetune=(finetune, FinetuneConfig),
                   pruning=(pruning, PruneConfig))
     device = resolve_device(device, models)
-    settings = MergeSettings(pam, mtz, finetune, seed, progress and distributed.rank() == 0)   # rank 0 reports
+    progress = progress and distributed.rank() == 0                    # rank 0 reports
     # the run's own random state; the caller's is restored afterwards, loaders' generators included (pamfx.rng)
     with seeded(seed, device, loader_generators(data, eval_data)):
-        run = _prepare(models, data, eval_data, device, tolerance, prune, pruning, settings)
+        run = _prepare(models, data, eval_data, device, tolerance, prune,
+                       dict(pam=pam, mtz=mtz, finetune=finetune, pruning=pruning, seed=seed, progress=progress))
         run.say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in run.spaces.values() if s.kind == 'hidden')} "
                 f"units in {sum(s.kind == 'hidden' for s in run.spaces.values())} channel spaces")
         merged = MERGES[merge].run(run)                                # the group of every unit, fine-tuned
@@ -162,23 +157,24 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
         return _result(run, merged, merged_macs if prune is not None else None)
 
 
-def _prepare(models, data, eval_data, device, tolerance, prune, pruning: PruneConfig, settings: MergeSettings) -> Run:
+def _prepare(models, data, eval_data, device, tolerance, prune, settings: dict) -> Run:
     """The checked data, the aligned graph of the models (copies, on `device`), its channel spaces, the guard (read
-    alike at every check) and the floors."""
+    alike at every check) and the floors. `settings`: Run's pam, mtz, finetune, pruning, seed and progress."""
+    pruning, seed = settings["pruning"], settings["seed"]
     tasks, dtype = tuple(models), models_dtype(models)                   # float32 or float64; the inputs follow
     data = check_data(data, tasks, "data", dtype)
     guard = None if eval_data is None else check_data(eval_data, tasks, "eval_data", dtype)
     problems = data.notices + (guard.notices if guard is not None else [])   # label kinds the checks chose
-    if settings.progress:
+    if settings["progress"]:
         print(f"[pamfx] tracing and aligning {len(tasks)} models on {device}")
     aligned = align(trace(models, data.example, device))             # one graph, copies of the models on device
     if guard is None:
-        data, guard = data.hold_out(pruning.guard_fraction, settings.seed)    # the guard is never trained on
+        data, guard = data.hold_out(pruning.guard_fraction, seed)    # the guard is never trained on
         notes = [f"guard: {guard.size()} held out of data "
-                 f"({pruning.guard_fraction:.0%}, seed {settings.seed}), never trained on"]
+                 f"({pruning.guard_fraction:.0%}, seed {seed}), never trained on"]
     else:
         notes = [f"guard: eval_data, {guard.size()}"]
-    guard = guard.as_guard(settings.seed)                            # every check reads the same samples and draws
+    guard = guard.as_guard(seed)                            # every check reads the same samples and draws
     if guard.reads_differ():   # fine-tuning then imitates the originals, so as not to drift towards the
         problems.append(_augmented_guard(eval_data is None))    # augmented samples the guard cannot judge
         data = data.distilled(dict(zip(tasks, aligned.modules)))
@@ -197,47 +193,52 @@ def _prepare(models, data, eval_data, device, tolerance, prune, pruning: PruneCo
         problems.append(_large_tolerance(tolerance, original))
     # NOTE: PAM's search and zipping keep `pam.prune_share` of the tolerance for the prune pass; a merge that spends
     # all of it leaves pruning nothing to remove.
-    share = settings.pam.prune_share if prune is not None else 0.0
+    share = settings["pam"].prune_share if prune is not None else 0.0
     return Run(aligned, spaces, data, Guard(guard, {t: original[t] - tolerance for t in tasks}),
                Guard(guard, {t: original[t] - tolerance * (1 - share) for t in tasks}), original, tolerance=tolerance,
-               settings=settings, pruning=pruning, notes=notes, problems=problems)
+               notes=notes, problems=problems, **settings)
 
 
 def _merge_none(run: Run) -> Merged:
     """Every unit in its own task's group: the original models side by side, exact (nothing to fine-tune)."""
     with run.timed("merge"):
-        grouping, weights = merge_none(run.aligned, run.spaces), stack_weights(run.aligned, run.spaces)
+        merged = _side_by_side(run)
     run.notes.append(f"merge=none: grouped in {run.seconds['merge']:.1f} s")
+    return merged
+
+
+def _side_by_side(run: Run) -> Merged:
+    grouping, weights = merge_none(run.aligned, run.spaces), stack_weights(run.aligned, run.spaces)
     return Merged(grouping, Tuned(*build_network(run.aligned, run.spaces, grouping, weights), weights))
 
 
 def _merge_pam(run: Run) -> Merged:
     """PAM: thresholds searched under the guard (PamConfig's alphas None), or the given ones, then fine-tuned."""
-    settings = run.settings
-    if settings.pam.alpha_conv is None:
+    if run.pam.alpha_conv is None:
         with run.timed("merge"):
-            grouping, tuned, trials = search_pam(run.aligned, run.spaces, run.data, run.merge_guard, settings.pam,
-                                                 settings.finetune, settings.seed, settings.progress)
+            grouping, tuned, trials = search_pam(run.aligned, run.spaces, run.data, run.merge_guard, run.pam,
+                                                 run.finetune, seed=run.seed, progress=run.progress)
         run.notes.append(f"merge=pam: thresholds searched, {run.seconds['merge']:.1f} s with fine-tuning")
         run.trials += trials
         chosen = f"pam search: chose alpha {trials[-1].setting[0]} / {trials[-1].setting[1]} x H(Y_t)"
         return Merged(grouping, tuned, tuple(t.note() for t in trials) + (chosen,))
     with run.timed("merge"):
-        grouping = merge_pam(run.aligned, run.spaces, run.data, settings.pam, settings.seed, settings.progress)
+        grouping = merge_pam(run.aligned, run.spaces, run.data, run.pam, run.seed, run.progress)
         weights = stack_weights(run.aligned, run.spaces)
     run.notes.append(f"merge=pam: grouped in {run.seconds['merge']:.1f} s")
     with run.timed("finetune"):                                      # all tasks, summed loss, rule 2 kept
         run.notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
             run.aligned, run.spaces, grouping, weights)[0], run.guard.data)))
-        tuned = rebuild_and_finetune(run.aligned, run.spaces, grouping, weights, run.data, settings.finetune,
-                                     settings.seed, settings.progress)
+        tuned = rebuild_and_finetune(run.aligned, run.spaces, grouping, weights, run.data, run.finetune, run.seed,
+                                     run.progress)
     return Merged(grouping, tuned)
 
 
 def _merge_mtz(run: Run) -> Merged:
-    """MTZ, its degree lowered while a task breaks its floor (_mtz_under_guard)."""
+    """MTZ, its degree lowered while a task breaks its floor (passes.merge_mtz.search_mtz)."""
     with run.timed("merge"):
-        grouping, tuned, trials = _mtz_under_guard(run.aligned, run.spaces, run.data, run.guard, run.settings)
+        grouping, tuned, trials = search_mtz(run.aligned, run.spaces, run.data, run.guard, run.mtz, run.finetune,
+                                             seed=run.seed, progress=run.progress)
     run.notes.append(f"merge=mtz: zipped and fine-tuned in {run.seconds['merge']:.1f} s")
     run.trials += trials
     return Merged(grouping, tuned, tuple(t.note() for t in trials))
@@ -255,15 +256,16 @@ MERGES = {"pam": Merge(_merge_pam, "lower the PAM thresholds"),
 
 
 def _zip(run: Run, merged: Merged, prune) -> tuple[Merged, Merged | None]:
-    """PAM's network with its shared groups zipped (_zip_shared), and the unzipped one when zip_choice="pruned"
+    """PAM's network with its shared groups zipped (passes.merge_mtz.search_zip), and the unzipped one when zip_choice="pruned"
     lets pruning choose between them."""
     with run.timed("zip"):
-        grouping, tuned, trials = _zip_shared(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
-                                              run.merge_guard, run.settings)
+        grouping, tuned, trials = search_zip(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
+                                             run.merge_guard, replace(run.mtz, degree=run.pam.zip_degree),
+                                             run.finetune, seed=run.seed, progress=run.progress)
     run.trials += trials
     run.notes += [t.note() for t in trials] + (group_table(run.spaces, grouping, run.tasks) if trials[-1].passed else
                                                ["pam zip: every degree breaks a floor; kept the network unzipped"])
-    choose = tuned is not merged.tuned and run.settings.pam.zip_choice == "pruned" and prune is not None
+    choose = tuned is not merged.tuned and run.pam.zip_choice == "pruned" and prune is not None
     return Merged(grouping, tuned), merged if choose else None
 
 
@@ -282,11 +284,11 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
     """The merged network pruned under the guard (and, with zip_choice="pruned", the cheaper of the zipped and the
     unzipped network pruned); with PruneConfig(alone=True), each task's own network too. Returns it and the MACs
     of each combination before pruning."""
-    settings, pruning = run.settings, run.pruning
+    pruning = run.pruning
 
     def pruned_from(start: Merged) -> Pruned:
         return prune_network(run.aligned, run.spaces, start.grouping, start.tuned, run.data, run.guard, prune,
-                             pruning, settings.seed, settings.progress)
+                             pruning, seed=run.seed, progress=run.progress)
 
     with run.timed("prune"):
         pruned = pruned_from(merged)
@@ -306,8 +308,7 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
     if pruning.alone and merge != "none" and len(run.tasks) > 1:   # under none each task's network is its own
         run.say("[pamfx] pruning each task's own network")
         with run.timed("alone"):
-            alone, run.own = _own_networks(run.aligned, run.spaces, pruned.grouping, pruned.tuned, run.data,
-                                           run.guard, prune, pruning, settings.seed, settings.progress)
+            alone, run.own = _own_networks(run, pruned.grouping, pruned.tuned, prune)
             pruned.tuned.network.with_alone(alone)
         run.notes += [own.note() for own in run.own]
     return Merged(pruned.grouping, pruned.tuned), merged_macs
@@ -329,68 +330,17 @@ def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
                   seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems), history=history)
 
 
-def _mtz_under_guard(aligned, spaces, data, guard: Guard, settings: MergeSettings
-                     ) -> tuple[Grouping, Tuned, tuple[MergeTrial, ...]]:
-    """MTZ's merge at `mtz.degree`, fine-tuned; while a task ends below its floor on the guard, the merge is redone
-    at half and then a quarter of the degree (what a user would do on the warning), and the last try is kept."""
-    def merge(degree):
-        grouping, weights = merge_mtz(aligned, spaces, data, replace(settings.mtz, degree=degree), settings.finetune,
-                                      settings.seed, settings.progress)
-        return grouping, rebuild_and_finetune(aligned, spaces, grouping, weights, data, settings.finetune,
-                                              settings.seed, settings.progress)
-
-    (grouping, tuned), _, trials = _halving("mtz", settings.mtz.degree, merge, guard)
-    return grouping, tuned, trials
-
-
-def _zip_shared(aligned, spaces, grouping, tuned, data, guard: Guard, settings: MergeSettings
-                ) -> tuple[Grouping, Tuned, tuple[MergeTrial, ...]]:
-    """PAM's merged network with the units of different models in each shared group zipped in pairs
-    (merge_mtz.zip_groups, MTZ's schedule) and fine-tuned as after a merge. Tries `pam.zip_degree` of the fewer
-    side, then half and a quarter of it, and keeps the first network that leaves every task at or above its floor on
-    the guard; if none does, the network as merged. Returns the grouping and network kept and the trials (the
-    last passed if the zipped network was kept)."""
-    def zipped(degree):
-        zipped, weights = zip_groups(aligned, spaces, grouping, copy.deepcopy(tuned.weights), data,
-                                     replace(settings.mtz, degree=degree), settings.finetune, settings.seed,
-                                     settings.progress)
-        return zipped, rebuild_and_finetune(aligned, spaces, zipped, weights, data, settings.finetune, settings.seed,
-                                            settings.progress, desc=f"pam: zipped {degree:.3g}")
-
-    (zipped_grouping, zipped_tuned), passed, trials = _halving("zip", settings.pam.zip_degree, zipped, guard,
-                                                               before=tuned.network.macs())
-    return (zipped_grouping, zipped_tuned, trials) if passed else (grouping, tuned, trials)
-
-
-def _halving(merge: str, degree, attempt, guard: Guard, before: int = 0
-             ) -> tuple[tuple, bool, tuple[MergeTrial, ...]]:
-    """Runs attempt(d) -> (grouping, Tuned) for d = degree, degree / 2, degree / 4 until every task meets its floor
-    on the guard. Returns the last result, whether it meets every floor, and one MergeTrial of `merge` per try
-    (`before`: the MACs of the network a zipping starts from)."""
-    trials = []
-    for d in (degree, degree / 2, degree / 4):
-        started = time.perf_counter()
-        result = attempt(d)
-        check = guard.check(result[1].network)
-        trials.append(MergeTrial(merge, (d,), check.accuracy, check.failing, result[1].network.macs(), before,
-                                 seconds=time.perf_counter() - started))
-        if check.passed:
-            return result, True, tuple(trials)
-    return result, False, tuple(trials)
-
-
-def _own_networks(aligned, spaces, grouping, tuned, data, guard: Guard, prune, pruning, seed, progress
-                  ) -> tuple[dict, tuple[OwnNetwork, ...]]:
+def _own_networks(run: Run, grouping: Grouping, tuned: Tuned, prune: str) -> tuple[dict, tuple[OwnNetwork, ...]]:
     """{task: its own network} and an OwnNetwork record per task. Each task's own network is the cheaper of two
     prunings for that task alone under its guard: the pruned merged network's copy (passes.prune.prune_alone),
     and its original model as merge="none" prunes it (the very network optimize(merge="none") gives with this
     seed, so that no combination costs more than pruning the models separately). Kept only where it costs fewer
     MACs than the task's statements on the shared network."""
-    from_merged = prune_alone(aligned, spaces, grouping, tuned, data, guard, prune, pruning, seed, progress)
-    separate_grouping, weights = merge_none(aligned, spaces), stack_weights(aligned, spaces)
-    separate = prune_network(aligned, spaces, separate_grouping,
-                             Tuned(*build_network(aligned, spaces, separate_grouping, weights), weights),
-                             data, guard, prune, pruning, seed, progress)
+    aligned, spaces, options = run.aligned, run.spaces, dict(seed=run.seed, progress=run.progress)
+    from_merged = prune_alone(aligned, spaces, grouping, tuned, run.data, run.guard, prune, run.pruning, **options)
+    side_by_side = _side_by_side(run)
+    separate = prune_network(aligned, spaces, side_by_side.grouping, side_by_side.tuned, run.data, run.guard, prune,
+                             run.pruning, **options)
     alone, records = {}, []
     for task in aligned.tasks:
         candidates = {"the merged network": from_merged.get(task),

@@ -10,9 +10,6 @@ from .errors import DataError
 from .labels import canonical, check_head, is_multilabel, is_one_hot, one_hot_warning
 from .sources import LoaderData, TaskData, TensorData
 
-PRUNERS = ("taylor", "l1", "vib", "none", None)   # "none" and None: no pruning
-
-
 def check_models(models) -> tuple[str, ...]:
     """Returns the task names; raises TypeError/ValueError for anything but a non-empty dict of modules."""
     if not isinstance(models, dict) or not models:
@@ -53,13 +50,13 @@ def models_dtype(models: dict) -> torch.dtype:
     return found.get(first, torch.float32)
 
 
-def check_options(merge, prune, tolerance, seed, merges: tuple[str, ...]) -> str | None:
+def check_options(merge, prune, tolerance, seed, merges: tuple[str, ...], criteria: tuple[str, ...]) -> str | None:
     """Returns the pruner (None for "none" or None); raises ValueError naming the argument whose value is out of
-    range (`merges`: the merges pamfx.api offers)."""
+    range (`merges`: the merges pamfx.api offers; `criteria`: the prune pass's, passes.criteria.CRITERIA)."""
     if merge not in merges:
         raise ValueError(f"merge={merge!r} is not one of {list(merges)}")
-    if prune not in PRUNERS:
-        raise ValueError(f"prune={prune!r} is not one of {list(PRUNERS)}")
+    if prune not in (*criteria, "none", None):
+        raise ValueError(f"prune={prune!r} is not one of {[*criteria, 'none', None]}")
     if not isinstance(tolerance, (int, float)) or math.isnan(tolerance) or not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance={tolerance!r} must be a number in [0, 1]: the largest allowed drop of a "
                          "task's top-1 accuracy, e.g. 0.01 for one point")

@@ -24,31 +24,23 @@ from . import ops
 from .network import INPUT, GatedNetwork, Statement
 
 _LAYERS = (nn.Conv2d, nn.Linear)
-_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
-# What the builder emits for per-channel functions, for arithmetic with scalars or of two tensors of one space, for a
-# spatial mean and a flatten to [B, features]: all act on each channel alone, whatever the number of channels.
-_SEPARABLE = (set(ops.CHANNELWISE_FUNCTIONS.values()) | set(ops.CHANNELWISE_METHODS.values())
-              | set(ops.SCALAR_FUNCTIONS.values()) | set(ops.SCALAR_METHODS.values()) | set(ops.REVERSED.values())
-              | {"torch.mean", "torch.flatten", "torch.Tensor.expand_as"})
 
 
 def can_fuse(network: GatedNetwork) -> str | None:
     """None if `fuse` can fix this network to a combination, else the reason it cannot (naming the statement):
-    every statement must act on each channel alone (or be a conv / linear layer), so that it may run once on all
-    groups' slices side by side."""
+    every statement's op kind must act on each channel alone or be a conv / linear layer (its registry entry's
+    `fuses`), so that it may run once on all groups' slices side by side."""
     for statement in network.statements:
-        if not statement.node:           # a network built before statements recorded their layer
-            return f"statement '{statement.out}' does not record its layer; rebuild the network"
+        if not statement.kind:           # a network built before statements recorded their op kind
+            return f"statement '{statement.out}' does not record its op kind; rebuild the network"
         if statement.call in ("select", "concat") or statement.args and statement.call == "module":
             return f"'{statement.out}' picks or joins channels ({statement.call})"
-        if statement.call == "function" and statement.target not in _SEPARABLE:
-            return f"'{statement.out}' calls {statement.target}, which is not applied to each channel alone"
-        if statement.call == "module":
-            module = network.get_submodule(statement.target)
-            if ops.is_grouped(module):
-                return f"'{statement.out}' is a grouped convolution"
-            if not isinstance(module, _LAYERS + _PER_CHANNEL + ops.CHANNELWISE_MODULES):
-                return f"'{statement.out}' runs {type(module).__name__}, which is not applied to each channel alone"
+        if not ops.REGISTRY[statement.kind].fuses:
+            return f"'{statement.out}' is a {statement.kind} op, which is not applied to each channel alone"
+        if statement.kind == ops.FLATTEN and statement.target == "torch.reshape":
+            return f"'{statement.out}' reshapes to its group's channel count (a reshape's arguments hold it)"
+        if statement.call == "module" and ops.is_grouped(network.get_submodule(statement.target)):
+            return f"'{statement.out}' is a grouped convolution"
     return None
 
 
@@ -75,7 +67,8 @@ def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
             layout[node] = [(s.group, widths[s.out]) for s in statements]
             modules[node] = _fused_layer(network, statements, layout[reads[0]], source)
             macs = _macs(first, network.get_submodule(first.target), modules[node])
-            fused.append(Statement(node, combination, (reads[0],), "module", node, macs=macs, node=node))
+            fused.append(Statement(node, combination, (reads[0],), "module", node, macs=macs, node=node,
+                                   kind=first.kind))
             continue
         tensors = [name for name in reads if name in layout]
         if any(layout[name] != layout[tensors[0]] for name in tensors):
@@ -84,7 +77,7 @@ def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
         layout[node] = [(group, width * scale) for group, width in layout[tensors[0]]]   # the input's groups
         if first.call == "module" and _stateless(network.get_submodule(first.target)):   # pooling, activation
             modules[node] = copy.deepcopy(network.get_submodule(first.target))
-            fused.append(Statement(node, combination, (reads[0],), "module", node, node=node))
+            fused.append(Statement(node, combination, (reads[0],), "module", node, node=node, kind=first.kind))
         elif first.call == "module":
             groups = [group for group, _ in layout[node]]
             if any((node, group) not in part for group in groups):
@@ -92,7 +85,7 @@ def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
                                  "module there")
             parts = [part[node, group] for group in groups]
             modules[node] = _fused_per_channel(network, parts)
-            fused.append(Statement(node, combination, (reads[0],), "module", node, node=node,
+            fused.append(Statement(node, combination, (reads[0],), "module", node, node=node, kind=first.kind,
                                    macs=sum(s.macs for s in parts)))    # a depthwise conv's
         else:
             fused.append(replace(first, out=node, group=combination, inputs=reads, macs=0, gate=frozenset()))
@@ -105,7 +98,7 @@ def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
                 outputs[task] = head
                 continue
             picks.append(Statement(f"{head}_out{len(picks)}", combination, (head,), "select", node=head,
-                                   args=(tuple(range(offset, offset + widths[network.outputs[task]])),)))
+                                   kind=ops.SELECT, args=(tuple(range(offset, offset + widths[network.outputs[task]])),)))
             outputs[task] = picks[-1].out
     ordered = tuple(t for t in network.tasks if t in combination)
     plan = GatedNetwork(ordered, fused + picks, outputs, modules, input_shape=network.input_shape)

@@ -4,11 +4,15 @@
     check = guard.check(network)       # Check(accuracy, failing): one read of the guard
     if check.passed: ...
 
-The PAM threshold search, the degrees of MTZ and of zipping (pamfx.api._halving), the prune loop and the check
-after merging all decide through Guard.check: one place says what "meets its floor" means.
+The PAM threshold search, the degrees of MTZ and of zipping, the prune loop and the check after merging all decide
+through Guard.check: one place says what "meets its floor" means. The three merges back off the same way
+(Guard.first_passing): they try settings from the boldest down and keep the first network that meets every floor.
 """
+import time
 from dataclasses import dataclass
 
+from .errors import GroupingError
+from .history import MergeTrial
 from .sources import TaskData
 from .train import evaluate
 
@@ -47,3 +51,23 @@ class Guard:
         """The same guard with each floor lowered to `accuracy` where that is below it (a task that starts below its
         floor must not fall further)."""
         return Guard(self.data, {t: min(floor, accuracy[t]) for t, floor in self.floors.items()})
+
+    def first_passing(self, merge: str, settings, attempt, before: int = 0) -> tuple[tuple | None, bool, tuple]:
+        """Runs attempt(setting) -> (grouping, Tuned) for each setting in order (the boldest first) until one meets
+        every floor. Returns the last network built (None if none could be), whether it passed, and one
+        pamfx.history.MergeTrial of `merge` per setting tried (a setting that cannot be built, GroupingError,
+        records its error). `before`: the MACs of the network a zipping starts from."""
+        trials, built = [], None
+        for setting in settings:
+            started = time.perf_counter()
+            try:
+                built = attempt(setting)
+            except GroupingError as error:      # e.g. thresholds so large that a task keeps no path
+                trials.append(MergeTrial(merge, setting, {}, (), 0, error=str(error)))
+                continue
+            check = self.check(built[1].network)
+            trials.append(MergeTrial(merge, setting, check.accuracy, check.failing, built[1].network.macs(), before,
+                                     seconds=time.perf_counter() - started))
+            if check.passed:
+                return built, True, tuple(trials)
+        return built, False, tuple(trials)

@@ -36,7 +36,8 @@ class Statement:
     dim: the channel dim of the inputs that "module", "concat" and "select" join or pick (1, or the last dim of
          tokens [batch, tokens, channels]).
     gate: the tasks whose outputs need this statement; it runs when the combination meets the gate.
-    node: the aligned-graph node whose tensor this statement computes a slice of (pamfx.fuse joins them).
+    node: the aligned-graph node whose tensor this statement computes a slice of (pamfx.fuse joins them);
+    kind: that node's op kind (pamfx.ops), whose registry entry says what fusion may do with it.
     """
     out: str
     group: Group
@@ -49,6 +50,7 @@ class Statement:
     dim: int = 1
     gate: Group = field(default=frozenset(), compare=False)
     node: str = field(default="", compare=False)
+    kind: str = field(default="", compare=False)
 
     def expression(self) -> str:
         """What the statement computes, as a Python expression over its inputs' variables, `self` (the network,

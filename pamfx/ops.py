@@ -513,7 +513,9 @@ class Kind:
     per_model: its parameters are each model's, so it must read one space's units model by model;
     builder: the passes/build.py _Builder method that builds it ("" for kinds the builder never visits);
     macs: the MACs formula (module, output shape) -> int for kinds that multiply-accumulate;
-    per_feature: the names of its tensors with one entry per channel (stacked, pruned and merged per feature)."""
+    per_feature: the names of its tensors with one entry per channel (stacked, pruned and merged per feature);
+    fuses: it acts on each channel alone, whatever their number (or is a conv / linear layer), so pamfx.fuse may
+           run it once over all groups' slices side by side."""
     rule: str
     space: str = ""
     verb: str = ""
@@ -521,6 +523,7 @@ class Kind:
     builder: str = ""
     macs: Callable | None = None
     per_feature: tuple[str, ...] = ()
+    fuses: bool = False
 
 
 REGISTRY = {
@@ -528,33 +531,33 @@ REGISTRY = {
     OUTPUT: Kind("each task's head"),
     SHAPE: Kind("sizes, followed into the arguments of a reshape"),
     CONV: Kind("new channel space (groups = 1, or grouped: a unit reads its block)", "new", builder="visit_layer",
-               macs=conv_macs),
+               macs=conv_macs, fuses=True),
     DEPTHWISE: Kind("keeps the space (groups = in = out channels)", "keeps", builder="visit_depthwise",
-                    macs=conv_macs, per_feature=("weight", "bias")),
+                    macs=conv_macs, per_feature=("weight", "bias"), fuses=True),
     LINEAR: Kind("new channel space: over the channels, the last dim ([B, features] or tokens [B, T, C])", "new",
-                 builder="visit_layer", macs=linear_macs),
+                 builder="visit_layer", macs=linear_macs, fuses=True),
     TOKEN_LINEAR: Kind("keeps the space: a Linear over another dim (tokens), each model's own on each of its "
                        "channels", "keeps", "applies a Linear over tokens to", per_model=True,
                        builder="visit_token_linear", macs=linear_macs, per_feature=("weight", "bias")),
     BATCHNORM: Kind("keeps the space (affine, running statistics)", "keeps", builder="visit_batchnorm",
-                    per_feature=("weight", "bias", "running_mean", "running_var")),
+                    per_feature=("weight", "bias", "running_mean", "running_var"), fuses=True),
     PRELU: Kind("keeps the space (one slope per channel, or one shared)", "keeps", builder="visit_prelu",
-                per_feature=("weight",)),
+                per_feature=("weight",), fuses=True),
     NORM: Kind("keeps the space; each statistic set (GroupNorm group, a model's LayerNorm channels) in one group",
                "keeps", "normalises", per_model=True, builder="visit_norm", per_feature=("weight", "bias")),
-    CHANNELWISE: Kind("keeps the space: each channel on its own", "keeps", builder="visit_channelwise"),
+    CHANNELWISE: Kind("keeps the space: each channel on its own", "keeps", builder="visit_channelwise", fuses=True),
     FLATTEN: Kind("[B, C, H, W] to [B, C*H*W] features, or a reshape of the dims after the channels (keeps the "
-                  "space)", builder="visit_flatten"),
-    MEAN: Kind("keeps the space: over spatial dims or tokens", "keeps", builder="visit_mean"),
+                  "space)", builder="visit_flatten", fuses=True),
+    MEAN: Kind("keeps the space: over spatial dims or tokens", "keeps", builder="visit_mean", fuses=True),
     TRANSPOSE: Kind("keeps the space, moving its channel axis (batch first); inside a channel shuffle, a "
                     "permutation", "keeps", builder="visit_transpose"),
     SOFTMAX: Kind("over a head's classes only", "keeps", builder="visit_softmax"),
     ADD: Kind("joins both operands' spaces (a residual add; of a torch.cat too)", "joins", "adds",
-              builder="visit_add"),
+              builder="visit_add", fuses=True),
     MUL: Kind("joins both operands' spaces (a squeeze-excitation gate; of a torch.cat too)", "joins",
-              "multiplies by", builder="visit_mul"),
+              "multiplies by", builder="visit_mul", fuses=True),
     EXPAND_AS: Kind("joins both operands' spaces (gate.expand_as(x))", "joins", "is expanded as",
-                    builder="visit_expand_as"),
+                    builder="visit_expand_as", fuses=True),
     CAT: Kind("on the channel dim: the operands' channels side by side", builder="visit_cat"),
     SPLIT: Kind("on channels (dim 1): a tuple of pieces, read by indexing"),
     SELECT: Kind("picks channels of each model (routed per group)"),

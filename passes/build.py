@@ -334,7 +334,7 @@ class _Builder:
             self.modules[target] = module
         self.statements.append(Statement(out=out, group=group, inputs=tuple(inputs), call=call, target=target,
                                          args=tuple(args), kwargs=tuple(sorted((kwargs or {}).items())), macs=macs,
-                                         dim=node.meta[AXIS], node=node.name))
+                                         dim=node.meta[AXIS], node=node.name, kind=node.meta[OP]))
         self.values.setdefault(node, {})[group] = out
 
 

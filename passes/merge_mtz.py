@@ -13,7 +13,8 @@ them, so it is computed once for any combination.
 
     grouping, weights = merge_mtz(aligned, spaces, data, MtzConfig(degree=0.9))
 """
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 from pamfx import ops
 from pamfx.devices import device_of, to_device
 from pamfx.errors import GroupingError
+from pamfx.guard import Guard
 from pamfx.ir import AXIS, FEATURES, MODULES, OP, SPACE, AlignedGraph, ChannelSpace, Grouping, group_of_feature
-from pamfx.passes.finetune import FinetuneConfig, rebuild_and_finetune
+from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from pamfx.passes.layer_weights import LayerWeights
 from pamfx.passes.merge_none import merge_none
 from pamfx.rules import blocks, couple_norms, drop_unreadable, may_read
@@ -75,6 +77,40 @@ def zip_groups(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping:
     groups = {name: list(g) for name, g in grouping.groups.items()}
     return _zip_layers(aligned, spaces, groups, weights, data, config, tuning, seed, progress, zip_layer,
                        "pam: zip shared units")
+
+
+def search_mtz(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data, guard: Guard, config: MtzConfig,
+               tuning: FinetuneConfig, *, seed: int = 0, progress: bool = True):
+    """MTZ's merge at `config.degree`, fine-tuned with `tuning`; while a task ends below its floor on the guard, it
+    is redone at half and then a quarter of the degree (what a user would do on the warning). Returns (grouping,
+    tuned network, the trials as pamfx.history.MergeTrial records); the last try is kept."""
+    def attempt(setting):
+        grouping, weights = merge_mtz(aligned, spaces, data, replace(config, degree=setting[0]), tuning, seed,
+                                      progress)
+        return grouping, rebuild_and_finetune(aligned, spaces, grouping, weights, data, tuning, seed, progress)
+
+    built, _, trials = guard.first_passing("mtz", _halved(config.degree), attempt)
+    return (*built, trials)
+
+
+def search_zip(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data,
+               guard: Guard, config: MtzConfig, tuning: FinetuneConfig, *, seed: int = 0, progress: bool = True):
+    """The network `tuned` (of `grouping`) with the units of different models in each shared group zipped
+    (zip_groups at `config.degree`, then half and a quarter of it) and fine-tuned with `tuning`; the first that
+    leaves every task at or above its floor on the guard is kept, else the network as given. Returns (grouping,
+    tuned network, the trials; the last passed if the zipped network was kept)."""
+    def attempt(setting):
+        zipped, weights = zip_groups(aligned, spaces, grouping, copy.deepcopy(tuned.weights), data,
+                                     replace(config, degree=setting[0]), tuning, seed, progress)
+        return zipped, rebuild_and_finetune(aligned, spaces, zipped, weights, data, tuning, seed, progress,
+                                            desc=f"pam: zipped {setting[0]:.3g}")
+
+    built, passed, trials = guard.first_passing("zip", _halved(config.degree), attempt, before=tuned.network.macs())
+    return (*built, trials) if passed else (grouping, tuned, trials)
+
+
+def _halved(degree: float) -> list[tuple[float]]:
+    return [(degree,), (degree / 2,), (degree / 4,)]
 
 
 def _zip_layers(aligned, spaces, groups: dict, weights: dict, data, config: MtzConfig, tuning: FinetuneConfig, seed,

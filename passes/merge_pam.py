@@ -8,7 +8,6 @@ every group of two or more tasks into one shared group.
     grouping = merge_pam(aligned, spaces, data, PamConfig(alpha_linear=0.2))
     grouping.groups["fc1"][:3]   # (frozenset({'tops', 'shoes'}), frozenset({'tops'}), None)
 """
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,7 +16,6 @@ from tqdm.auto import tqdm
 from pamfx import ops
 from pamfx.errors import GroupingError
 from pamfx.guard import Guard
-from pamfx.history import MergeTrial
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
 from pamfx.passes.finetune import rebuild_and_finetune
@@ -182,29 +180,14 @@ def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data, gua
     fine-tune, and the largest pair passed in 5 of the 6 bench runs (one trial instead of three from the middle of
     the list). Returns (grouping, tuned network, the trials as pamfx.history.MergeTrial records, the kept one last).
     If no pair passes, the smallest pair's network (its failing tasks are then the caller's to report)."""
-    ladder = sorted(config.search, reverse=True)          # largest thresholds first
-    built: dict[int, tuple] = {}
-    tried: list[MergeTrial] = []
+    def attempt(pair):
+        chosen = replace(config, alpha_conv=pair[0], alpha_linear=pair[1], relative=True)
+        grouping = merge_pam(aligned, spaces, data, chosen, seed, progress=False)   # GroupingError: no path left
+        return grouping, rebuild_and_finetune(aligned, spaces, grouping, stack_weights(aligned, spaces), data,
+                                              tuning, seed, progress, desc=f"pam {pair[0]}/{pair[1]}")
 
-    def trial(index):
-        started = time.perf_counter()
-        chosen = replace(config, alpha_conv=ladder[index][0], alpha_linear=ladder[index][1], relative=True)
-        try:
-            grouping = merge_pam(aligned, spaces, data, chosen, seed, progress=False)
-        except GroupingError as error:       # thresholds so large that a task keeps no path
-            tried.append(MergeTrial("pam", ladder[index], {}, (), 0, error=str(error)))
-            return False
-        tuned = rebuild_and_finetune(aligned, spaces, grouping, stack_weights(aligned, spaces), data, tuning, seed,
-                                     progress, desc=f"pam {ladder[index][0]}/{ladder[index][1]}")
-        check = guard.check(tuned.network)
-        tried.append(MergeTrial("pam", ladder[index], check.accuracy, check.failing, tuned.network.macs(),
-                                seconds=time.perf_counter() - started))
-        built[index] = (grouping, tuned)
-        return check.passed
-
-    index = next((i for i in range(len(ladder)) if trial(i)), len(ladder) - 1)
-    if index not in built:            # the smallest pair could not even be built: say why
+    built, _, trials = guard.first_passing("pam", sorted(config.search, reverse=True), attempt)
+    if built is None:            # not even the smallest pair keeps every task a path: say why
         raise GroupingError("PAM found no thresholds that keep every task a path to its head: "
-                            + "; ".join(t.note() for t in tried))
-    grouping, tuned = built[index]
-    return grouping, tuned, tuple(tried)
+                            + "; ".join(t.note() for t in trials))
+    return (*built, trials)

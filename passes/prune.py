@@ -119,7 +119,7 @@ class _State:
 
 
 def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data,
-          guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
+          guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), *, seed: int = 0,
           progress: bool = True) -> Pruned:
     """Prunes the network `tuned` (built from `grouping`) until no task can lose more units without falling below
     its floor on the guard (pamfx.guard.Guard: its data and floors). `data` trains, `guard` decides.
@@ -158,6 +158,9 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     state.done |= exhausted
     if state.done >= set(tasks):
         return False
+    # NOTE: the removal can be empty while tasks still offer units: every offered unit is shared and not offered
+    # by all its tasks. The step then removes nothing and is recorded as such; the next step scores with the next
+    # seed and may agree. Only `max_steps` bounds such a run of empty steps.
     unguarded = frozenset(aligned.tasks) - frozenset(tasks)
     groups, restored_for, needed_before = state.groups, set(), set(state.needed)
     accuracy = state.history[-1].accuracy if state.history else {}   # what a step that removes nothing records
@@ -218,7 +221,7 @@ def _final(aligned, spaces, data, guard: Guard, config: PruneConfig, seed: int, 
 
 
 def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned,
-                data, guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), seed: int = 0,
+                data, guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), *, seed: int = 0,
                 progress: bool = True) -> dict[str, GatedNetwork]:
     """{task: its own network}: for each task that keeps its floor, the pruned network `tuned` pruned further for
     that task alone (its loss, its guard) and cut down to what it computes. Merged networks end mostly shared, so
@@ -227,7 +230,7 @@ def prune_alone(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping
     alone = {}
     for task in aligned.tasks:
         pruned = prune(aligned, spaces, grouping, tuned, data.only([task]), guard.only([task]), criterion, config,
-                       seed, progress)
+                       seed=seed, progress=progress)
         if not pruned.below_floor:
             alone[task] = pruned.tuned.network.restricted(task)
     return alone

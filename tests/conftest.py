@@ -1,9 +1,12 @@
 """Shared helpers: small random models of every zoo architecture (and Mixed, every channel rule at once), random
 groupings, the equivalence check, loading a generated file, counting MACs with FlopCounterMode, a virtual dataset,
 and the tiny budgets the tests run with."""
+import gzip
 import importlib.util
 import random
+import struct
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +230,32 @@ class Mixed(nn.Module):
         flat = self.drop(x.view(x.size(0), -1))
         hidden = torch.relu(self.bn1d(self.fc1(flat))) + self.side(pooled)
         return self.head(hidden)
+
+
+# -- a tiny fake Fashion-MNIST for the demo's tests -----------------------------------------------------------
+def write_idx(path, array, magic=None):
+    """Write `array` (uint8) as a gzipped IDX file; `magic` overrides the header's magic number."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = (0x0800 | array.ndim) if magic is None else magic
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_dataset(tmp_path_factory):
+    """A Fashion-MNIST directory with 300 train and 200 test random images, every label equally often."""
+    root = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 200)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.permutation(np.arange(n) % 10))
+    return root
+
+
+@pytest.fixture
+def demo_args(fake_dataset, tmp_path, monkeypatch):
+    """Arguments of a fast demo on the fake dataset, with cache and output in tmp_path."""
+    monkeypatch.setenv("PAMFX_FASHION_MNIST", str(fake_dataset))
+    return ["demo", "--epochs", "1", "--train-images", "100", "--merge", "none", "--prune", "none", "--quiet",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out" / "merged.py")]

@@ -1,12 +1,9 @@
 """The command line `pamfx demo`, run on a tiny fake Fashion-MNIST: it reports every combination, writes a module
 that equals the network, refuses to overwrite unasked, and turns a missing prerequisite into exit code 2."""
-import gzip
 import re
-import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import pamfx
@@ -14,33 +11,6 @@ from pamfx.demo.cli import main
 
 TASKS = ("classes_0_4", "classes_5_9")
 COMBINATIONS = {"{classes_0_4}", "{classes_5_9}", "{classes_0_4, classes_5_9}"}
-
-
-def write_idx(path, array):
-    """Write `array` as a gzipped IDX file of unsigned bytes."""
-    array = np.asarray(array, dtype=np.uint8)
-    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def fake_dataset(tmp_path_factory):
-    """A Fashion-MNIST directory with 300 train and 200 test random images, every label equally often."""
-    root = tmp_path_factory.mktemp("fashion-mnist")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 300), ("t10k", 200)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.permutation(np.arange(n) % 10))
-    return root
-
-
-@pytest.fixture
-def demo_args(fake_dataset, tmp_path, monkeypatch):
-    """Arguments of a fast demo on the fake dataset, with cache and output in tmp_path."""
-    monkeypatch.setenv("PAMFX_FASHION_MNIST", str(fake_dataset))
-    return ["demo", "--epochs", "1", "--train-images", "100", "--merge", "none", "--prune", "none", "--quiet",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out" / "merged.py")]
 
 
 def table_combinations(stdout: str) -> set[str]:

@@ -21,6 +21,8 @@ from pamfx.errors import DataError, DatasetMissingError, PamfxError
 from pamfx.train import accuracy
 from pamfx.demo.training import train, train_or_load
 
+from conftest import write_idx
+
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_real_data = pytest.mark.skipif(
     not (REAL_ROOT / "train-images-idx3-ubyte.gz").is_file(),
@@ -28,15 +30,6 @@ needs_real_data = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-def write_idx(path, array, magic=None):
-    """Write `array` (uint8) as a gzipped IDX file; `magic` overrides the header's magic number."""
-    array = np.asarray(array, dtype=np.uint8)
-    magic = (0x0800 | array.ndim) if magic is None else magic
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
 
 def write_split(root, split, images, labels):
     prefix = {"train": "train", "test": "t10k"}[split]

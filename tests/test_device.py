@@ -10,7 +10,6 @@ from pamfx.demo.cli import main
 from pamfx.ir import all_combinations
 
 from conftest import make_models, random_data
-from test_cli import demo_args, fake_dataset  # noqa: F401 - fixtures of the demo on a tiny fake Fashion-MNIST
 from conftest import load_generated
 from conftest import PAM, TINY
 

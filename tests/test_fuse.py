@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pamfx
+from pamfx import ops
 from pamfx.codegen import FUSE_LIMIT, specialised
 from pamfx.fuse import can_fuse, fuse
 from pamfx.ir import all_combinations
@@ -11,7 +12,7 @@ from pamfx.ir import all_combinations
 from conftest import assert_equivalent, build_random, make_models, random_data
 from conftest import load_generated
 from conftest import counted_macs
-from test_patterns import SHAPE, inputs, models_of
+from patterns import SHAPE, inputs, models_of
 
 TASKS = ("a", "b", "c")
 
@@ -52,8 +53,8 @@ def test_one_group_per_layer_fuses_without_extra_macs():
 
 
 @pytest.mark.parametrize("pattern, reason", [("log_softmax", "log_softmax"), ("cat_then_mean", "concat"),
-                                             ("shufflenet_v2", "concat"), ("norms", "Norm, which is not applied"),
-                                             ("mlp_mixer", "not applied to each channel alone")])
+                                             ("shufflenet_v2", "concat"), ("norms", f"a {ops.NORM} op"),
+                                             ("mlp_mixer", "reshapes")])
 def test_what_cannot_fuse_is_named_and_codegen_keeps_the_gated_forward(pattern, reason, tmp_path):
     tasks = tuple(models_of(pattern))
     network = pamfx.optimize(models_of(pattern), random_data(tasks, shape=SHAPE), merge="none", prune=None,

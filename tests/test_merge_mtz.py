@@ -129,14 +129,14 @@ def test_with_equal_hessians_a_zipped_unit_is_the_mean_of_its_pair():
 def test_an_mtz_merge_that_breaks_a_floor_is_redone_at_a_lower_degree(floor, degrees):
     """optimize(merge="mtz") halves MtzConfig.degree (twice at most) while a task ends below its floor on the
     guard, and keeps the last try: at a quarter of the degree fewer units are zipped than at the full degree."""
-    from pamfx.api import MergeSettings, _mtz_under_guard
     from pamfx.guard import Guard
+    from pamfx.passes.merge_mtz import search_mtz
     tasks = ("a", "b")
     models = make_models("lenet5", tasks)
     data = random_data(tasks, n=64)
     aligned, spaces = compile_parts(models, data["a"][0][:2])
-    settings = MergeSettings(pamfx.PamConfig(), NO_TUNING, FinetuneConfig(steps=0), 0, False)
-    grouping, tuned, trials = _mtz_under_guard(aligned, spaces, data, Guard(data, {t: floor for t in tasks}), settings)
+    grouping, tuned, trials = search_mtz(aligned, spaces, data, Guard(data, {t: floor for t in tasks}), NO_TUNING,
+                                         FinetuneConfig(steps=0), progress=False)
     assert [(trial.merge, trial.setting) for trial in trials] == [("mtz", (d,)) for d in degrees]
     assert all(trial.failing == tasks for trial in trials[:-1])
     assert trials[-1].passed == (floor < 0)

@@ -13,6 +13,7 @@ from pamfx.guard import Check, Guard
 from pamfx.sources import hold_out
 from pamfx.ir import all_combinations
 from pamfx.passes.build import build_network
+from pamfx.passes.criteria import CRITERIA
 from pamfx.passes.merge_none import merge_none
 from pamfx.passes.prune import _choose
 from pamfx.passes.layer_weights import LayerWeights
@@ -224,10 +225,10 @@ def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monk
         ranks = {name: torch.ones(len(space.units)) for name, space in spaces.items() if space.kind == "hidden"}
         ranks["fc1"][:3] = torch.tensor([0.0, 0.1, 0.2])
         return ranks
-    monkeypatch.setitem(pamfx.passes.prune.CRITERIA, "taylor", scores)
+    monkeypatch.setitem(CRITERIA, "ranked", scores)      # registered as a new criterion (the documented way)
     config = PruneConfig(step_fraction=1e-4, min_fraction=1e-5, max_steps=3, step_steps=0, final_steps=0,
                          cost_aware=False, batch_size=32)   # 1e-4 of LeNet-5's MACs is less than any unit saves
-    result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
+    result = run({"a": model}, data, data, tolerance=0.0, pruning=config, prune="ranked")
     fc1 = result.grouping.groups["fc1"]
     assert fc1[0] is not None and fc1[1] is None and fc1[2] is None and all(g is not None for g in fc1[3:])
     steps = result.history.prune_steps
@@ -258,13 +259,13 @@ def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retr
         tuned.network.short = without and config.steps < 4
         calls.append((without, config.steps))
         return tuned
-    monkeypatch.setitem(pamfx.passes.prune.CRITERIA, "taylor", scores)
+    monkeypatch.setitem(CRITERIA, "ranked", scores)
     monkeypatch.setattr(pamfx.passes.prune, "rebuild_and_finetune", recording)
     monkeypatch.setattr(Guard, "check", lambda guard, network: Check(
         {"a": 0.0 if getattr(network, "short", False) else 1.0}, ("a",) if getattr(network, "short", False) else ()))
     config = PruneConfig(step_fraction=1e-4, min_fraction=1e-5, max_steps=1, step_steps=2, final_steps=4,
                          cost_aware=False, batch_size=32, retry_share=retry_share)   # one unit per step
-    result = run({"a": model}, data, data, tolerance=0.0, pruning=config)
+    result = run({"a": model}, data, data, tolerance=0.0, pruning=config, prune="ranked")
     assert (result.grouping.groups["conv1"][0] is None) == goes
     assert calls[:2] == ([(True, 2), (True, 4)] if goes else [(True, 2), (False, 4)]), calls
     step = result.history.prune_steps[0]

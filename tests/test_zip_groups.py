@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import pamfx
-from pamfx.api import MergeSettings, _zip_shared
 from pamfx.guard import Guard
 from pamfx.passes.build import build_network
 from pamfx.passes.finetune import FinetuneConfig, Tuned
 from pamfx.passes.layer_weights import LayerWeights
-from pamfx.passes.merge_mtz import MtzConfig, zip_groups
+from pamfx.passes.merge_mtz import MtzConfig, search_zip, zip_groups
 from pamfx.passes.stack import stack_weights
 
 from conftest import all_shared, compile_parts, make_models, random_data, random_grouping
@@ -103,10 +102,9 @@ def test_zipping_that_breaks_a_floor_is_undone():
     grouping = all_shared(aligned, spaces)
     weights = stack_weights(aligned, spaces)
     tuned = Tuned(*build_network(aligned, spaces, grouping, weights), weights)
-    settings = MergeSettings(pamfx.PamConfig(zip_degree=1.0), NO_TUNING, FinetuneConfig(steps=0), 0, False)
     before = copy.deepcopy(tuned.weights)
-    kept, network, trials = _zip_shared(aligned, spaces, grouping, tuned, data, Guard(data, {t: 1.01 for t in tasks}),
-                                        settings)
+    kept, network, trials = search_zip(aligned, spaces, grouping, tuned, data, Guard(data, {t: 1.01 for t in tasks}),
+                                       NO_TUNING, FinetuneConfig(steps=0), progress=False)
     assert kept is grouping and network is tuned
     assert [t.setting for t in trials] == [(1.0,), (0.5,), (0.25,)]
     assert all(t.merge == "zip" and t.failing == tasks for t in trials)

@@ -22,7 +22,7 @@ import torch
 
 import pamfx
 from pamfx.api import MERGES
-from pamfx.checks import PRUNERS
+from pamfx.passes.criteria import CRITERIA
 from pamfx.demo.data import LabelFunction, load_fashion_mnist, paper_split, task_data
 from pamfx.devices import device_of, resolve_device
 from pamfx.errors import DataError, DatasetMissingError, DeviceError, GroupingError
@@ -39,7 +39,7 @@ EXIT_MISMATCH = 1
 
 CHECK_IMAGES = 256        # test images on which the generated file is compared with the network
 CHECK_TOLERANCE = 1e-5    # largest allowed absolute difference of any output
-PRUNE_CHOICES = [p if p is not None else "none" for p in PRUNERS]   # "none" on the command line is None
+PRUNE_CHOICES = [*CRITERIA, "none"]   # "none" on the command line is None
 VALIDATION = 0.1          # share of the training images held out as the guard (never trained on)
 
 
