@@ -138,7 +138,15 @@ def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
                                lambda n=fn.num_classes: make_model(scenario, n), *train[t], cache_dir=MODELS,
                                epochs=scenario.train_epochs, seed=0, progress=False)
               for t, fn in split.items()}
+    if scenario.samples is not None:          # a user's budget: the same seeded samples for every task
+        train, guard = (_first(data, scenario.samples, seed) for data, seed in ((train, 1), (guard, 2)))
     return models, train, guard, test
+
+
+def _first(data: dict, samples: int, seed: int) -> dict:
+    """`samples` seeded random samples of each task's data, the same indices for every task."""
+    index = torch.randperm(len(next(iter(data.values()))[0]), generator=torch.Generator().manual_seed(seed))[:samples]
+    return {t: (x[index], y[index]) for t, (x, y) in data.items()}
 
 
 def fingerprint(models: dict) -> str:

@@ -16,22 +16,22 @@ from . import distributed, ops
 from .checks import check_configs, check_data, check_models, check_options, models_dtype
 from .devices import resolve_device
 from .errors import AugmentedDataWarning, PamfxWarning, ToleranceWarning
-from .guard import Guard
-from .history import History, OwnNetwork, ZipChoice
+from .guard import Check, Guard
+from .history import History, OwnNetwork, SeparateChoice, ZipChoice
 from .ir import OP, SHAPES, AlignedGraph, ChannelSpace, Grouping, all_combinations, group_label
 from .network import GatedNetwork
 from .passes.align import align
 from .passes.build import build_network
 from .passes.channel_spaces import find_channel_spaces
 from .passes.criteria import CRITERIA
-from .passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
+from .passes.finetune import FinetuneConfig, Tuned, tune_until
 from .passes.merge_mtz import MtzConfig, search_mtz, search_zip
-from .passes.merge_none import merge_none
+from .passes.merge_none import isolate, merge_none
 from .passes.merge_pam import PamConfig, group_table, merge_pam, search_pam
 from .passes.prune import PruneConfig, Pruned, prune as prune_network, prune_alone
 from .passes.stack import stack_weights
 from .passes.trace import trace
-from .report import Report, make_report
+from .report import Report, make_report, original_macs
 from .rng import loader_generators, seeded
 from .sources import TaskData
 from .train import accuracies, evaluate
@@ -55,6 +55,7 @@ class Run:
     pruning: PruneConfig
     seed: int
     progress: bool
+    deadline: float | None                         # time_budget as a time.perf_counter() value
     notes: list = field(default_factory=list)      # the report's lines, in order
     problems: list = field(default_factory=list)   # PamfxWarnings, issued when the result is ready
     seconds: dict = field(default_factory=dict)    # stage -> wall time
@@ -63,6 +64,8 @@ class Run:
     own: tuple = ()                                # pamfx.history.OwnNetwork
     zip_choice: ZipChoice | None = None
     below_floor: dict = field(default_factory=dict)  # task -> guard accuracy, for tasks pruning left below
+    separate_choice: SeparateChoice | None = None
+    cut_short: list = field(default_factory=list)  # the stages time_budget stopped
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -106,7 +109,7 @@ class Result:
 def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str = "pam", prune: str | None = "taylor",
              tolerance: float = 0.01, seed: int = 0, progress: bool = True, device=None, pam: PamConfig = PamConfig(),
              mtz: MtzConfig = MtzConfig(), finetune: FinetuneConfig = FinetuneConfig(),
-             pruning: PruneConfig = PruneConfig()) -> Result:
+             pruning: PruneConfig = PruneConfig(), time_budget: float | None = None) -> Result:
     """Merges N single-task models of one architecture into one task-gated network and prunes it (docs/design.md
     section 6).
 
@@ -127,13 +130,16 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     The result's network lives on that device.
     pam / mtz / finetune / pruning: each stage's settings (`finetune` is the budget after a merge; none is
     lossless and is not fine-tuned).
+    time_budget: seconds the run may take, or None. Anytime: once it is spent, the PAM search tries no further
+    thresholds and pruning starts no further step and skips its final fine-tune; the network returned is the best
+    so far that meets the guard, and `result.history.cut_short` names the stages the budget stopped.
     Raises ValueError/TypeError for bad arguments (DeviceError for a device unknown or missing here, or models
     on the meta device or, with device=None, on several devices), TraceError, AlignmentError or
     UnsupportedOpError for models pamfx cannot merge, DataError for bad data, GroupingError when a merge leaves a
     task no path to its head.
     """
     check_models(models)
-    prune = check_options(merge, prune, tolerance, seed, tuple(MERGES), tuple(CRITERIA))   # "none" is None
+    prune = check_options(merge, prune, tolerance, seed, tuple(MERGES), tuple(CRITERIA), time_budget)   # "none": None
     check_configs(pam=(pam, PamConfig), mtz=(mtz, MtzConfig), finetune=(finetune, FinetuneConfig),
                   pruning=(pruning, PruneConfig))
     device = resolve_device(device, models)
@@ -141,7 +147,8 @@ def optimize(models: dict[str, nn.Module], data, *, eval_data=None, merge: str =
     # the run's own random state; the caller's is restored afterwards, loaders' generators included (pamfx.rng)
     with seeded(seed, device, loader_generators(data, eval_data)):
         run = _prepare(models, data, eval_data, device, tolerance, prune,
-                       dict(pam=pam, mtz=mtz, finetune=finetune, pruning=pruning, seed=seed, progress=progress))
+                       dict(pam=pam, mtz=mtz, finetune=finetune, pruning=pruning, seed=seed, progress=progress,
+                            deadline=None if time_budget is None else time.perf_counter() + time_budget))
         run.say(f"[pamfx] merging ({merge}) {sum(len(s.units) for s in run.spaces.values() if s.kind == 'hidden')} "
                 f"units in {sum(s.kind == 'hidden' for s in run.spaces.values())} channel spaces")
         merged = MERGES[merge].run(run)                                # the group of every unit, fine-tuned
@@ -213,15 +220,21 @@ def _side_by_side(run: Run) -> Merged:
 
 
 def _merge_pam(run: Run) -> Merged:
-    """PAM: thresholds searched under the guard (PamConfig's alphas None), or the given ones, then fine-tuned."""
+    """PAM: thresholds searched under the guard (PamConfig's alphas None), or the given ones, fine-tuned until the
+    guard recovers; tasks still below their floors then fall back out of sharing (_isolating)."""
     if run.pam.alpha_conv is None:
         with run.timed("merge"):
             grouping, tuned, trials = search_pam(run.aligned, run.spaces, run.data, run.merge_guard, run.pam,
-                                                 run.finetune, seed=run.seed, progress=run.progress)
+                                                 run.finetune, seed=run.seed, progress=run.progress,
+                                                 deadline=run.deadline)
+        if not trials[-1].passed and len(trials) < len(run.pam.search):
+            run.cut_short.append("pam search")
+            run.notes.append(f"time_budget: the pam search stopped after {len(trials)} of "
+                             f"{len(run.pam.search)} threshold pairs")
         run.notes.append(f"merge=pam: thresholds searched, {run.seconds['merge']:.1f} s with fine-tuning")
         run.trials += trials
         chosen = f"pam search: chose alpha {trials[-1].setting[0]} / {trials[-1].setting[1]} x H(Y_t)"
-        return Merged(grouping, tuned, tuple(t.note() for t in trials) + (chosen,))
+        return _isolating(run, Merged(grouping, tuned, tuple(t.note() for t in trials) + (chosen,)))
     with run.timed("merge"):
         grouping = merge_pam(run.aligned, run.spaces, run.data, run.pam, run.seed, run.progress)
         weights = stack_weights(run.aligned, run.spaces)
@@ -229,9 +242,35 @@ def _merge_pam(run: Run) -> Merged:
     with run.timed("finetune"):                                      # all tasks, summed loss, rule 2 kept
         run.notes.append("accuracy before fine-tuning: " + _listed(evaluate(build_network(
             run.aligned, run.spaces, grouping, weights)[0], run.guard.data)))
-        tuned = rebuild_and_finetune(run.aligned, run.spaces, grouping, weights, run.data, run.finetune, run.seed,
-                                     run.progress)
-    return Merged(grouping, tuned)
+        tuned = tune_until(run.aligned, run.spaces, grouping, weights, run.data, run.merge_guard, run.finetune,
+                           seed=run.seed, progress=run.progress)
+    return _isolating(run, Merged(grouping, tuned))
+
+
+def _isolating(run: Run, merged: Merged) -> Merged:
+    """PAM's fallback when its network, fine-tuned until the guard recovered, still leaves tasks below their floors:
+    those tasks are taken out of sharing (passes.merge_none.isolate: each runs its original model, frozen, and is
+    pruned later as if alone) and the others are fine-tuned again from the original weights, until every floor is
+    met. Isolating all tasks but one is merge="none". Each try is a MergeTrial "isolate"."""
+    check, isolated = run.merge_guard.check(merged.tuned.network), frozenset()
+    while run.pam.fallback and not check.passed:
+        isolated |= set(check.failing)
+        isolated = frozenset(run.tasks) if len(isolated) >= len(run.tasks) - 1 else isolated
+        grouping = isolate(run.aligned, run.spaces, merged.grouping, isolated)
+        run.say(f"[pamfx] {', '.join(sorted(isolated))} below the floors after merging: out of sharing")
+        with run.timed("fallback"):
+            built, _, trials = run.merge_guard.first_passing(
+                "isolate", [tuple(t for t in run.tasks if t in isolated)], lambda _: (grouping, tune_until(
+                    run.aligned, run.spaces, grouping, stack_weights(run.aligned, run.spaces), run.data,
+                    run.merge_guard, run.finetune, seed=run.seed, progress=run.progress, desc="pam: isolated",
+                    changed=frozenset(run.tasks) - isolated)))
+        run.trials += trials
+        if built is None:     # what is left shares no path for some task: isolate all
+            check = Check({}, run.tasks)
+            continue
+        merged = Merged(*built, merged.notes + tuple(t.note() for t in trials))
+        check = Check(trials[-1].accuracy, trials[-1].failing)
+    return merged
 
 
 def _merge_mtz(run: Run) -> Merged:
@@ -256,8 +295,8 @@ MERGES = {"pam": Merge(_merge_pam, "lower the PAM thresholds"),
 
 
 def _zip(run: Run, merged: Merged, prune) -> tuple[Merged, Merged | None]:
-    """PAM's network with its shared groups zipped (passes.merge_mtz.search_zip), and the unzipped one when zip_choice="pruned"
-    lets pruning choose between them."""
+    """PAM's network with its shared groups zipped (passes.merge_mtz.search_zip), and the unzipped one when
+    zip_choice="pruned" lets pruning choose between them."""
     with run.timed("zip"):
         grouping, tuned, trials = search_zip(run.aligned, run.spaces, merged.grouping, merged.tuned, run.data,
                                              run.merge_guard, replace(run.mtz, degree=run.pam.zip_degree),
@@ -287,8 +326,12 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
     pruning = run.pruning
 
     def pruned_from(start: Merged) -> Pruned:
-        return prune_network(run.aligned, run.spaces, start.grouping, start.tuned, run.data, run.guard, prune,
-                             pruning, seed=run.seed, progress=run.progress)
+        pruned = prune_network(run.aligned, run.spaces, start.grouping, start.tuned, run.data, run.guard, prune,
+                               pruning, seed=run.seed, progress=run.progress, deadline=run.deadline)
+        if pruned.cut_short and "prune" not in run.cut_short:
+            run.cut_short.append("prune")
+            run.notes.append(f"time_budget: pruning stopped after {len(pruned.history)} steps, before it was done")
+        return pruned
 
     with run.timed("prune"):
         pruned = pruned_from(merged)
@@ -301,6 +344,8 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
             if run.zip_choice.kept == "unzipped":
                 pruned = other
                 merged_macs = {c: unzipped.tuned.network.macs(c) for c in all_combinations(run.tasks)}
+        if merge == "pam" and run.pam.fallback and len(run.tasks) > 1:   # not dearer than the originals
+            pruned, merged_macs = _not_dearer(run, pruned, merged_macs, pruned_from)
     run.steps, run.below_floor = tuple(pruned.history), dict(pruned.below_floor)
     run.notes += pruned.notes() + group_table(run.spaces, pruned.grouping, run.tasks)
     run.problems += [PamfxWarning(f"task '{t}' ends at {a:.4f} on the guard data, below its floor "
@@ -314,6 +359,32 @@ def _prune(run: Run, merged: Merged, unzipped: Merged | None, merged_macs: dict,
     return Merged(pruned.grouping, pruned.tuned), merged_macs
 
 
+def _not_dearer(run: Run, pruned: Pruned, merged_macs: dict, pruned_from) -> tuple[Pruned, dict]:
+    """The pruned merged network, or, when it runs some combination dearer than the original models, the original
+    models pruned side by side (merge="none", the same pruner and seed) if those run fewer combinations dearer,
+    then cost fewer all-task MACs (SeparateChoice)."""
+    separate_cost = original_macs(run.aligned)
+
+    def dearer(network) -> tuple[str, ...]:
+        return tuple(group_label(frozenset(c), run.tasks) for c in all_combinations(run.tasks)
+                     if network.macs(c) > sum(separate_cost[t] for t in c))
+
+    if not dearer(pruned.tuned.network):
+        return pruned, merged_macs
+    run.say("[pamfx] the merged network runs some tasks dearer than the originals: pruning them side by side too")
+    side_by_side = _side_by_side(run)
+    candidates = {"merged": pruned, "separate": pruned_from(side_by_side)}
+    costs = {name: (len(dearer(p.tuned.network)), p.tuned.network.macs(), bool(p.below_floor))
+             for name, p in candidates.items()}
+    kept = min(candidates, key=lambda name: (costs[name][2], costs[name][:2]))   # a tie: merged
+    run.separate_choice = SeparateChoice({name: dearer(p.tuned.network) for name, p in candidates.items()},
+                                         {name: cost[1] for name, cost in costs.items()}, kept)
+    run.notes.append(run.separate_choice.note())
+    if kept == "merged":
+        return pruned, merged_macs
+    return candidates[kept], {c: side_by_side.tuned.network.macs(c) for c in all_combinations(run.tasks)}
+
+
 def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
     """Measures every combination, issues the run's problems and returns the Result."""
     run.say("[pamfx] measuring every combination")
@@ -325,7 +396,8 @@ def _result(run: Run, final: Merged, merged_macs: dict | None) -> Result:
     for problem in run.problems:   # each a PamfxWarning or one of its kinds (pamfx.errors)
         warnings.warn(problem, stacklevel=3)
     report = report.with_notes([f"WARNING: {p}" for p in run.problems])
-    history = History(tuple(run.trials), run.steps, run.own, tuple(run.problems), run.zip_choice, run.below_floor)
+    history = History(tuple(run.trials), run.steps, run.own, tuple(run.problems), run.zip_choice, run.below_floor,
+                      run.separate_choice, tuple(run.cut_short))
     return Result(model=final.tuned.network.eval(), report=report, grouping=final.grouping, spaces=run.spaces,
                   seconds=run.seconds, warnings=tuple(str(problem) for problem in run.problems), history=history)
 

@@ -50,7 +50,8 @@ def models_dtype(models: dict) -> torch.dtype:
     return found.get(first, torch.float32)
 
 
-def check_options(merge, prune, tolerance, seed, merges: tuple[str, ...], criteria: tuple[str, ...]) -> str | None:
+def check_options(merge, prune, tolerance, seed, merges: tuple[str, ...], criteria: tuple[str, ...],
+                  time_budget=None) -> str | None:
     """Returns the pruner (None for "none" or None); raises ValueError naming the argument whose value is out of
     range (`merges`: the merges pamfx.api offers; `criteria`: the prune pass's, passes.criteria.CRITERIA)."""
     if merge not in merges:
@@ -62,6 +63,9 @@ def check_options(merge, prune, tolerance, seed, merges: tuple[str, ...], criter
                          "task's top-1 accuracy, e.g. 0.01 for one point")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed={seed!r} must be an int")
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+                                    or math.isnan(time_budget) or time_budget < 0):
+        raise ValueError(f"time_budget={time_budget!r} must be None or a number of seconds >= 0")
     return None if prune == "none" else prune
 
 

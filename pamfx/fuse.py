@@ -98,7 +98,8 @@ def fuse(network: GatedNetwork, tasks) -> GatedNetwork:
                 outputs[task] = head
                 continue
             picks.append(Statement(f"{head}_out{len(picks)}", combination, (head,), "select", node=head,
-                                   kind=ops.SELECT, args=(tuple(range(offset, offset + widths[network.outputs[task]])),)))
+                                   kind=ops.SELECT,
+                                   args=(tuple(range(offset, offset + widths[network.outputs[task]])),)))
             outputs[task] = picks[-1].out
     ordered = tuple(t for t in network.tasks if t in combination)
     plan = GatedNetwork(ordered, fused + picks, outputs, modules, input_shape=network.input_shape)

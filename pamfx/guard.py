@@ -19,9 +19,11 @@ from .train import evaluate
 
 @dataclass(frozen=True)
 class Check:
-    """One read of the guard: each task's accuracy and the tasks below their floors (in the floors' order)."""
+    """One read of the guard: each task's accuracy, the tasks below their floors (in the floors' order) and the
+    read's wall time."""
     accuracy: dict
     failing: tuple
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -40,8 +42,10 @@ class Guard:
 
     def check(self, network) -> Check:
         """The network's accuracy on the guard data (pamfx.train.evaluate) against the floors."""
+        started = time.perf_counter()
         accuracy = evaluate(network, self.data)
-        return Check(accuracy, tuple(t for t in self.floors if accuracy[t] < self.floors[t]))
+        return Check(accuracy, tuple(t for t in self.floors if accuracy[t] < self.floors[t]),
+                     time.perf_counter() - started)
 
     def only(self, tasks) -> "Guard":
         """The guard of `tasks` alone: their data and floors."""
@@ -52,13 +56,17 @@ class Guard:
         floor must not fall further)."""
         return Guard(self.data, {t: min(floor, accuracy[t]) for t, floor in self.floors.items()})
 
-    def first_passing(self, merge: str, settings, attempt, before: int = 0) -> tuple[tuple | None, bool, tuple]:
+    def first_passing(self, merge: str, settings, attempt, before: int = 0, deadline: float | None = None
+                      ) -> tuple[tuple | None, bool, tuple]:
         """Runs attempt(setting) -> (grouping, Tuned) for each setting in order (the boldest first) until one meets
         every floor. Returns the last network built (None if none could be), whether it passed, and one
         pamfx.history.MergeTrial of `merge` per setting tried (a setting that cannot be built, GroupingError,
-        records its error). `before`: the MACs of the network a zipping starts from."""
+        records its error). `before`: the MACs of the network a zipping starts from. Past `deadline` (a
+        time.perf_counter() value) no further setting is tried once one network is built."""
         trials, built = [], None
         for setting in settings:
+            if built is not None and deadline is not None and time.perf_counter() > deadline:
+                break
             started = time.perf_counter()
             try:
                 built = attempt(setting)

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 class MergeTrial:
     """One merge tried under the guard: a pair of PAM thresholds, an MTZ degree, or a zipping degree.
 
-    merge: "pam", "mtz" or "zip"; setting: PAM's (alpha conv, alpha linear) as fractions of each task's H(Y), or
-    (degree,); accuracy: task -> guard accuracy after fine-tuning; failing: the tasks below their floors there;
+    merge: "pam", "mtz", "zip" or "isolate" (PAM's fallback); setting: PAM's (alpha conv, alpha linear) as
+    fractions of each task's H(Y), (degree,), or the tasks taken out of sharing; accuracy: task -> guard accuracy
+    after fine-tuning; failing: the tasks below their floors there;
     macs: all tasks' MACs of the merged network (before: the network it was zipped from, for "zip"); error: why the
     merge could not be built (then accuracy is empty); seconds: the trial's wall time."""
     merge: str
@@ -35,6 +36,9 @@ class MergeTrial:
                 return f"{head}: {self.error}"
             return (f"{head}: guard {guard} -> {'meets' if self.passed else 'breaks'} the floors; all-task MACs "
                     f"{self.macs:,}; {self.seconds:.0f} s")
+        if self.merge == "isolate":
+            return (f"pam fallback: {', '.join(self.setting)} taken out of sharing (each on its original model) -> "
+                    f"guard {guard}; {'meets' if self.passed else 'breaks'} the floors; all-task MACs {self.macs:,}")
         degree = self.setting[0]
         head = (f"mtz (degree {degree:.3g}): all-task MACs {self.macs:,}" if self.merge == "mtz" else
                 f"pam zip (degree {degree:.3g}): all-task MACs {self.before:,} -> {self.macs:,}")
@@ -49,7 +53,9 @@ class Step:
     removed: task -> units removed from groups containing it (accepted steps); macs: the pruned tasks together
     after the step (or before it, if nothing was accepted); accuracy: task -> guard accuracy after the step's
     fine-tuning; restored_for: tasks that failed and got their units back; kept_for_good: (space, unit) whose
-    removal alone failed a task, never offered again; longer: the removal got the longer recovery (retry_share)."""
+    removal alone failed a task, never offered again; longer: the removal got the longer recovery (retry_share);
+    seconds: where the step's wall time went ("score": the criterion, "tune": fine-tuning, "guard": the guard's
+    reads)."""
     index: int
     removed: dict
     macs: int
@@ -58,6 +64,7 @@ class Step:
     accepted: bool
     kept_for_good: tuple = ()
     longer: bool = False
+    seconds: dict = field(default_factory=dict)
 
     def note(self) -> str:
         removed = ", ".join(f"{t} {n}" for t, n in self.removed.items() if n)
@@ -102,6 +109,25 @@ class ZipChoice:
 
 
 @dataclass(frozen=True)
+class SeparateChoice:
+    """The default's promise not to lose to doing less: when the pruned merged network runs some combination
+    dearer than the original models, the original models are pruned side by side too (merge="none", the same
+    pruner and seed) and the network kept is the one with fewer such combinations, then fewer all-task MACs
+    ("merged" on a tie). dearer: name -> the combinations it runs dearer than the originals; macs: name ->
+    all-task MACs."""
+    dearer: dict
+    macs: dict
+    kept: str
+
+    def note(self) -> str:
+        merged = ", ".join(self.dearer["merged"])
+        return (f"the pruned merged network runs {merged} dearer than the original models; pruned side by side "
+                f"instead: all-task MACs {self.macs['separate']:,} against {self.macs['merged']:,} merged"
+                + (f" ({', '.join(self.dearer['separate'])} still dearer)" if self.dearer["separate"] else "")
+                + f"; kept {'the separately pruned models' if self.kept == 'separate' else 'the merged network'}")
+
+
+@dataclass(frozen=True)
 class History:
     """Every decision of a run, in order within each kind; warnings are the PamfxWarning instances issued (their
     class says their kind: pamfx.errors)."""
@@ -111,3 +137,5 @@ class History:
     warnings: tuple = ()
     zip_choice: ZipChoice | None = None
     below_floor: dict = field(default_factory=dict)   # task -> guard accuracy, for tasks left below their floor
+    separate_choice: SeparateChoice | None = None
+    cut_short: tuple = ()   # the stages optimize(time_budget=) stopped: "pam search", "prune"

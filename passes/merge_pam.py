@@ -18,7 +18,7 @@ from pamfx.errors import GroupingError
 from pamfx.guard import Guard
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
-from pamfx.passes.finetune import rebuild_and_finetune
+from pamfx.passes.finetune import tune_until
 from pamfx.passes.stack import stack_weights
 from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy, unit_kernels
 from pamfx.rules import check_paths, drop_unreadable
@@ -45,6 +45,10 @@ class PamConfig:
     fewer MACs on average. Zipping pays where pruning cannot remove the side-by-side copies itself (narrow layers)
     and loses where it can (zipped units carry both models' features and prune less); "pruned" finds out at about
     twice the pruning time.
+    fallback: optimize() keeps the default's promises (docs/merging.md): tasks still below their floors after
+    merging are taken out of sharing, and a pruned network that runs some combination dearer than the original
+    models gives way to the originals pruned side by side if those are cheaper. False: PAM's network whatever it
+    costs (to study PAM itself).
     """
     alpha_conv: float | None = None
     alpha_linear: float | None = None
@@ -56,6 +60,7 @@ class PamConfig:
     prune_share: float = 0.5
     zip_degree: float = 0.0
     zip_choice: str = "guard"
+    fallback: bool = True
 
     def __post_init__(self):
         if (self.alpha_conv is None) != (self.alpha_linear is None):
@@ -69,6 +74,8 @@ class PamConfig:
         for name in ("prune_share", "zip_degree"):
             if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"PamConfig.{name}={getattr(self, name)!r} must be a number in [0, 1]")
+        if not isinstance(self.fallback, bool):
+            raise ValueError(f"PamConfig.fallback={self.fallback!r} must be True or False")
         if self.zip_choice not in ("guard", "pruned"):
             raise ValueError(f"PamConfig.zip_choice={self.zip_choice!r} must be 'guard' or 'pruned'")
         if not self.search or any(len(pair) != 2 or not all(0 < a for a in pair) for pair in self.search):
@@ -172,21 +179,23 @@ def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
 
 
 def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data, guard: Guard, config: PamConfig, tuning,
-               seed: int = 0, progress: bool = True):
+               *, seed: int = 0, progress: bool = True, deadline: float | None = None):
     """Chooses PAM's thresholds under the guard: the largest pair of `config.search` (fractions of each task's
-    H(Y)) whose merged, fine-tuned network keeps every task at or above its floor on the guard data.
+    H(Y)) whose merged, fine-tuned network keeps every task at or above its floor on the guard data (fine-tuned
+    until the guard recovers: passes.finetune.tune_until).
 
     Tries the pairs from the largest down and keeps the first that passes: each trial is a merge and a full
     fine-tune, and the largest pair passed in 5 of the 6 bench runs (one trial instead of three from the middle of
     the list). Returns (grouping, tuned network, the trials as pamfx.history.MergeTrial records, the kept one last).
-    If no pair passes, the smallest pair's network (its failing tasks are then the caller's to report)."""
+    If no pair passes, the smallest pair's network (its failing tasks are then the caller's to report); past
+    `deadline` (a time.perf_counter() value) no further pair is tried and the last one built is returned."""
     def attempt(pair):
         chosen = replace(config, alpha_conv=pair[0], alpha_linear=pair[1], relative=True)
         grouping = merge_pam(aligned, spaces, data, chosen, seed, progress=False)   # GroupingError: no path left
-        return grouping, rebuild_and_finetune(aligned, spaces, grouping, stack_weights(aligned, spaces), data,
-                                              tuning, seed, progress, desc=f"pam {pair[0]}/{pair[1]}")
+        return grouping, tune_until(aligned, spaces, grouping, stack_weights(aligned, spaces), data, guard, tuning,
+                                    seed=seed, progress=progress, desc=f"pam {pair[0]}/{pair[1]}")
 
-    built, _, trials = guard.first_passing("pam", sorted(config.search, reverse=True), attempt)
+    built, _, trials = guard.first_passing("pam", sorted(config.search, reverse=True), attempt, deadline=deadline)
     if built is None:            # not even the smallest pair keeps every task a path: say why
         raise GroupingError("PAM found no thresholds that keep every task a path to its head: "
                             + "; ".join(t.note() for t in trials))

@@ -28,6 +28,7 @@ A final longer fine-tune follows; if it broke the guard, the network from before
     pruned = prune(aligned, spaces, grouping, tuned, data, Guard(guard_data, floors), "taylor", PruneConfig())
     pruned.tuned.network.macs()     # cheaper, and every task still meets its floor on the guard data
 """
+import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -102,6 +103,7 @@ class Pruned:
     grouping: Grouping
     history: list
     below_floor: dict       # task -> guard accuracy, for tasks the returned network leaves below their floor
+    cut_short: bool = False  # the deadline stopped it before it was done
 
     def notes(self) -> list[str]:
         return [step.note() for step in self.history]
@@ -120,18 +122,24 @@ class _State:
 
 def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data,
           guard: Guard, criterion: str, config: PruneConfig = PruneConfig(), *, seed: int = 0,
-          progress: bool = True) -> Pruned:
+          progress: bool = True, deadline: float | None = None) -> Pruned:
     """Prunes the network `tuned` (built from `grouping`) until no task can lose more units without falling below
     its floor on the guard (pamfx.guard.Guard: its data and floors). `data` trains, `guard` decides.
     A task already below its floor at the start keeps its starting accuracy as its floor (and is reported in
     `below_floor`). Only the guard's tasks are pruned and guarded: a task left out may lose any unit but its
-    last path to its head (prune_alone prunes one task's own copy of the network that way)."""
+    last path to its head (prune_alone prunes one task's own copy of the network that way).
+    deadline: a time.perf_counter() value; once past it no step starts and the final fine-tune is skipped, and the
+    network pruned so far (which meets the guard) is returned with `cut_short` set."""
     tasks = guard.tasks
     required, guard = guard, guard.at_most(guard.check(tuned.network).accuracy)
     state = _State(tuned, dict(grouping.groups), {t: config.step_fraction for t in tasks}, set(), set(), [])
     bar = tqdm(total=config.max_steps, desc=f"prune ({criterion})", disable=not progress)
+    cut_short = False
     for index in range(config.max_steps):
+        cut_short = deadline is not None and time.perf_counter() > deadline
         state.done |= {t for t in tasks if state.fraction[t] < config.min_fraction}
+        if cut_short:
+            break
         if state.done >= set(tasks) or not _step(aligned, spaces, data, guard, criterion, config, seed + index,
                                                  index, state):
             break
@@ -139,9 +147,13 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         bar.update()
         bar.set_postfix(macs=f"{state.tuned.network.macs(tasks):,}", margin=f"{100 * margin:+.2f}pt", refresh=False)
     bar.close()
-    final, check = _final(aligned, spaces, data, guard, config, seed, state)
+    cut_short = cut_short or (deadline is not None and time.perf_counter() > deadline)
+    if cut_short:        # the network so far meets the guard: no final fine-tune
+        final, check = state.tuned, guard.check(state.tuned.network)
+    else:
+        final, check = _final(aligned, spaces, data, guard, config, seed, state)
     below = {t: check.accuracy[t] for t in tasks if check.accuracy[t] < required.floors[t]}
-    return Pruned(final, Grouping(state.groups, grouping.notes), state.history, below)
+    return Pruned(final, Grouping(state.groups, grouping.notes), state.history, below, cut_short)
 
 
 def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConfig, seed: int, index: int,
@@ -149,7 +161,9 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     """One step: choose the units each task offers, fine-tune without them, check the guard, give failing tasks
     their units back and check again; records the Step. Returns False when no task has anything left to offer."""
     tasks = guard.tasks
+    started = time.perf_counter()
     scores = CRITERIA[criterion](aligned, spaces, state.tuned, data, config, seed)
+    seconds = {"score": time.perf_counter() - started, "tune": 0.0, "guard": 0.0}
     saved = unit_macs(aligned, spaces, state.tuned, frozenset(tasks))
     if config.cost_aware:
         scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
@@ -172,9 +186,12 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         changed = unguarded.union(*(group for name in groups
                                     for group, after in zip(groups[name], trial_groups[name])
                                     if group is not None and after is None))
+        started = time.perf_counter()
         trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), state.tuned.weights, data,
                                      config.tuning(steps), seed=seed, changed=changed)
+        seconds["tune"] += time.perf_counter() - started
         check = guard.check(trial.network)
+        seconds["guard"] += check.seconds
         accuracy, failing = check.accuracy, set(check.failing)
         if not failing:
             accepted = (trial, trial_groups)
@@ -198,7 +215,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         state.tuned, state.groups = accepted
     state.history.append(Step(index, removed, state.tuned.network.macs(tasks), accuracy,
                               tuple(sorted(restored_for)), accepted is not None,
-                              tuple(sorted(state.needed - needed_before)), steps > config.step_steps))
+                              tuple(sorted(state.needed - needed_before)), steps > config.step_steps, seconds))
     return True
 
 

@@ -94,7 +94,9 @@ def optimized():
     models = make_models("lenet5", TASKS)
     data, guard = random_data(TASKS, n=128, seed=1), random_data(TASKS, n=64, seed=2)
     options = dict(merge="pam", prune="taylor", tolerance=0.3, eval_data=guard, progress=False,
-                   pam=PamConfig(alpha_conv=0.3, alpha_linear=0.5, relative=True, samples=32),
+                   # fallback off: four tiny steps leave the merged network dearer than the originals, and the
+                   # default would keep the originals pruned side by side (tests/test_fallback.py)
+                   pam=PamConfig(alpha_conv=0.3, alpha_linear=0.5, relative=True, samples=32, fallback=False),
                    finetune=FinetuneConfig(steps=5, batch_size=32))
     pruning = PruneConfig(step_steps=5, final_steps=5, max_steps=4, importance_batches=2, batch_size=32)
     separate = pamfx.optimize(models, data, pruning=pruning, **{**options, "merge": "none"})

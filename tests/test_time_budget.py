@@ -1,0 +1,61 @@
+"""optimize(time_budget=): anytime. Once the budget is spent no further PAM threshold pair is tried and no further
+prune step starts; the network returned meets the guard, and the history names the stages the budget stopped. Every
+step records where its time went."""
+import pytest
+
+import pamfx
+from pamfx import FinetuneConfig, PruneConfig
+
+from conftest import PAM, make_models, random_data
+
+pytestmark = pytest.mark.filterwarnings("ignore::pamfx.PamfxWarning")   # tiny budgets, random labels
+
+TASKS = ("a", "b")
+PRUNING = PruneConfig(step_steps=2, final_steps=2, max_steps=4, importance_batches=2, batch_size=32,
+                      step_fraction=0.5)
+
+
+def optimized(**options):
+    models = make_models("lenet5", TASKS)
+    data, guard = random_data(TASKS, n=96, seed=1), random_data(TASKS, n=64, seed=2)
+    options = dict(tolerance=1.0, finetune=FinetuneConfig(steps=2), pruning=PRUNING, progress=False) | options
+    return pamfx.optimize(models, data, eval_data=guard, **options)
+
+
+def test_a_spent_budget_stops_pruning_before_its_first_step_and_says_so():
+    result = optimized(merge="pam", pam=PAM, time_budget=0)
+    assert result.history.cut_short == ("prune",)
+    assert result.history.prune_steps == ()
+    merged = result.report.rows[-1].merged_macs
+    assert result.model.macs() == merged         # nothing pruned, and nothing below its floor
+    assert not result.history.below_floor
+    assert any(note.startswith("time_budget: pruning stopped") for note in result.report.notes)
+
+
+def test_a_spent_budget_stops_the_pam_search_after_its_first_pair():
+    result = optimized(merge="pam", pam=pamfx.PamConfig(search=((0.9, 0.95), (0.1, 0.25)), fallback=False),
+                       tolerance=0.0, time_budget=0)   # tolerance 0 on random labels: the first pair fails
+    trials = [t for t in result.history.merge_trials if t.merge == "pam"]
+    assert len(trials) == 1 and not trials[0].passed
+    assert result.history.cut_short == ("pam search", "prune")
+
+
+def test_a_generous_budget_changes_nothing():
+    budgeted, free = optimized(merge="pam", pam=PAM, time_budget=3600), optimized(merge="pam", pam=PAM)
+    assert budgeted.history.cut_short == ()
+    assert [row.macs for row in budgeted.report.rows] == [row.macs for row in free.report.rows]
+    assert budgeted.grouping.groups == free.grouping.groups
+
+
+def test_every_prune_step_records_where_its_time_went():
+    steps = optimized(merge="none").history.prune_steps
+    assert steps
+    for step in steps:
+        assert set(step.seconds) == {"score", "tune", "guard"} and all(s >= 0 for s in step.seconds.values())
+        assert step.seconds["guard"] > 0 or not step.accuracy   # a step that checked the guard timed it
+
+
+@pytest.mark.parametrize("budget", [-1, "60", float("nan"), True])
+def test_a_bad_time_budget_is_named(budget):
+    with pytest.raises(ValueError, match="time_budget"):
+        optimized(merge="none", time_budget=budget)
