@@ -205,7 +205,14 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
                       test={t: min(shared[t], own.get(t, shared[t])) for t in tasks},   # a task's worse version
                       shared_test=shared, own_test=own, own_macs={t: network.own_network(t).macs() for t in own},
                       guard={t: result.report.row([t]).accuracy[t] for t in tasks},
-                      stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings))
+                      stages=result.seconds, notes=list(result.report.notes), warnings=list(result.warnings),
+                      prune_seconds={part: sum(step.seconds.get(part, 0.0) for step in result.history.prune_steps)
+                                     for part in ("score", "tune", "guard")},
+                      prune_steps=len(result.history.prune_steps),
+                      merge_trials=[[t.merge, list(t.setting), t.passed, t.seconds]
+                                    for t in result.history.merge_trials],
+                      separate_choice=(result.history.separate_choice.kept
+                                       if result.history.separate_choice else None))
         network = output.network(scenario, method, seed)
         network.parent.mkdir(parents=True, exist_ok=True)
         pamfx.codegen(result.model, network, overwrite=True)
