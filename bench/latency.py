@@ -8,17 +8,22 @@ is running the separately pruned models in sequence. Batches of 1 and 64 Fashion
 of one combination and batch are timed interleaved, call by call (see test_latency). With more
 than three tasks, the combinations are every single task, three pairs and all tasks. Where the harness wrote
 <method>.gated.py (the same network with `specialise=None`), "<method> gated" times it in the same run.
+"originals": the scenario's original models (bench/models) called one after another, what a user runs today.
 """
 import importlib.util
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from statistics import median
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scenarios import GUARD_SIZE, SCENARIOS, make_model  # noqa: E402
 
 SCENARIO = os.environ.get("PAMFX_BENCH_SCENARIO", "paper")
 FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENARIO   # the generated networks
@@ -65,7 +70,20 @@ def _cases() -> list:
 def networks():
     torch.set_num_threads(1)
     methods = list(METHODS) + [f"{m} gated" for m in METHODS]
-    return {m: _load(m) for m in methods if _file(m)}
+    return {m: _load(m) for m in methods if _file(m)} | {"originals": _originals()}
+
+
+def _originals() -> dict:
+    """{task: the scenario's original model}, as bench/harness.py trained and cached it in bench/models."""
+    scenario = SCENARIOS[SCENARIO]
+    models = {}
+    for task, labels in scenario.tasks().items():
+        model = make_model(scenario, labels.num_classes)
+        name = f"{scenario.architecture_name}-{task}-val{GUARD_SIZE}-seed0-ep{scenario.train_epochs}.pt"
+        saved = torch.load(Path(__file__).parent / "models" / name, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        models[task] = model.eval()
+    return models
 
 
 def _runner(networks: dict, method: str, combination: list, x: torch.Tensor):
@@ -73,6 +91,8 @@ def _runner(networks: dict, method: str, combination: list, x: torch.Tensor):
     if method == "separate":
         network = networks["none+taylor"]
         return lambda: [network(x, [t]) for t in combination]
+    if method == "originals":
+        return lambda: [networks["originals"][t](x) for t in combination]
     return lambda: networks[method](x, combination)
 
 
@@ -83,7 +103,7 @@ def test_latency(benchmark, networks, combination, batch):
     of seconds (bench/results/NOTES.md), which one network timed after another would take for a difference
     between the networks; interleaved, every method sees the same phases."""
     x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    methods = [m for m in networks if m != "none+taylor"] + ["separate"]
+    methods = [m for m in networks if m not in ("none+taylor", "originals")] + ["separate", "originals"]
     runs = {m: _runner(networks, m, combination, x) for m in methods}
     times: dict = {m: [] for m in methods}
     turn = itertools.count()

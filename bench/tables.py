@@ -138,13 +138,17 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
              "beside the MACs ratio, for the networks of seed 0. Measured in one run, interleaved: `bench/latency.py` "
              "calls the networks of one combination and batch in turn, round after round, so that all see the same "
              "phases of the machine. Gated ms: the same network generated with "
-             "`specialise=None` (the task-gated forward, no combination fused), timed in the same run.", "",
-             "| method | combination | batch | ms | gated ms | separate ms | speed-up | MACs ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`specialise=None` (the task-gated forward, no combination fused), timed in the same run. Originals ms: "
+             "the original models of the combination called one after another (what a user runs without pamfx), "
+             "and the speed-up over them.", "",
+             "| method | combination | batch | ms | gated ms | separate ms | speed-up | MACs ratio | originals ms | "
+             "vs originals |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     none = results.get("none+taylor", {}).get("seed0_macs", {})     # the timed networks are seed 0's
     for (method, combination, batch), seconds in sorted(latency.items()):
-        if method == "separate" or method.endswith(" gated"):
+        if method in ("separate", "originals") or method.endswith(" gated"):
             continue
+        originals = latency.get(("originals", combination, batch))
         separate = latency.get(("separate", combination, batch))
         gated = latency.get((f"{method} gated", combination, batch))
         macs = results.get(method, {}).get("seed0_macs", {})
@@ -152,7 +156,8 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
         lines.append(f"| {method} | {{{combination.replace(',', ', ')}}} | {batch} | {1000 * seconds:.3f} | "
                      + (f"{1000 * gated:.3f}" if gated else "") + " | "
                      + (f"{1000 * separate:.3f} | {separate / seconds:.2f}x" if separate else "| ") + " | "
-                     + (f"{macs_ratio:.2f}x" if macs_ratio else "") + " |")
+                     + (f"{macs_ratio:.2f}x" if macs_ratio else "") + " | "
+                     + (f"{1000 * originals:.3f} | {originals / seconds:.2f}x" if originals else "| ") + " |")
     return lines + [""]
 
 
