@@ -35,7 +35,9 @@ def render(scenario: Scenario, results: dict, tasks: tuple, original: dict, late
              f"Command: `{command}` (each method's runs recorded in bench/results/runs/{scenario.name}/; `--method M` "
              f"runs one). One {scenario.architecture_name} per task ({', '.join(tasks)}) trained "
              f"{scenario.train_epochs} epochs on the training split minus a seeded {GUARD_SIZE:,}-image guard; "
-             f"tolerance {TOLERANCE} on the guard; models {next(iter(results.values())).get('models')} (a hash of "
+             + (f"every method is given {scenario.samples:,} of those training samples per task as data and "
+                f"{scenario.samples:,} of the guard slice as eval_data (seeded); " if scenario.samples else "")
+             + f"tolerance {TOLERANCE} on the guard; models {next(iter(results.values())).get('models')} (a hash of "
              "their weights; only runs on them count); "
              f"fine-tuning after a merge {FINETUNE}; pruning {PRUNING}. Test accuracy (10,000 images) "
              "of the originals: " + ", ".join(f"{t} {original[t]:.4f}" for t in tasks) + "."
