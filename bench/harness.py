@@ -53,7 +53,8 @@ MODELS = BENCH / "models"          # the trained single-task models: committed, 
 CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pamfx.PruneConfig(cost_aware=False),
             "taylor own": pamfx.PruneConfig(alone=True),   # own: each task also gets its own network
             "taylor zip": PRUNING, "taylor zip own": pamfx.PruneConfig(alone=True),
-            "taylor auto": PRUNING, "taylor auto own": pamfx.PruneConfig(alone=True)}
+            "taylor auto": PRUNING, "taylor auto own": pamfx.PruneConfig(alone=True),
+            "taylor early": pamfx.PruneConfig(early_steps=25)}   # early: a step read after 25 of its 100 steps
 PAM = {"zip": pamfx.PamConfig(zip_degree=0.9),   # zip: PAM's shared groups zipped in pairs before pruning
        "auto": pamfx.PamConfig(zip_degree=0.9, zip_choice="pruned")}   # auto: zipped only if it prunes cheaper
 

@@ -61,6 +61,9 @@ class PruneConfig:
     (see pamfx.api._own_networks); a combination runs a task on it when that costs fewer MACs. Off by default: a
     task's output then depends on the combination it runs in (each version meets its guard), where the task-gated
     network alone gives it the same output in every combination.
+    early_steps: read the guard after this many of a step's step_steps first and accept the step if it passes (the
+    rest of the fine-tuning runs only if it fails); 0 (the default) always fine-tunes step_steps. Opt-in, measured
+    in bench/results/early_steps.md.
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
@@ -77,6 +80,7 @@ class PruneConfig:
     vib_lr: float = 1e-2
     guard_fraction: float = 0.1
     alone: bool = False
+    early_steps: int = 0
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
@@ -85,7 +89,8 @@ class PruneConfig:
                 raise ValueError(f"PruneConfig.{name}={value!r} must be a number in (0, 1)")
         if not isinstance(self.retry_share, (int, float)) or not 0 < self.retry_share <= 1:
             raise ValueError(f"PruneConfig.retry_share={self.retry_share!r} must be a number in (0, 1]")
-        for name in ("max_steps", "step_steps", "final_steps", "batch_size", "importance_batches", "vib_steps"):
+        for name in ("max_steps", "step_steps", "final_steps", "batch_size", "importance_batches", "vib_steps",
+                     "early_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
                 raise ValueError(f"PruneConfig.{name}={value!r} must be an int >= {1 if name == 'batch_size' else 0}")
@@ -186,12 +191,8 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         changed = unguarded.union(*(group for name in groups
                                     for group, after in zip(groups[name], trial_groups[name])
                                     if group is not None and after is None))
-        started = time.perf_counter()
-        trial = rebuild_and_finetune(aligned, spaces, Grouping(trial_groups), state.tuned.weights, data,
-                                     config.tuning(steps), seed=seed, changed=changed)
-        seconds["tune"] += time.perf_counter() - started
-        check = guard.check(trial.network)
-        seconds["guard"] += check.seconds
+        trial, check = _tuned_and_checked(aligned, spaces, Grouping(trial_groups), state.tuned.weights, data, guard,
+                                          config, steps, seed, changed, seconds)
         accuracy, failing = check.accuracy, set(check.failing)
         if not failing:
             accepted = (trial, trial_groups)
@@ -217,6 +218,24 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
                               tuple(sorted(restored_for)), accepted is not None,
                               tuple(sorted(state.needed - needed_before)), steps > config.step_steps, seconds))
     return True
+
+
+def _tuned_and_checked(aligned, spaces, grouping: Grouping, weights: dict, data, guard: Guard, config: PruneConfig,
+                       steps: int, seed: int, changed, seconds: dict) -> tuple[Tuned, Check]:
+    """The step's network fine-tuned for `steps` and its guard check, the time of each added to `seconds`. With
+    `config.early_steps`, the guard is read after that many steps first, and the rest run only if it fails."""
+    first = min(config.early_steps, steps) if config.early_steps else steps
+    tuned, check = None, None
+    for count in ((first, steps - first) if first < steps else (steps,)):
+        if check is not None and check.passed:
+            break
+        started = time.perf_counter()
+        tuned = rebuild_and_finetune(aligned, spaces, grouping, weights if tuned is None else tuned.weights, data,
+                                     config.tuning(count), seed=seed if tuned is None else seed + 1, changed=changed)
+        seconds["tune"] += time.perf_counter() - started
+        check = guard.check(tuned.network)
+        seconds["guard"] += check.seconds
+    return tuned, check
 
 
 def _final(aligned, spaces, data, guard: Guard, config: PruneConfig, seed: int, state: _State) -> tuple[Tuned, Check]:

@@ -59,3 +59,16 @@ def test_every_prune_step_records_where_its_time_went():
 def test_a_bad_time_budget_is_named(budget):
     with pytest.raises(ValueError, match="time_budget"):
         optimized(merge="none", time_budget=budget)
+
+
+def test_early_steps_accepts_a_step_that_passes_after_them():
+    """Tolerance 1: every step passes at its first read, so early_steps=2 of 5 prunes exactly as step_steps=2."""
+    from dataclasses import replace
+    early = optimized(merge="none", pruning=replace(PRUNING, step_steps=5, early_steps=2))
+    short = optimized(merge="none", pruning=replace(PRUNING, step_steps=2))
+    assert [row.macs for row in early.report.rows] == [row.macs for row in short.report.rows]
+    for name, tensor in early.model.state_dict().items():
+        assert (tensor == short.model.state_dict()[name]).all(), name
+    full = optimized(merge="none", pruning=replace(PRUNING, step_steps=5, early_steps=5))
+    plain = optimized(merge="none", pruning=replace(PRUNING, step_steps=5))
+    assert [row.macs for row in full.report.rows] == [row.macs for row in plain.report.rows]
