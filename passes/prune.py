@@ -63,7 +63,7 @@ class PruneConfig:
     network alone gives it the same output in every combination.
     early_steps: read the guard after this many of a step's step_steps first and accept the step if it passes (the
     rest of the fine-tuning runs only if it fails); 0 (the default) always fine-tunes step_steps. Opt-in, measured
-    in bench/results/early_steps.md.
+    as the bench variant "taylor early" (bench/results/paper5k.md).
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
