@@ -41,6 +41,7 @@ from pamfx.network import GatedNetwork
 from pamfx.passes.criteria import CRITERIA, unit_macs
 from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from pamfx.rules import check_paths, drop_unreadable
+from pamfx.sources import as_task_data
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class PruneConfig:
     early_steps: read the guard after this many of a step's step_steps first and accept the step if it passes (the
     rest of the fine-tuning runs only if it fails); 0 (the default) always fine-tunes step_steps. Opt-in, measured
     as the bench variant "taylor early" (bench/results/paper5k.md).
+    step_epochs: cap a step's fine-tuning at this many epochs of the largest task's data (5,000 samples: one epoch is
+    39 steps; 54,000: 422, so step_steps rules); None (the default): step_steps. Opt-in, the bench variant
+    "taylor epoch".
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
@@ -81,6 +85,7 @@ class PruneConfig:
     guard_fraction: float = 0.1
     alone: bool = False
     early_steps: int = 0
+    step_epochs: float | None = None
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
@@ -94,9 +99,23 @@ class PruneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
                 raise ValueError(f"PruneConfig.{name}={value!r} must be an int >= {1 if name == 'batch_size' else 0}")
+        if self.step_epochs is not None and (isinstance(self.step_epochs, bool)
+                                             or not isinstance(self.step_epochs, (int, float)) or self.step_epochs <= 0):
+            raise ValueError(f"PruneConfig.step_epochs={self.step_epochs!r} must be None or a number > 0")
         for name in ("lr", "vib_kl", "vib_lr"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ValueError(f"PruneConfig.{name}={getattr(self, name)!r} must be a number > 0")
+
+    def steps_for(self, data) -> int:
+        """A step's fine-tuning steps on `data`: step_steps, or with step_epochs at most that many epochs of the
+        largest task's data (a loader without a length: step_steps)."""
+        if self.step_epochs is None:
+            return self.step_steps
+        try:
+            epochs = as_task_data(data).total_steps(FinetuneConfig(epochs=self.step_epochs, batch_size=self.batch_size))
+        except ValueError:
+            return self.step_steps
+        return min(self.step_steps, epochs)
 
     def tuning(self, steps: int) -> FinetuneConfig:
         return FinetuneConfig(steps=steps, batch_size=self.batch_size, lr=self.lr)
@@ -183,7 +202,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     unguarded = frozenset(aligned.tasks) - frozenset(tasks)
     groups, restored_for, needed_before = state.groups, set(), set(state.needed)
     accuracy = state.history[-1].accuracy if state.history else {}   # what a step that removes nothing records
-    accepted, steps = None, config.step_steps
+    accepted, steps = None, config.steps_for(data)
     while removal:
         trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
         # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
@@ -216,7 +235,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         state.tuned, state.groups = accepted
     state.history.append(Step(index, removed, state.tuned.network.macs(tasks), accuracy,
                               tuple(sorted(restored_for)), accepted is not None,
-                              tuple(sorted(state.needed - needed_before)), steps > config.step_steps, seconds))
+                              tuple(sorted(state.needed - needed_before)), steps > config.steps_for(data), seconds))
     return True
 
 

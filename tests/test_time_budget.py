@@ -72,3 +72,17 @@ def test_early_steps_accepts_a_step_that_passes_after_them():
     full = optimized(merge="none", pruning=replace(PRUNING, step_steps=5, early_steps=5))
     plain = optimized(merge="none", pruning=replace(PRUNING, step_steps=5))
     assert [row.macs for row in full.report.rows] == [row.macs for row in plain.report.rows]
+
+
+def test_step_epochs_caps_a_steps_fine_tuning_at_that_many_epochs_of_the_data():
+    """96 samples in batches of 32: one epoch is 3 steps, so step_epochs=1 with step_steps=5 prunes exactly as
+    step_steps=3; a cap above step_steps changes nothing."""
+    from dataclasses import replace
+    capped = optimized(merge="none", pruning=replace(PRUNING, step_steps=5, step_epochs=1.0))
+    three = optimized(merge="none", pruning=replace(PRUNING, step_steps=3))
+    assert [row.macs for row in capped.report.rows] == [row.macs for row in three.report.rows]
+    for name, tensor in capped.model.state_dict().items():
+        assert (tensor == three.model.state_dict()[name]).all(), name
+    assert PruneConfig(step_steps=5, step_epochs=100.0, batch_size=32).steps_for(random_data(TASKS, n=96)) == 5
+    with pytest.raises(ValueError, match="step_epochs"):
+        PruneConfig(step_epochs=0)
