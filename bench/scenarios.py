@@ -91,6 +91,12 @@ def heldout_three() -> dict[str, LabelFunction]:
             "upper_body": partition_task([[0], [2], [4], [6], [1, 3, 5, 7, 8, 9]])}
 
 
+def resnet_mid(num_classes: int) -> torch.nn.Module:
+    """The user's mid-size model: the residual CNN with three blocks of 12, 24 and 48 channels, BatchNorm, 5.3 M MACs
+    at 28x28."""
+    return resnet_small(num_classes, (12, 24, 48))
+
+
 def one_vs_rest() -> dict[str, LabelFunction]:
     """Ten binary tasks, class c against the rest: partial sharing."""
     return {f"class_{c}": class_group_task([c]) for c in range(10)}
@@ -112,6 +118,8 @@ SCENARIOS = {scenario.name: scenario for scenario in [
              samples=5000),
     Scenario("heldout5k", "three tasks we never tuned for, 5,000 samples per task", lenet5, heldout_three,
              samples=5000),
+    Scenario("resnet5k", "three tasks we never tuned for on a 5.3 M-MAC residual CNN, 5,000 samples per task",
+             resnet_mid, heldout_three, samples=5000),
 ]}
 
 
