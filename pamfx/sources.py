@@ -93,11 +93,12 @@ class TaskData:
 
 
 class TensorData(TaskData):
-    """{task: (inputs, labels)} tensors, checked by pamfx.checks.check_data. Tasks whose inputs are one tensor
-    share each training batch's samples and one forward pass."""
+    """{task: (inputs, labels)} tensors, checked by pamfx.checks.check_data. Tasks whose inputs are one tensor, or
+    equal tensors (copies of the same samples), share each training batch's samples and one forward pass, in
+    training and in every read of the guard."""
 
     def __init__(self, pairs: dict, argument: str = "data", notices: list | None = None):
-        self.pairs, self.argument, self.tasks = pairs, argument, tuple(pairs)
+        self.pairs, self.argument, self.tasks = _one_tensor_per_input(pairs), argument, tuple(pairs)
         self.notices = list(notices or [])
         self.example = next(iter(pairs.values()))[0][:2]
 
@@ -360,6 +361,20 @@ def calibration_indices(size: int, samples: int, seed: int) -> Tensor:
     """A seeded random subset of `samples` indices out of `size` (all of them if there are fewer)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(size, generator=generator)[:samples].sort().values
+
+
+def _one_tensor_per_input(pairs: dict) -> dict:
+    """`pairs` with each task's inputs replaced by an earlier task's tensor when the two are equal: a user who
+    indexed the same samples once per task gets the one forward pass per batch that one shared tensor gets."""
+    distinct, shared = [], {}
+    for task, (inputs, labels) in pairs.items():
+        same = next((x for x in distinct if x is inputs or (x.shape == inputs.shape and x.dtype == inputs.dtype
+                                                            and x.device == inputs.device and torch.equal(x, inputs))),
+                    None)
+        if same is None:
+            distinct.append(inputs)
+        shared[task] = (inputs if same is None else same, labels)
+    return shared
 
 
 def _by_inputs(pairs: dict) -> dict:

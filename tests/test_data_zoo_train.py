@@ -358,12 +358,15 @@ def test_evaluate_runs_tasks_on_one_tensor_in_one_pass():
     inputs = torch.randn(250, 4)
     labels = {t: torch.randint(0, 3, (250,)) for t in tasks}
     shared = {t: (inputs, labels[t]) for t in tasks}
-    apart = {t: (inputs.clone(), labels[t]) for t in tasks}      # equal values, three tensors
+    copies = {t: (inputs.clone(), labels[t]) for t in tasks}     # equal values, three tensors: read as one
+    apart = {t: (inputs + i, labels[t]) for i, t in enumerate(tasks)}
     together = evaluation.evaluate(network, shared, batch_size=100)
     assert network.calls == 3                                    # 250 samples in batches of 100, all tasks at once
     network.calls = 0
-    alone = evaluation.evaluate(network, apart, batch_size=100)
+    assert evaluation.evaluate(network, copies, batch_size=100) == together
+    assert network.calls == 3
+    network.calls = 0
+    evaluation.evaluate(network, apart, batch_size=100)
     assert network.calls == 9
-    assert together == alone
     expected = {t: (network.heads[t](inputs).argmax(1) == labels[t]).float().mean().item() for t in tasks}
     assert together == pytest.approx(expected)

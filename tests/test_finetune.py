@@ -66,3 +66,20 @@ def test_a_task_that_reads_only_frozen_modules_keeps_its_outputs(network, traine
     assert torch.equal(after["b"], before["b"]) and torch.equal(after["c"], before["c"])
     assert torch.equal(after["a"], before["a"]) == (len(frozen) == len({s.target for s in network.statements
                                                                        if s.call == "module"}))
+
+
+def test_copies_of_one_input_tensor_train_and_read_as_one_tensor(network):
+    """A user who indexed the same samples once per task passes equal tensors: they share each batch and one forward
+    pass, as one tensor does, so the fine-tuned network is the same bit for bit, and the guard reads them in one
+    pass (pamfx.sources.TensorData)."""
+    from pamfx.sources import TensorData
+    inputs = random_data(TASKS, n=64, seed=5)["a"][0]
+    labels = {t: y for t, (_, y) in random_data(TASKS, n=64, seed=5).items()}
+    one = {t: (inputs, labels[t]) for t in TASKS}
+    copies = {t: (inputs.clone(), labels[t]) for t in TASKS}
+    first = finetune(network, one, FinetuneConfig(steps=4), progress=False)
+    second = finetune(network, copies, FinetuneConfig(steps=4), progress=False)
+    assert all(torch.equal(value, second.state_dict()[key]) for key, value in first.state_dict().items())
+    assert [sorted(tasks) for _, tasks in TensorData(copies).batches(batch_size=64)] == [sorted(TASKS)]
+    different = {**copies, "c": (inputs.flip(0), labels["c"])}
+    assert len(list(TensorData(different).batches(batch_size=64))) == 2
