@@ -55,7 +55,8 @@ CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pa
             "taylor zip": PRUNING, "taylor zip own": pamfx.PruneConfig(alone=True),
             "taylor auto": PRUNING, "taylor auto own": pamfx.PruneConfig(alone=True),
             "taylor early": pamfx.PruneConfig(early_steps=25),   # early: a step read after 25 of its 100 steps
-            "taylor epoch": pamfx.PruneConfig(step_epochs=1.0)}  # epoch: a step fine-tunes at most one epoch
+            "taylor epoch": pamfx.PruneConfig(step_epochs=1.0),  # epoch: a step fine-tunes at most one epoch
+            "taylor grow": pamfx.PruneConfig(step_growth=1.5)}   # grow: a task's share x1.5 after a passing step
 PAM = {"zip": pamfx.PamConfig(zip_degree=0.9),   # zip: PAM's shared groups zipped in pairs before pruning
        "auto": pamfx.PamConfig(zip_degree=0.9, zip_choice="pruned")}   # auto: zipped only if it prunes cheaper
 

@@ -55,7 +55,8 @@ class Step:
     fine-tuning; restored_for: tasks that failed and got their units back; kept_for_good: (space, unit) whose
     removal alone failed a task, never offered again; longer: the removal got the longer recovery (retry_share);
     seconds: where the step's wall time went ("score": the criterion, "tune": fine-tuning, "guard": the guard's
-    reads)."""
+    reads); shares: task -> the share of its MACs the step let it offer (PruneConfig.step_fraction, halved after
+    failures, grown by step_growth after passing steps)."""
     index: int
     removed: dict
     macs: int
@@ -65,6 +66,7 @@ class Step:
     kept_for_good: tuple = ()
     longer: bool = False
     seconds: dict = field(default_factory=dict)
+    shares: dict = field(default_factory=dict)
 
     def note(self) -> str:
         removed = ", ".join(f"{t} {n}" for t, n in self.removed.items() if n)

@@ -20,6 +20,8 @@ The schedule, one step at a time:
    that lost several halves its fraction. A unit whose removal alone failed and that saves at least a share
    retry_share of a failing task's MACs (conv1's units of a pruned LeNet-5) first gets one longer recovery
    (final_steps of fine-tuning): 100 steps rarely bring back a network that lost a third of its first layer.
+   A task whose units went in a passing step multiplies its fraction by step_growth (at most MOST_FRACTION), so a
+   network far from its floors is cut in fewer, larger steps.
    A task whose fraction falls below the minimum, or that has nothing left to offer, is done, and units serving
    it are kept from then on. Under merge="none" groups never mix tasks, so each task is pruned under its own
    guard, as pruning its model alone would.
@@ -42,6 +44,8 @@ from pamfx.passes.criteria import CRITERIA, unit_macs
 from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
 from pamfx.rules import check_paths, drop_unreadable
 from pamfx.sources import as_task_data
+
+MOST_FRACTION = 0.5      # the largest share of a task's MACs one step may remove (PruneConfig.step_growth)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class PruneConfig:
     step_epochs: cap a step's fine-tuning at this many epochs of the largest task's data (5,000 samples: one epoch is
     39 steps; 54,000: 422, so step_steps rules); None (the default): step_steps. Opt-in, the bench variant
     "taylor epoch".
+    step_growth: after a step that removed a task's units and passed, its share is multiplied by this (at most
+    MOST_FRACTION, 0.5, or step_fraction if larger); 1.0 (the default) keeps it.
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
@@ -86,6 +92,7 @@ class PruneConfig:
     alone: bool = False
     early_steps: int = 0
     step_epochs: float | None = None
+    step_growth: float = 1.0
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
@@ -102,6 +109,9 @@ class PruneConfig:
         if self.step_epochs is not None and (isinstance(self.step_epochs, bool)
                                              or not isinstance(self.step_epochs, (int, float)) or self.step_epochs <= 0):
             raise ValueError(f"PruneConfig.step_epochs={self.step_epochs!r} must be None or a number > 0")
+        if isinstance(self.step_growth, bool) or not isinstance(self.step_growth, (int, float)) \
+                or not self.step_growth >= 1:
+            raise ValueError(f"PruneConfig.step_growth={self.step_growth!r} must be a number >= 1")
         for name in ("lr", "vib_kl", "vib_lr"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ValueError(f"PruneConfig.{name}={getattr(self, name)!r} must be a number > 0")
@@ -138,7 +148,8 @@ class _State:
     """What the prune loop carries from one step to the next."""
     tuned: Tuned            # the network as pruned so far
     groups: dict            # its grouping: space -> group of each unit (None: removed)
-    fraction: dict          # task -> the share of its MACs a step may remove (halved when a step of several fails it)
+    fraction: dict          # task -> the share of its MACs a step may remove (halved when a step of several fails it,
+                            # grown by step_growth when its units went in a passing step)
     done: set               # tasks no longer pruned: their units are kept from now on
     needed: set             # (space, unit) whose removal alone failed a task: never offered again
     history: list           # the Steps so far
@@ -191,6 +202,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     saved = unit_macs(aligned, spaces, state.tuned, frozenset(tasks))
     if config.cost_aware:
         scores = {name: scores[name] / saved[name].clamp(min=1) for name in scores}
+    shares = {t: state.fraction[t] for t in tasks if t not in state.done}
     budget = {t: state.fraction[t] * state.tuned.network.macs([t]) for t in tasks}
     removal, exhausted = _choose(aligned, spaces, state.groups, scores, saved, budget, state.done, state.needed)
     state.done |= exhausted
@@ -233,9 +245,14 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
                           if group is not None and t in group and accepted[1][name][unit] is None) for t in tasks}
         state.tuned, state.groups = accepted
+        most = max(MOST_FRACTION, config.step_fraction)
+        for t in tasks:
+            if removed[t] and t not in restored_for:
+                state.fraction[t] = min(most, state.fraction[t] * config.step_growth)
     state.history.append(Step(index, removed, state.tuned.network.macs(tasks), accuracy,
                               tuple(sorted(restored_for)), accepted is not None,
-                              tuple(sorted(state.needed - needed_before)), steps > config.steps_for(data), seconds))
+                              tuple(sorted(state.needed - needed_before)), steps > config.steps_for(data), seconds,
+                              shares))
     return True
 
 

@@ -3,6 +3,7 @@ with the in-memory network on every combination), keeps the grouping rules, neve
 task on its own under merge="none", and reports what it did. Budgets are tiny: these tests check structure and
 bookkeeping, not how good the pruning is."""
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -453,7 +454,24 @@ def test_a_merge_dearer_than_the_originals_is_warned_about():
                                           ("guard_fraction", 1), ("max_steps", -1), ("step_steps", 2.5),
                                           ("batch_size", 0), ("importance_batches", True), ("lr", 0),
                                           ("vib_kl", -1e-3), ("vib_lr", "fast"), ("retry_share", 0),
-                                          ("retry_share", 1.5)])
+                                          ("retry_share", 1.5), ("step_growth", 0.5), ("step_growth", True)])
 def test_prune_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=rf"PruneConfig\.{field}={value!r}"):
         PruneConfig(**{field: value})
+
+
+@pytest.mark.parametrize("growth", [1.0, 2.0])
+def test_a_task_whose_units_went_in_a_passing_step_grows_its_share(growth):
+    """Tolerance 1 (every step passes): with step_growth the share a task may offer doubles after each step that
+    removed its units, up to MOST_FRACTION; without it the share stays step_fraction."""
+    from pamfx.passes.prune import MOST_FRACTION
+    tasks = ("a", "b")
+    result = run(make_models("lenet5", tasks), random_data(tasks, n=96, seed=1), random_data(tasks, n=64, seed=2),
+                 pruning=replace(TINY, max_steps=4, step_fraction=0.2, step_growth=growth))
+    steps = result.history.prune_steps
+    assert len(steps) == 4 and all(step.accepted for step in steps)
+    for before, after in zip(steps, steps[1:]):
+        for task in tasks:
+            grown = min(MOST_FRACTION, before.shares[task] * growth) if before.removed[task] else before.shares[task]
+            assert after.shares[task] == pytest.approx(grown)
+    assert steps[-1].shares["a"] == pytest.approx(0.2 if growth == 1.0 else MOST_FRACTION)
