@@ -8,7 +8,9 @@ The PAM threshold search, the degrees of MTZ and of zipping, the prune loop and 
 through Guard.check: one place says what "meets its floor" means. The three merges back off the same way
 (Guard.first_passing): they try settings from the boldest down and keep the first network that meets every floor.
 """
+import itertools
 import time
+import weakref
 from dataclasses import dataclass
 
 from .errors import GroupingError
@@ -41,9 +43,11 @@ class Guard:
         return tuple(self.floors)
 
     def check(self, network) -> Check:
-        """The network's accuracy on the guard data (pamfx.train.evaluate) against the floors."""
+        """The network's accuracy on the guard data (pamfx.train.evaluate) against the floors. A network already
+        read on this data and not changed since is not read again (_READS): a merge's network is checked by its
+        search, the fallback, the check after merging and the prune pass's start."""
         started = time.perf_counter()
-        accuracy = evaluate(network, self.data)
+        accuracy = _read(network, self.data)
         return Check(accuracy, tuple(t for t in self.floors if accuracy[t] < self.floors[t]),
                      time.perf_counter() - started)
 
@@ -79,3 +83,23 @@ class Guard:
             if check.passed:
                 return built, True, tuple(trials)
         return built, False, tuple(trials)
+
+
+# network -> (the guard data it was read on, its tensors' identities and versions then, the accuracy read). Weak on
+# both sides: an entry goes with its network and never keeps guard data alive.
+_READS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _read(network, data: TaskData) -> dict:
+    """evaluate(network, data), or the accuracy read before if the network's parameters and buffers are the same
+    tensors at the same versions (torch bumps a tensor's _version at every in-place write: training, copy_)."""
+    stamp = tuple((id(t), t._version) for t in itertools.chain(network.parameters(), network.buffers()))
+    known = _READS.get(network)
+    if known is not None and known[0]() is data and known[1] == stamp:
+        return dict(known[2])
+    accuracy = evaluate(network, data)
+    try:
+        _READS[network] = (weakref.ref(data), stamp, dict(accuracy))
+    except TypeError:       # data given as a plain dict (passes called directly): not remembered
+        pass
+    return accuracy

@@ -2,6 +2,7 @@
 prune step starts; the network returned meets the guard, and the history names the stages the budget stopped. Every
 step records where its time went."""
 import pytest
+import torch
 
 import pamfx
 from pamfx import FinetuneConfig, PruneConfig
@@ -86,3 +87,27 @@ def test_step_epochs_caps_a_steps_fine_tuning_at_that_many_epochs_of_the_data():
     assert PruneConfig(step_steps=5, step_epochs=100.0, batch_size=32).steps_for(random_data(TASKS, n=96)) == 5
     with pytest.raises(ValueError, match="step_epochs"):
         PruneConfig(step_epochs=0)
+
+
+def test_the_guard_reads_a_network_once_until_it_changes():
+    """A merge's network is checked by its search, the fallback, the check after merging and the prune pass's start:
+    the guard reads it once, and again only after an in-place write or on other data."""
+    from pamfx.guard import Guard
+    from pamfx.sources import as_task_data
+    from conftest import build_random
+    tasks = ("a", "b")
+    network = build_random(make_models("lenet5", tasks), seed=1)
+    calls = []
+    network.register_forward_hook(lambda *_: calls.append(1))
+    data = as_task_data(random_data(tasks, n=64, seed=2))
+    guard = Guard(data, {"a": 0.5, "b": 0.5})
+    first = guard.check(network)
+    assert len(calls) == 2                     # two tasks on their own inputs: one pass each
+    assert guard.check(network).accuracy == first.accuracy and guard.at_most(first.accuracy).check(network)
+    assert len(calls) == 2
+    guard.only(["a"]).check(network)           # other data: read
+    assert len(calls) == 3
+    with torch.no_grad():
+        next(network.parameters()).mul_(0.0)
+    guard.check(network)
+    assert len(calls) == 5
