@@ -18,8 +18,10 @@ taylor, l1, vib; "peer" is Torch-Pruning on each model separately (bench/peer.py
 scenario runs the peer and none, mtz and pam + taylor; the paper's split adds l1 and vib, the ten-task scenarios
 "pam+taylor zip" (PAM's shared groups zipped, PamConfig(zip_degree=0.9)). Variants run only when named with
 --method, and their records join the tables: "plain" (ranking not cost-aware), "own" (each task also gets its own
-network), "zip", "auto" (zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned")), and
-"alone+taylor" (pamfx on each model by itself). All prune at tolerance TOLERANCE with the same fine-tuning budget;
+network), "zip", "auto" (zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned")), "early",
+"epoch" and "grow" (PruneConfig's early_steps, step_epochs and step_growth), "peer-time" (optimize(time_budget=) the
+peer's wall time on the same scenario and seed: its record must exist), and "alone+taylor" (pamfx on each model by
+itself). All prune at tolerance TOLERANCE with the same fine-tuning budget;
 every decision reads the guard slice, never the test split.
 """
 import argparse
@@ -56,7 +58,8 @@ CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pa
             "taylor auto": PRUNING, "taylor auto own": pamfx.PruneConfig(alone=True),
             "taylor early": pamfx.PruneConfig(early_steps=25),   # early: a step read after 25 of its 100 steps
             "taylor epoch": pamfx.PruneConfig(step_epochs=1.0),  # epoch: a step fine-tunes at most one epoch
-            "taylor grow": pamfx.PruneConfig(step_growth=1.5)}   # grow: a task's share x1.5 after a passing step
+            "taylor grow": pamfx.PruneConfig(step_growth=1.5),   # grow: a task's share x1.5 after a passing step
+            "taylor peer-time": PRUNING}   # peer-time: optimize(time_budget=) the peer's seconds on the same cell
 PAM = {"zip": pamfx.PamConfig(zip_degree=0.9),   # zip: PAM's shared groups zipped in pairs before pruning
        "auto": pamfx.PamConfig(zip_degree=0.9, zip_choice="pruned")}   # auto: zipped only if it prunes cheaper
 
@@ -197,7 +200,8 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
         result = pamfx.optimize(models, train, eval_data=guard, merge=merge, prune=criterion.split()[0],
                                 tolerance=TOLERANCE, finetune=FINETUNE, pruning=CRITERIA[criterion], seed=seed,
                                 pam=next((PAM[word] for word in criterion.split() if word in PAM), pamfx.PamConfig()),
-                                progress=False)
+                                progress=False, time_budget=_peer_seconds(output, scenario, seed)
+                                if "peer-time" in criterion.split() else None)
         combos = all_combinations(tasks)
         network = result.model
         with network.gated_only():
@@ -228,6 +232,14 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
     path = output.record(scenario, method, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
+
+
+def _peer_seconds(output: Output, scenario: Scenario, seed: int) -> float:
+    """The wall time of the peer's record of the same scenario and seed: the time budget of the peer-time variant."""
+    path = output.record(scenario, "peer", seed)
+    if not path.exists():
+        raise SystemExit(f"the peer-time variant needs the peer's record {path}: run --method peer first")
+    return json.loads(path.read_text())["seconds"]
 
 
 def measure_latency(output: Output, scenario: Scenario) -> None:
