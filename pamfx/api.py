@@ -251,11 +251,15 @@ def _isolating(run: Run, merged: Merged) -> Merged:
     """PAM's fallback when its network, fine-tuned until the guard recovered, still leaves tasks below their floors:
     those tasks are taken out of sharing (passes.merge_none.isolate: each runs its original model, frozen, and is
     pruned later as if alone) and the others are fine-tuned again from the original weights, until every floor is
-    met. Isolating all tasks but one is merge="none". Each try is a MergeTrial "isolate"."""
+    met. Isolating all tasks but one is merge="none". Each try is a MergeTrial "isolate". Past the time budget all
+    tasks are isolated at once: the originals need no fine-tuning and meet every floor."""
     check, isolated = run.merge_guard.check(merged.tuned.network), frozenset()
     while run.pam.fallback and not check.passed:
         isolated |= set(check.failing)
-        isolated = frozenset(run.tasks) if len(isolated) >= len(run.tasks) - 1 else isolated
+        spent = run.deadline is not None and time.perf_counter() > run.deadline
+        if spent and "pam fallback" not in run.cut_short:
+            run.cut_short.append("pam fallback")
+        isolated = frozenset(run.tasks) if spent or len(isolated) >= len(run.tasks) - 1 else isolated
         grouping = isolate(run.aligned, run.spaces, merged.grouping, isolated)
         run.say(f"[pamfx] {', '.join(sorted(isolated))} below the floors after merging: out of sharing")
         with run.timed("fallback"):

@@ -140,4 +140,5 @@ class History:
     zip_choice: ZipChoice | None = None
     below_floor: dict = field(default_factory=dict)   # task -> guard accuracy, for tasks left below their floor
     separate_choice: SeparateChoice | None = None
-    cut_short: tuple = ()   # the stages optimize(time_budget=) stopped: "pam search", "prune"
+    cut_short: tuple = ()   # the stages optimize(time_budget=) stopped: "pam search", "pam fallback" (every task
+                            # back to its original model at once), "prune"

@@ -41,6 +41,21 @@ def test_a_spent_budget_stops_the_pam_search_after_its_first_pair():
     assert result.history.cut_short == ("pam search", "prune")
 
 
+def test_past_the_budget_a_merge_below_its_floors_gives_every_task_its_original_model_at_once():
+    """The fallback would isolate the failing tasks and fine-tune the others again; with no time left every task
+    goes back to its original model at once: exact, no fine-tuning, every floor met."""
+    models = make_models("lenet5", TASKS)
+    result = optimized(merge="pam", pam=pamfx.PamConfig(search=((0.9, 0.95), (0.1, 0.25))), tolerance=0.0,
+                       time_budget=0)
+    fallbacks = [t for t in result.history.merge_trials if t.merge == "isolate"]
+    assert [t.setting for t in fallbacks] == [TASKS] and fallbacks[0].passed
+    assert result.history.cut_short == ("pam search", "pam fallback", "prune")
+    x = random_data(TASKS, n=16, seed=3)["a"][0]
+    with torch.no_grad():
+        for task in TASKS:
+            torch.testing.assert_close(result.model(x, [task])[task], models[task](x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_generous_budget_changes_nothing():
     budgeted, free = optimized(merge="pam", pam=PAM, time_budget=3600), optimized(merge="pam", pam=PAM)
     assert budgeted.history.cut_short == ()
