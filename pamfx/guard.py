@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import GroupingError
 from .history import MergeTrial
-from .sources import TaskData
+from .sources import TaskData, as_task_data
 from .train import evaluate
 
 
@@ -42,12 +42,20 @@ class Guard:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.floors)
 
-    def check(self, network) -> Check:
+    def check(self, network, unchanged: dict | None = None) -> Check:
         """The network's accuracy on the guard data (pamfx.train.evaluate) against the floors. A network already
         read on this data and not changed since is not read again (_READS): a merge's network is checked by its
-        search, the fallback, the check after merging and the prune pass's start."""
+        search, the fallback, the check after merging and the prune pass's start. `unchanged`: task -> accuracy
+        for tasks whose outputs are known not to have changed since that read (the prune pass's steps leave every
+        task outside the edit exactly as it was); only the other tasks are read."""
         started = time.perf_counter()
-        accuracy = _read(network, self.data)
+        unchanged = {t: a for t, a in (unchanged or {}).items() if t in self.floors}
+        if unchanged:
+            read = [t for t in self.floors if t not in unchanged]
+            accuracy = {**unchanged, **(_read(network, as_task_data(self.data).only(read)) if read else {})}
+            accuracy = {t: accuracy[t] for t in self.floors}
+        else:
+            accuracy = _read(network, self.data)
         return Check(accuracy, tuple(t for t in self.floors if accuracy[t] < self.floors[t]),
                      time.perf_counter() - started)
 

@@ -56,11 +56,12 @@ class FinetuneConfig:
 
 
 def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneConfig(), seed: int = 0,
-             progress: bool = True, desc: str = "fine-tune", extra_loss=None, frozen=()) -> nn.Module:
+             progress: bool = True, desc: str = "fine-tune", extra_loss=None, frozen=(), tasks=None) -> nn.Module:
     """Trains a copy of `network` (called as network(x, tasks=...) -> {task: logits}): each step draws one batch
     per task and minimises the summed task losses (pamfx.labels.task_loss: cross-entropy, or binary cross-entropy
     for a multi-label task), plus `extra_loss(network)` if given (the VIB pruner's KL term). Parameters with requires_grad=False stay as they are; the submodules named in `frozen` stay exactly as
-    they are (weights and BatchNorm statistics).
+    they are (weights and BatchNorm statistics). `tasks`, if given, are the only tasks whose losses train (and
+    whose outputs the forward passes compute): the others' batches are drawn as usual and skipped.
 
     `data`: {task: (inputs, labels)} tensors or TaskData (pamfx.sources). From tensors, tasks whose inputs are the
     same tensor share each batch's samples and one forward pass; otherwise each task draws its batches from its own
@@ -75,10 +76,10 @@ def finetune(network: nn.Module, data: dict, config: FinetuneConfig = FinetuneCo
     """
     with forked_rng(device_of(network)):
         torch.manual_seed(seed)
-        return _train(copy.deepcopy(network), data, config, seed, progress, desc, extra_loss, frozen)
+        return _train(copy.deepcopy(network), data, config, seed, progress, desc, extra_loss, frozen, tasks)
 
 
-def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
+def _train(network, data, config, seed, progress, desc, extra_loss, frozen, tasks):
     network.train()
     for name in frozen:
         network.get_submodule(name).eval().requires_grad_(False)
@@ -99,10 +100,11 @@ def _train(network, data, config, seed, progress, desc, extra_loss, frozen):
         # network N models wide (a group shared by all tasks): keeping every graph until one backward would take
         # memory growing as N^2.
         for inputs, labels in next(stream):   # the batches of one step: each holds the tasks reading its inputs
+            labels = labels if tasks is None else {t: y for t, y in labels.items() if t in tasks}
             # Data-parallel: this rank's rows; its mean loss weighs rows/global rows * world size, so that the
             # gradients averaged over the ranks are those of the global batch's mean loss (1 in one process).
             rows, inputs = len(inputs), distributed.shard(inputs)
-            if len(inputs) == 0:
+            if len(inputs) == 0 or not labels:
                 continue
             weight = len(inputs) / rows * distributed.world_size()
             inputs = to_device(device, inputs)
@@ -147,13 +149,15 @@ def rebuild_and_finetune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace],
     """The loop step that MTZ and the prune pass share: build the network of `grouping` from stacked `weights`,
     fine-tune it on all tasks, and read its weights back (zero where the network holds nothing).
     `changed`, if given, is the set of tasks an edit touched: only modules whose group lies inside it train, so
-    every other task's output stays exactly as it was.
+    every other task's output stays exactly as it was; only these tasks' losses train and their outputs are
+    computed (a task outside `changed` reads frozen modules only: its loss has no gradient).
     Raises GroupingError when the grouping leaves a group nothing to read."""
     network, layout = build_network(aligned, spaces, grouping, weights)
     frozen = () if changed is None else sorted({s.target for s in network.statements if s.call == "module"
                                                 and not s.group <= changed and s.target in layout.origins})
     if config.steps != 0:
-        network = finetune(network, data, config, seed=seed, progress=progress, desc=desc, frozen=frozen)
+        network = finetune(network, data, config, seed=seed, progress=progress, desc=desc, frozen=frozen,
+                           tasks=changed)
     return Tuned(network.eval(), layout, read_back(network, layout, weights))
 
 

@@ -14,7 +14,8 @@ The schedule, one step at a time:
    the task with the least room decides how far a step cuts into what it shares, and the others go on pruning
    their own units meanwhile;
 3. fine-tune briefly, then check the guard: every task's accuracy on the guard data >= its floor (its original
-   model's accuracy there minus the tolerance);
+   model's accuracy there minus the tolerance). Only the groups inside the tasks the removal touched train, so a
+   task it did not touch keeps its outputs exactly: it is neither trained (no forward pass) nor read again;
 4. when tasks fail, restore the removed units whose group contains a failing task and check again. A failing task
    that lost a single unit keeps that unit for good (it cannot go) and tries the next one up at the next step; one
    that lost several halves its fraction. A unit whose removal alone failed and that saves at least a share
@@ -153,6 +154,7 @@ class _State:
     done: set               # tasks no longer pruned: their units are kept from now on
     needed: set             # (space, unit) whose removal alone failed a task: never offered again
     history: list           # the Steps so far
+    accuracy: dict          # task -> the guard accuracy of `tuned`: a step reads only the tasks its edit touched
 
 
 def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data,
@@ -166,8 +168,10 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
     deadline: a time.perf_counter() value; once past it no step starts and the final fine-tune is skipped, and the
     network pruned so far (which meets the guard) is returned with `cut_short` set."""
     tasks = guard.tasks
-    required, guard = guard, guard.at_most(guard.check(tuned.network).accuracy)
-    state = _State(tuned, dict(grouping.groups), {t: config.step_fraction for t in tasks}, set(), set(), [])
+    start = guard.check(tuned.network)
+    required, guard = guard, guard.at_most(start.accuracy)
+    state = _State(tuned, dict(grouping.groups), {t: config.step_fraction for t in tasks}, set(), set(), [],
+                   dict(start.accuracy))
     bar = tqdm(total=config.max_steps, desc=f"prune ({criterion})", disable=not progress)
     cut_short = False
     for index in range(config.max_steps):
@@ -218,12 +222,14 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     while removal:
         trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
         # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
-        # outputs and cannot fail: under merge="none" each task's pruning is its own.
+        # outputs and cannot fail: under merge="none" each task's pruning is its own. Such a task is neither
+        # trained nor read: its accuracy is the one read before.
         changed = unguarded.union(*(group for name in groups
                                     for group, after in zip(groups[name], trial_groups[name])
                                     if group is not None and after is None))
+        unchanged = {t: a for t, a in state.accuracy.items() if t not in changed}
         trial, check = _tuned_and_checked(aligned, spaces, Grouping(trial_groups), state.tuned.weights, data, guard,
-                                          config, steps, seed, changed, seconds)
+                                          config, steps, seed, changed, unchanged, seconds)
         accuracy, failing = check.accuracy, set(check.failing)
         if not failing:
             accepted = (trial, trial_groups)
@@ -244,7 +250,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     if accepted is not None:
         removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
                           if group is not None and t in group and accepted[1][name][unit] is None) for t in tasks}
-        state.tuned, state.groups = accepted
+        state.tuned, state.groups, state.accuracy = accepted[0], accepted[1], dict(accuracy)
         most = max(MOST_FRACTION, config.step_fraction)
         for t in tasks:
             if removed[t] and t not in restored_for:
@@ -257,9 +263,10 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
 
 
 def _tuned_and_checked(aligned, spaces, grouping: Grouping, weights: dict, data, guard: Guard, config: PruneConfig,
-                       steps: int, seed: int, changed, seconds: dict) -> tuple[Tuned, Check]:
-    """The step's network fine-tuned for `steps` and its guard check, the time of each added to `seconds`. With
-    `config.early_steps`, the guard is read after that many steps first, and the rest run only if it fails."""
+                       steps: int, seed: int, changed, unchanged: dict, seconds: dict) -> tuple[Tuned, Check]:
+    """The step's network fine-tuned for `steps` and its guard check (`unchanged`: the accuracy of the tasks the edit
+    left as they were, not read again), the time of each added to `seconds`. With `config.early_steps`, the guard is
+    read after that many steps first, and the rest run only if it fails."""
     first = min(config.early_steps, steps) if config.early_steps else steps
     tuned, check = None, None
     for count in ((first, steps - first) if first < steps else (steps,)):
@@ -269,7 +276,7 @@ def _tuned_and_checked(aligned, spaces, grouping: Grouping, weights: dict, data,
         tuned = rebuild_and_finetune(aligned, spaces, grouping, weights if tuned is None else tuned.weights, data,
                                      config.tuning(count), seed=seed if tuned is None else seed + 1, changed=changed)
         seconds["tune"] += time.perf_counter() - started
-        check = guard.check(tuned.network)
+        check = guard.check(tuned.network, unchanged)
         seconds["guard"] += check.seconds
     return tuned, check
 

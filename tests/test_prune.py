@@ -207,6 +207,36 @@ def test_under_none_another_tasks_failing_final_fine_tune_is_not_undone_for_soli
         torch.testing.assert_close(both.model(x, ["solid"])["solid"], alone.model(x)["solid"], atol=1e-6, rtol=0)
 
 
+def test_a_step_computes_only_the_tasks_its_removal_touched(monkeypatch):
+    """A task no removed unit serves keeps its outputs exactly (its modules are frozen), so a step neither trains it
+    nor reads its guard again: every forward pass a step makes, training or guarding, computes only tasks of the
+    edit. Under merge="none", once 'shaky' fails and gets its units back, the re-check runs 'solid' alone."""
+    from pamfx.network import GatedNetwork
+    from pamfx.passes import prune as prune_pass
+    calls, computed = [], []
+    forward, tuned_and_checked = GatedNetwork.forward, prune_pass._tuned_and_checked
+
+    def counting_forward(self, x, tasks=None):
+        computed.append(frozenset(self.tasks if tasks is None else tasks))
+        return forward(self, x, tasks)
+
+    def recording(aligned, spaces, grouping, weights, data, guard, config, steps, seed, changed, unchanged, seconds):
+        computed.clear()
+        result = tuned_and_checked(aligned, spaces, grouping, weights, data, guard, config, steps, seed, changed,
+                                   unchanged, seconds)
+        calls.append((frozenset(changed), set(computed), guard.tasks, dict(unchanged), result[1].accuracy))
+        return result
+
+    monkeypatch.setattr(GatedNetwork, "forward", counting_forward)
+    monkeypatch.setattr(prune_pass, "_tuned_and_checked", recording)
+    solid_pruned_with_and_without_shaky("taylor", ("solid", "shaky"), 1, final_steps=0)
+    assert any(changed == {"solid"} and len(guarded) == 2 for changed, _, guarded, *_ in calls)   # exercised
+    for changed, tasks, guarded, unchanged, accuracy in calls:
+        assert tasks and all(t <= changed for t in tasks), (changed, tasks)
+        assert set(unchanged) == set(guarded) - changed
+        assert all(accuracy[t] == a for t, a in unchanged.items())
+
+
 def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monkeypatch):
     """The scores rank fc1's units 0, 1, 2 lowest, in that order, and the budget lets one unit go per step. Unit 0
     carries the answer (removing it changes guard predictions, and the tolerance is 0); units 1 and 2 are dead (zero
@@ -262,7 +292,7 @@ def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retr
         return tuned
     monkeypatch.setitem(CRITERIA, "ranked", scores)
     monkeypatch.setattr(pamfx.passes.prune, "rebuild_and_finetune", recording)
-    monkeypatch.setattr(Guard, "check", lambda guard, network: Check(
+    monkeypatch.setattr(Guard, "check", lambda guard, network, unchanged=None: Check(
         {"a": 0.0 if getattr(network, "short", False) else 1.0}, ("a",) if getattr(network, "short", False) else ()))
     config = PruneConfig(step_fraction=1e-4, min_fraction=1e-5, max_steps=1, step_steps=2, final_steps=4,
                          cost_aware=False, batch_size=32, retry_share=retry_share)   # one unit per step
