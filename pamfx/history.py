@@ -13,7 +13,8 @@ class MergeTrial:
     fractions of each task's H(Y), (degree,), or the tasks taken out of sharing; accuracy: task -> guard accuracy
     after fine-tuning; failing: the tasks below their floors there;
     macs: all tasks' MACs of the merged network (before: the network it was zipped from, for "zip"); error: why the
-    merge could not be built (then accuracy is empty); seconds: the trial's wall time."""
+    merge could not be built (then accuracy is empty); seconds: the trial's wall time; recovered: the trial is an
+    earlier trial's network tuned further until the guard recovered (PamConfig(search_recovery="screened"))."""
     merge: str
     setting: tuple
     accuracy: dict
@@ -22,6 +23,7 @@ class MergeTrial:
     before: int = 0
     error: str = ""
     seconds: float = 0.0
+    recovered: bool = False
 
     @property
     def passed(self) -> bool:
@@ -31,7 +33,8 @@ class MergeTrial:
         """The report's line on the trial."""
         guard = ", ".join(f"{t} {a:.4f}" for t, a in self.accuracy.items())
         if self.merge == "pam":
-            head = f"pam search: alpha {self.setting[0]} / {self.setting[1]} x H(Y_t)"
+            head = (f"pam search: alpha {self.setting[0]} / {self.setting[1]} x H(Y_t)"
+                    + (", fine-tuned on until the guard recovered" if self.recovered else ""))
             if self.error:
                 return f"{head}: {self.error}"
             return (f"{head}: guard {guard} -> {'meets' if self.passed else 'breaks'} the floors; all-task MACs "

@@ -164,11 +164,19 @@ def rebuild_and_finetune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace],
 def tune_until(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, weights: dict, data,
                guard, config: FinetuneConfig, *, seed: int = 0, progress: bool = False, desc: str = "fine-tune",
                changed=None) -> Tuned:
-    """rebuild_and_finetune, then, while a task is below its floor on `guard` (a pamfx.guard.Guard), up to
-    `config.recovery` more rounds of the same budget (at least `config.recovery_steps` steps each), each continuing
-    the last. Stops as soon as every floor is met, or when a round did not raise the worst task's margin to its
-    floor (then the better of the last two networks is returned)."""
+    """rebuild_and_finetune, then recover() while a task is below its floor on `guard` (a pamfx.guard.Guard)."""
     tuned = rebuild_and_finetune(aligned, spaces, grouping, weights, data, config, seed, progress, desc, changed)
+    return recover(aligned, spaces, grouping, tuned, data, guard, config, seed=seed, progress=progress, desc=desc,
+                   changed=changed)
+
+
+def recover(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grouping, tuned: Tuned, data, guard,
+            config: FinetuneConfig, *, seed: int = 0, progress: bool = False, desc: str = "fine-tune",
+            changed=None) -> Tuned:
+    """`tuned` (the network of `grouping`, fine-tuned with `config`) tuned further while a task is below its floor
+    on `guard`: up to `config.recovery` more rounds of the same budget (at least `config.recovery_steps` steps
+    each), each continuing the last. Stops as soon as every floor is met, or when a round did not raise the worst
+    task's margin to its floor (then the better of the last two networks is returned)."""
     if config.recovery == 0 or config.steps == 0:
         return tuned
     margin = _worst_margin(guard.check(tuned.network), guard)

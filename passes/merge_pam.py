@@ -8,7 +8,9 @@ every group of two or more tasks into one shared group.
     grouping = merge_pam(aligned, spaces, data, PamConfig(alpha_linear=0.2))
     grouping.groups["fc1"][:3]   # (frozenset({'tops', 'shoes'}), frozenset({'tops'}), None)
 """
+import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +20,8 @@ from pamfx.errors import GroupingError
 from pamfx.guard import Guard
 from pamfx.ir import OP, AlignedGraph, ChannelSpace, Grouping, group_label
 from pamfx.passes.activations import calibration_activations
-from pamfx.passes.finetune import tune_until
+from pamfx.history import MergeTrial
+from pamfx.passes.finetune import rebuild_and_finetune, recover, tune_until
 from pamfx.passes.stack import stack_weights
 from pamfx.passes.mutual_info import SIGMA2, irrelevant_units, label_entropy, unit_kernels
 from pamfx.rules import check_paths, drop_unreadable
@@ -49,6 +52,10 @@ class PamConfig:
     merging are taken out of sharing, and a pruned network that runs some combination dearer than the original
     models gives way to the originals pruned side by side if those are cheaper. False: PAM's network whatever it
     costs (to study PAM itself).
+    search_recovery: how the search spends fine-tuning beyond the budget (FinetuneConfig.recovery). "each": every
+    pair, from the largest down, is fine-tuned until the guard recovers before the next is tried. "screened": every
+    pair gets the budget alone, from the largest down, until one meets the floors; if none does, only the pair
+    closest to its floors (the best worst-task margin) gets the recovery rounds.
     """
     alpha_conv: float | None = None
     alpha_linear: float | None = None
@@ -61,6 +68,7 @@ class PamConfig:
     zip_degree: float = 0.0
     zip_choice: str = "guard"
     fallback: bool = True
+    search_recovery: str = "each"
 
     def __post_init__(self):
         if (self.alpha_conv is None) != (self.alpha_linear is None):
@@ -76,6 +84,8 @@ class PamConfig:
                 raise ValueError(f"PamConfig.{name}={getattr(self, name)!r} must be a number in [0, 1]")
         if not isinstance(self.fallback, bool):
             raise ValueError(f"PamConfig.fallback={self.fallback!r} must be True or False")
+        if self.search_recovery not in ("each", "screened"):
+            raise ValueError(f"PamConfig.search_recovery={self.search_recovery!r} must be 'each' or 'screened'")
         if self.zip_choice not in ("guard", "pruned"):
             raise ValueError(f"PamConfig.zip_choice={self.zip_choice!r} must be 'guard' or 'pruned'")
         if not self.search or any(len(pair) != 2 or not all(0 < a for a in pair) for pair in self.search):
@@ -181,22 +191,37 @@ def _made_by_conv(aligned: AlignedGraph, space: ChannelSpace) -> bool:
 def search_pam(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], data, guard: Guard, config: PamConfig, tuning,
                *, seed: int = 0, progress: bool = True, deadline: float | None = None):
     """Chooses PAM's thresholds under the guard: the largest pair of `config.search` (fractions of each task's
-    H(Y)) whose merged, fine-tuned network keeps every task at or above its floor on the guard data (fine-tuned
-    until the guard recovers: passes.finetune.tune_until).
+    H(Y)) whose merged, fine-tuned network keeps every task at or above its floor on the guard data, with the
+    fine-tuning beyond the budget `config.search_recovery` says (passes.finetune.recover).
 
     Tries the pairs from the largest down and keeps the first that passes: each trial is a merge and a full
     fine-tune, and the largest pair passed in 5 of the 6 bench runs (one trial instead of three from the middle of
     the list). Returns (grouping, tuned network, the trials as pamfx.history.MergeTrial records, the kept one last).
-    If no pair passes, the smallest pair's network (its failing tasks are then the caller's to report); past
-    `deadline` (a time.perf_counter() value) no further pair is tried and the last one built is returned."""
+    If no pair passes, the last network tried (its failing tasks are then the caller's to report); past `deadline`
+    (a time.perf_counter() value) no further pair is tried, nor recovered, and the last one built is returned."""
+    screened, networks = config.search_recovery == "screened", {}
+
     def attempt(pair):
         chosen = replace(config, alpha_conv=pair[0], alpha_linear=pair[1], relative=True)
         grouping = merge_pam(aligned, spaces, data, chosen, seed, progress=False)   # GroupingError: no path left
-        return grouping, tune_until(aligned, spaces, grouping, stack_weights(aligned, spaces), data, guard, tuning,
-                                    seed=seed, progress=progress, desc=f"pam {pair[0]}/{pair[1]}")
+        tune = rebuild_and_finetune if screened else partial(tune_until, guard=guard)
+        networks[pair] = grouping, tune(aligned, spaces, grouping, stack_weights(aligned, spaces), data,
+                                        config=tuning, seed=seed, progress=progress, desc=f"pam {pair[0]}/{pair[1]}")
+        return networks[pair]
 
-    built, _, trials = guard.first_passing("pam", sorted(config.search, reverse=True), attempt, deadline=deadline)
+    built, passed, trials = guard.first_passing("pam", sorted(config.search, reverse=True), attempt,
+                                                deadline=deadline)
     if built is None:            # not even the smallest pair keeps every task a path: say why
         raise GroupingError("PAM found no thresholds that keep every task a path to its head: "
                             + "; ".join(t.note() for t in trials))
+    if screened and not passed and (deadline is None or time.perf_counter() < deadline):
+        closest = max((t for t in trials if not t.error), key=lambda t: min(t.accuracy[task] - floor
+                                                                           for task, floor in guard.floors.items()))
+        started, (grouping, tuned) = time.perf_counter(), networks[closest.setting]
+        tuned = recover(aligned, spaces, grouping, tuned, data, guard, tuning, seed=seed, progress=progress,
+                        desc=f"pam {closest.setting[0]}/{closest.setting[1]}")
+        check = guard.check(tuned.network)
+        trials += (MergeTrial("pam", closest.setting, check.accuracy, check.failing, tuned.network.macs(),
+                              seconds=time.perf_counter() - started, recovered=True),)
+        built = grouping, tuned
     return (*built, trials)
