@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 from pamfx.errors import GroupingError
 from pamfx.guard import Check, Guard
 from pamfx.history import Step
-from pamfx.ir import AlignedGraph, ChannelSpace, Grouping
+from pamfx.ir import FEATURES, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.network import GatedNetwork
 from pamfx.passes.criteria import CRITERIA, unit_macs
 from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
+from pamfx.passes.stack import read_back
 from pamfx.rules import check_paths, drop_unreadable
 from pamfx.sources import as_task_data
 
@@ -246,6 +247,14 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         restored_for |= failing
         remaining = [(name, unit) for name, unit in removal if not (groups[name][unit] & restored_for)]
         removal = remaining if len(remaining) < len(removal) else []   # nothing to restore: the step is undone
+        if removal and not config.early_steps and _apart(groups, changed, restored_for):
+            # The restored tasks shared no trained group with the others, so fine-tuning again without their units
+            # would give the others exactly their part of this trial, and them exactly their network before it.
+            trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
+            accepted = (_composed(aligned, spaces, Grouping(trial_groups), trial, state.tuned, groups, restored_for,
+                                  data), trial_groups)
+            accuracy = {t: state.accuracy[t] if t in restored_for else a for t, a in accuracy.items()}
+            break
     removed = {t: 0 for t in tasks}
     if accepted is not None:
         removed = {t: sum(1 for name, g in groups.items() for unit, group in enumerate(g)
@@ -279,6 +288,25 @@ def _tuned_and_checked(aligned, spaces, grouping: Grouping, weights: dict, data,
         check = guard.check(tuned.network, unchanged)
         seconds["guard"] += check.seconds
     return tuned, check
+
+
+def _apart(groups: dict, changed, restored: set) -> bool:
+    """Whether no group inside `changed` (the groups a step trained) serves both a task in `restored` and another."""
+    return not any(group <= changed and group & restored and group - restored
+                   for group in set().union(*groups.values()) - {None})
+
+
+def _composed(aligned, spaces, grouping: Grouping, trial: Tuned, before: Tuned, groups: dict, restored: set,
+              data) -> Tuned:
+    """The network of `grouping` (the step's removal without the restored tasks' units) holding the weights of
+    `before` in every module serving a task in `restored` and those of `trial` elsewhere: what fine-tuning it again
+    from `before` would give when the two sides share no trained group (_apart)."""
+    nodes = {node.name: node for node in aligned.graph.nodes}
+    theirs = {name for name, origin in before.layout.origins.items()
+              if group_of_feature(nodes[origin.node].meta[FEATURES][origin.rows[0]], spaces, groups,
+                                  aligned.tasks) & restored}
+    weights = read_back(before.network, before.layout, before.weights, into=trial.weights, modules=theirs)
+    return rebuild_and_finetune(aligned, spaces, grouping, weights, data, FinetuneConfig(steps=0))
 
 
 def _final(aligned, spaces, data, guard: Guard, config: PruneConfig, seed: int, state: _State) -> tuple[Tuned, Check]:

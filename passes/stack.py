@@ -10,6 +10,8 @@ depthwise kernels) are plain tensors, one entry per unit.
     weights["fc1"]["weight"].shape   # (120 + 120, (16 + 16) * 25) for two LeNet-5
     weights["fc1"]["weight"].get(rows, columns)   # the dense weight between those units and input features
 """
+import copy
+
 import torch
 
 from pamfx import ops
@@ -98,17 +100,22 @@ def _stack_per_feature(modules, owners, names, whole: bool = False) -> dict[str,
     return stacked
 
 
-def read_back(network, layout: Layout, stacked: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+def read_back(network, layout: Layout, stacked: dict[str, dict[str, torch.Tensor]], into: dict | None = None,
+              modules=None) -> dict[str, dict[str, torch.Tensor]]:
     """Stacked weights holding exactly what the built `network` holds: each module written back where `layout`
     says its weights came from, and zero at every position no module was built for (weights cut by rule 2, units
     dropped or pruned), so that nothing stale can come back in a later build. A module built but not kept (no
     task needs it) keeps its weights from `stacked`, which also gives the shapes.
+    into / modules: write only the named modules, over a copy of the stacked weights `into` instead of zeros.
 
     A merge or the prune pass keeps editing stacked weights after fine-tuning through this."""
-    fresh = {node: {name: _zeros_like(tensor) for name, tensor in tensors.items()} for node, tensors in stacked.items()}
+    fresh = ({node: {name: _zeros_like(tensor) for name, tensor in tensors.items()} for node, tensors in stacked.items()}
+             if into is None else copy.deepcopy(into))
     kept = dict(network.named_children())
     with torch.no_grad():
         for module_name, origin in layout.origins.items():
+            if modules is not None and module_name not in modules:
+                continue
             module = kept.get(module_name) or _Held(stacked[origin.node], origin)
             rows = torch.tensor(origin.rows, dtype=torch.long)
             if origin.columns is None:   # per-feature parameters (BatchNorm, depthwise)

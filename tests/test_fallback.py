@@ -156,3 +156,48 @@ def test_fallback_false_keeps_pams_network_whatever_it_costs():
     assert not [trial for trial in result.history.merge_trials if trial.merge == "isolate"]
     separate = original_macs(compile_parts(models, data["a"][0][:2])[0])
     assert result.model.macs(["a"]) > separate["a"]    # dearer, and kept: no fallback was asked for
+
+
+@pytest.mark.parametrize("mode", ["each", "screened"])
+def test_the_search_spends_recovery_rounds_on_every_pair_or_on_the_closest_only(monkeypatch, mode):
+    """A faked guard: a network after its budget alone is below the floors, the closer the more MACs it has (a
+    looser pair); recovery rounds lift it above. "each" recovers the largest pair at once and keeps it; "screened"
+    tries every pair at the budget first, then recovers only the one closest to its floors (the most MACs)."""
+    from pamfx.guard import Check, Guard
+    from pamfx.passes import finetune
+    from pamfx.passes.merge_pam import PamConfig, search_pam
+    models = make_models("lenet5", ("a", "b"))
+    data = own_labels(models)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    # after the budget alone, accuracy 0.45-0.49 for networks up to ten times the originals side by side
+    scale = 10 * build_network(aligned, spaces, merge_none(aligned, spaces), stack_weights(aligned, spaces))[0].macs()
+    real, recovered = finetune.rebuild_and_finetune, []
+
+    def marking(aligned, spaces, grouping, weights, data, config, seed=0, progress=False, desc="", changed=None):
+        tuned = real(aligned, spaces, grouping, weights, data, config, seed, progress, desc, changed)
+        if "recovery" in desc:
+            tuned.network.recovered = True
+            recovered.append(desc.split(":")[0])
+        return tuned
+
+    class Faked(Guard):
+        def check(self, network, unchanged=None):
+            accuracy = 0.45 + 0.04 * network.macs() / scale + (0.1 if getattr(network, "recovered", False) else 0)
+            return Check({t: accuracy for t in self.floors}, tuple(t for t in self.floors if accuracy < 0.5))
+
+    monkeypatch.setattr(finetune, "rebuild_and_finetune", marking)
+    guard = Faked(pamfx.sources.as_task_data(data), {"a": 0.5, "b": 0.5})
+    config = PamConfig(search_recovery=mode)
+    grouping, tuned, trials = search_pam(aligned, spaces, data, guard, config,
+                                         FinetuneConfig(steps=1, batch_size=16, recovery=2, recovery_steps=1),
+                                         progress=False)
+    assert trials[-1].passed and guard.check(tuned.network).passed
+    pairs = sorted(config.search, reverse=True)
+    if mode == "each":
+        assert [t.setting for t in trials] == [pairs[0]] and set(recovered) == {f"pam {pairs[0][0]}/{pairs[0][1]}"}
+    else:
+        built = [t for t in trials[:-1] if not t.error]
+        assert [t.setting for t in trials[:-1]] == pairs and not any(t.passed for t in trials[:-1])
+        closest = max(built, key=lambda t: t.macs)
+        assert trials[-1].recovered and trials[-1].setting == closest.setting
+        assert set(recovered) == {f"pam {closest.setting[0]}/{closest.setting[1]}"}

@@ -229,12 +229,45 @@ def test_a_step_computes_only_the_tasks_its_removal_touched(monkeypatch):
 
     monkeypatch.setattr(GatedNetwork, "forward", counting_forward)
     monkeypatch.setattr(prune_pass, "_tuned_and_checked", recording)
+    monkeypatch.setattr(prune_pass, "_apart", lambda *_: False)   # check again after restoring (not the shortcut)
     solid_pruned_with_and_without_shaky("taylor", ("solid", "shaky"), 1, final_steps=0)
     assert any(changed == {"solid"} and len(guarded) == 2 for changed, _, guarded, *_ in calls)   # exercised
     for changed, tasks, guarded, unchanged, accuracy in calls:
         assert tasks and all(t <= changed for t in tasks), (changed, tasks)
         assert set(unchanged) == set(guarded) - changed
         assert all(accuracy[t] == a for t, a in unchanged.items())
+
+
+@pytest.mark.parametrize("criterion, order", [("taylor", ("solid", "shaky")), ("l1", ("shaky", "solid"))])
+def test_when_failing_tasks_share_no_trained_group_the_others_keep_their_trial_without_tuning_again(
+        monkeypatch, criterion, order):
+    """Under merge="none" 'shaky' fails and gets its units back while 'solid' passed: solid's part of the trial is
+    kept as it is instead of fine-tuning again, and the run ends exactly where tuning again ends (MACs, every step's
+    record, outputs), with fewer fine-tunes."""
+    from pamfx.passes import prune as prune_pass
+    models, data, guard = solid_and_shaky(order, seed=1)
+    config = PruneConfig(step_steps=5, final_steps=5, max_steps=4, importance_batches=1, batch_size=32)
+    runs, tunes = {}, {}
+    real = prune_pass.rebuild_and_finetune
+    for shortcut in (True, False):
+        counted = []
+        monkeypatch.setattr(prune_pass, "rebuild_and_finetune",
+                            lambda *args, **kwargs: counted.append(args[5].steps) or real(*args, **kwargs))
+        if not shortcut:
+            monkeypatch.setattr(prune_pass, "_apart", lambda *_: False)
+        runs[shortcut] = run(models, data, guard, prune=criterion, tolerance=0.0, pruning=config)
+        tunes[shortcut] = sum(1 for steps in counted if steps)
+    kept, tuned_again = runs[True], runs[False]
+    assert any("shaky" in step.restored_for and step.accepted for step in kept.history.prune_steps)   # exercised
+    assert tunes[True] < tunes[False]
+    assert [(s.removed, s.macs, s.accuracy, s.restored_for, s.accepted) for s in kept.history.prune_steps] == [
+        (s.removed, s.macs, s.accuracy, s.restored_for, s.accepted) for s in tuned_again.history.prune_steps]
+    assert kept.model.macs() == tuned_again.model.macs()
+    x = guard[order[0]][0]
+    with torch.no_grad():
+        for task in order:
+            torch.testing.assert_close(kept.model(x, [task])[task], tuned_again.model(x, [task])[task], atol=1e-6,
+                                       rtol=0)
 
 
 def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monkeypatch):
