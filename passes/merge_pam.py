@@ -52,10 +52,11 @@ class PamConfig:
     merging are taken out of sharing, and a pruned network that runs some combination dearer than the original
     models gives way to the originals pruned side by side if those are cheaper. False: PAM's network whatever it
     costs (to study PAM itself).
-    search_recovery: how the search spends fine-tuning beyond the budget (FinetuneConfig.recovery). "each": every
-    pair, from the largest down, is fine-tuned until the guard recovers before the next is tried. "screened": every
-    pair gets the budget alone, from the largest down, until one meets the floors; if none does, only the pair
-    closest to its floors (the best worst-task margin) gets the recovery rounds.
+    search_recovery: how the search spends fine-tuning beyond the budget (FinetuneConfig.recovery). "screened"
+    (the default): every pair gets the budget alone, from the largest down, until one meets the floors; if none
+    does, only the pair closest to its floors (the best worst-task margin) gets the recovery rounds. "each": every
+    pair, from the largest down, is fine-tuned until the guard recovers before the next is tried (a bolder pair
+    that needs the rounds is found, at up to five recoveries; bench/results/paper5k.md measures both).
     """
     alpha_conv: float | None = None
     alpha_linear: float | None = None
@@ -68,7 +69,7 @@ class PamConfig:
     zip_degree: float = 0.0
     zip_choice: str = "guard"
     fallback: bool = True
-    search_recovery: str = "each"
+    search_recovery: str = "screened"
 
     def __post_init__(self):
         if (self.alpha_conv is None) != (self.alpha_linear is None):
