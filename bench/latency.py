@@ -9,7 +9,10 @@ of one combination and batch are timed interleaved, call by call (see test_laten
 than three tasks, the combinations are every single task, three pairs and all tasks. Where the harness wrote
 <method>.gated.py (the same network with `specialise=None`), "<method> gated" times it in the same run.
 "originals": the scenario's original models (bench/models) called one after another, what a user runs today.
+"<method> channels-last" (none+taylor and pam+taylor; "separate channels-last" and "originals channels-last" beside):
+the same networks with their 4-d weights in channels-last memory format (the generated load(channels_last=True)).
 """
+import copy
 import importlib.util
 import itertools
 import json
@@ -30,6 +33,7 @@ FOLDER = Path(os.environ.get("PAMFX_BENCH_CACHE", ".cache/bench/suite")) / SCENA
 RUNS = Path(os.environ.get("PAMFX_BENCH_RUNS", Path(__file__).parent / "results" / "runs")) / SCENARIO  # records
 METHODS = ("none+taylor", "mtz+taylor", "pam+taylor", "pam+taylor own", "pam+taylor zip", "pam+taylor zip own",
            "pam+taylor auto", "pam+taylor auto own")
+CHANNELS_LAST = ("none+taylor", "pam+taylor")   # timed in channels-last format as well
 BATCHES = (1, 64)
 ROUNDS = {1: 300, 64: 60}   # interleaved rounds per combination and batch (each calls every network once)
 WARMUP = 5
@@ -44,12 +48,12 @@ def _file(method: str) -> Path | None:
     return path if path.exists() and (RUNS / f"{stem}.json").exists() else None
 
 
-def _load(method: str):
+def _load(method: str, channels_last: bool = False):
     path = _file(method)
     spec = importlib.util.spec_from_file_location(f"generated_{method.replace('+', '_').replace(' ', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.load(str(path.with_suffix(".pt")))
+    return module.load(str(path.with_suffix(".pt")), channels_last=channels_last)
 
 
 def _combinations(tasks: list) -> list:
@@ -70,7 +74,11 @@ def _cases() -> list:
 def networks():
     torch.set_num_threads(1)
     methods = list(METHODS) + [f"{m} gated" for m in METHODS]
-    return {m: _load(m) for m in methods if _file(m)} | {"originals": _originals()}
+    originals = _originals()
+    return ({m: _load(m) for m in methods if _file(m)} | {"originals": originals}
+            | {f"{m} channels-last": _load(m, channels_last=True) for m in CHANNELS_LAST if _file(m)}
+            | {"originals channels-last": {t: copy.deepcopy(model).to(memory_format=torch.channels_last)
+                                           for t, model in originals.items()}})
 
 
 def _originals() -> dict:
@@ -88,11 +96,11 @@ def _originals() -> dict:
 
 def _runner(networks: dict, method: str, combination: list, x: torch.Tensor):
     """A call of `method`'s network on `combination`; "separate": none+taylor's network once per task."""
-    if method == "separate":
-        network = networks["none+taylor"]
+    if method.startswith("separate"):
+        network = networks[method.replace("separate", "none+taylor")]
         return lambda: [network(x, [t]) for t in combination]
-    if method == "originals":
-        return lambda: [networks["originals"][t](x) for t in combination]
+    if method.startswith("originals"):
+        return lambda: [networks[method][t](x) for t in combination]
     return lambda: networks[method](x, combination)
 
 
@@ -103,7 +111,9 @@ def test_latency(benchmark, networks, combination, batch):
     of seconds (bench/results/NOTES.md), which one network timed after another would take for a difference
     between the networks; interleaved, every method sees the same phases."""
     x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    methods = [m for m in networks if m not in ("none+taylor", "originals")] + ["separate", "originals"]
+    methods = ([m for m in networks if not m.startswith(("none+taylor", "originals"))]
+               + ["separate", "originals", "originals channels-last"]
+               + (["separate channels-last"] if "none+taylor channels-last" in networks else []))
     runs = {m: _runner(networks, m, combination, x) for m in methods}
     times: dict = {m: [] for m in methods}
     turn = itertools.count()

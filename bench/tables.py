@@ -148,7 +148,7 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     none = results.get("none+taylor", {}).get("seed0_macs", {})     # the timed networks are seed 0's
     for (method, combination, batch), seconds in sorted(latency.items()):
-        if method in ("separate", "originals") or method.endswith(" gated"):
+        if method.startswith(("separate", "originals")) or method.endswith((" gated", " channels-last")):
             continue
         originals = latency.get(("originals", combination, batch))
         separate = latency.get(("separate", combination, batch))
@@ -160,6 +160,33 @@ def latency_lines(latency: dict, results: dict, tasks: tuple) -> list[str]:
                      + (f"{1000 * separate:.3f} | {separate / seconds:.2f}x" if separate else "| ") + " | "
                      + (f"{macs_ratio:.2f}x" if macs_ratio else "") + " | "
                      + (f"{1000 * originals:.3f} | {originals / seconds:.2f}x" if originals else "| ") + " |")
+    return lines + [""] + _channels_last_lines(latency)
+
+
+def _channels_last_lines(latency: dict) -> list[str]:
+    """The same networks loaded with their 4-d weights channels-last (load(channels_last=True)) against the default
+    format, and against the originals in either format."""
+    rows = [(method, combination, batch, seconds) for (method, combination, batch), seconds in sorted(latency.items())
+            if method.endswith(" channels-last") and not method.startswith("originals")]
+    if not rows:
+        return []
+    lines = ["### Channels-last", "",
+             "The generated module loaded with `load(channels_last=True)` (its convolutions' weights in channels-last "
+             "memory format), timed in the same interleaved run: ms in the default format and channels-last, the "
+             "speed-up of channels-last, and channels-last against the originals called one after another in the "
+             "default format and channels-last. separate: none+taylor's network once per task.", "",
+             "| method | combination | batch | ms | channels-last ms | speed-up | vs originals | "
+             "vs originals channels-last |", "|---|---|---|---|---|---|---|---|"]
+    for method, combination, batch, seconds in rows:
+        base = method[:-len(" channels-last")]
+        default = latency.get((base, combination, batch))
+        originals = latency.get(("originals", combination, batch))
+        originals_cl = latency.get(("originals channels-last", combination, batch))
+        lines.append(f"| {base} | {{{combination.replace(',', ', ')}}} | {batch} | "
+                     + (f"{1000 * default:.3f}" if default else "") + f" | {1000 * seconds:.3f} | "
+                     + (f"{default / seconds:.2f}x" if default else "") + " | "
+                     + (f"{originals / seconds:.2f}x" if originals else "") + " | "
+                     + (f"{originals_cl / seconds:.2f}x" if originals_cl else "") + " |")
     return lines + [""]
 
 

@@ -328,10 +328,14 @@ _SHARED = '''
     def shared(self, x: torch.Tensor, names: List[str]) -> Dict[str, torch.Tensor]:
         """The tasks that run on the shared statements."""'''
 
-_FOOTER = '''def load(path: str = WEIGHTS) -> MergedNetwork:
-    """The network with its weights, in eval mode."""
+_FOOTER = '''def load(path: str = WEIGHTS, channels_last: bool = False) -> MergedNetwork:
+    """The network with its weights, in eval mode. channels_last: its 4-d weights in channels-last memory format, so
+    that its convolutions run channels-last whatever the input's format (the same outputs; often faster for a
+    convolutional network at larger batches: measure yours)."""
     model = MergedNetwork().to(DTYPE)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 

@@ -23,6 +23,19 @@ def test_generated_module_equals_the_network(arch, seed, tmp_path):
     assert generated.tasks == list(TASKS)
 
 
+def test_generated_module_loaded_channels_last_equals_the_network(arch, tmp_path):
+    """load(channels_last=True): the convolutions' weights in channels-last format, the same outputs on every
+    combination, from an input in either format."""
+    network = build_random(make_models(arch, TASKS, 0), 0)
+    generated = load_generated(pamfx.codegen(network, tmp_path / "merged.py"), f"gen_cl_{arch}").load(
+        channels_last=True)
+    convolutions = [m for m in generated.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    x = torch.randn(5, 1, 28, 28)
+    for inputs in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert_equivalent(lambda _: network(x), generated, inputs, all_combinations(TASKS))
+
+
 def test_generated_file_runs_without_pamfx(tmp_path):
     """python -I (no site, no PYTHONPATH, no cwd) with pamfx made unimportable: only torch is needed."""
     network = build_random(make_models("resnet_small", TASKS), 0)
