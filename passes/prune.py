@@ -19,8 +19,9 @@ The schedule, one step at a time:
 4. when tasks fail, restore the removed units whose group contains a failing task and check again. A failing task
    that lost a single unit keeps that unit for good (it cannot go) and tries the next one up at the next step; one
    that lost several halves its fraction. A unit whose removal alone failed and that saves at least a share
-   retry_share of a failing task's MACs (conv1's units of a pruned LeNet-5) first gets one longer recovery
-   (final_steps of fine-tuning): 100 steps rarely bring back a network that lost a third of its first layer.
+   retry_share of a failing task's MACs (conv1's units of a pruned LeNet-5) first gets one longer recovery: the
+   trial is tuned on, step_steps at a time up to final_steps in all, while the guard is not met and each round
+   raises its worst task (100 steps rarely bring back a network that lost a third of its first layer).
    A task whose units went in a passing step multiplies its fraction by step_growth (at most MOST_FRACTION), so a
    network far from its floors is cut in fewer, larger steps.
    A task whose fraction falls below the minimum, or that has nothing left to offer, is done, and units serving
@@ -42,7 +43,7 @@ from pamfx.history import Step
 from pamfx.ir import FEATURES, AlignedGraph, ChannelSpace, Grouping, group_of_feature
 from pamfx.network import GatedNetwork
 from pamfx.passes.criteria import CRITERIA, unit_macs
-from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune
+from pamfx.passes.finetune import FinetuneConfig, Tuned, rebuild_and_finetune, recover
 from pamfx.passes.stack import read_back
 from pamfx.rules import check_paths, drop_unreadable
 from pamfx.sources import as_task_data
@@ -59,7 +60,7 @@ class PruneConfig:
     failure with several units) is done;
     max_steps: a cap on steps. step_steps / final_steps: fine-tuning steps (batches of batch_size per task, Adam at
     lr) after each step and at the end; retry_share: a unit whose removal alone fails a task and saves at least
-    this share of its MACs is tried once more with final_steps of fine-tuning before it is kept (1: never).
+    this share of its MACs is tuned on, up to final_steps in all, before it is kept (1: never).
     cost_aware: rank units by importance per MAC their removal saves (all tasks running) instead of importance
     alone. importance_batches: batches the Taylor criterion accumulates.
     vib_steps / vib_kl / vib_lr: the VIB criterion's gate training (steps, weight of the KL term per unit, learning
@@ -219,7 +220,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     unguarded = frozenset(aligned.tasks) - frozenset(tasks)
     groups, restored_for, needed_before = state.groups, set(), set(state.needed)
     accuracy = state.history[-1].accuracy if state.history else {}   # what a step that removes nothing records
-    accepted, steps = None, config.steps_for(data)
+    accepted, steps, longer = None, config.steps_for(data), False
     while removal:
         trial_groups = drop_unreadable(aligned, spaces, _without(groups, removal))
         # NOTE: only groups inside `changed` train, so a task that no removed unit serves keeps its exact
@@ -235,9 +236,14 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
         if not failing:
             accepted = (trial, trial_groups)
             break
-        if steps < config.final_steps and _dear(removal, failing, saved, state.tuned.network, config.retry_share):
-            steps = config.final_steps      # one longer recovery before the unit is kept for good
-            continue
+        if not longer and _dear(removal, failing, saved, state.tuned.network, config.retry_share):
+            longer = True                   # one longer recovery before the unit is kept for good
+            trial, check = _recovered(aligned, spaces, Grouping(trial_groups), trial, data, guard, config, steps,
+                                      seed, changed, unchanged, seconds)
+            accuracy, failing = check.accuracy, set(check.failing)
+            if not failing:
+                accepted = (trial, trial_groups)
+                break
         for t in failing - restored_for:
             offered = [(name, unit) for name, unit in removal if t in groups[name][unit]]
             if len(offered) == 1:       # this unit alone breaks t: keep it, try the next one up next time
@@ -266,7 +272,7 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
                 state.fraction[t] = min(most, state.fraction[t] * config.step_growth)
     state.history.append(Step(index, removed, state.tuned.network.macs(tasks), accuracy,
                               tuple(sorted(restored_for)), accepted is not None,
-                              tuple(sorted(state.needed - needed_before)), steps > config.steps_for(data), seconds,
+                              tuple(sorted(state.needed - needed_before)), longer, seconds,
                               shares))
     return True
 
@@ -287,6 +293,23 @@ def _tuned_and_checked(aligned, spaces, grouping: Grouping, weights: dict, data,
         seconds["tune"] += time.perf_counter() - started
         check = guard.check(tuned.network, unchanged)
         seconds["guard"] += check.seconds
+    return tuned, check
+
+
+def _recovered(aligned, spaces, grouping: Grouping, trial: Tuned, data, guard: Guard, config: PruneConfig,
+               steps: int, seed: int, changed, unchanged: dict, seconds: dict) -> tuple[Tuned, Check]:
+    """The longer recovery of a failed single-unit trial: the trial tuned on, `steps` at a time and up to
+    config.final_steps in all, while the guard is not met and each round raises its worst task
+    (passes.finetune.recover, reading only the tasks the step touched); the network and its check."""
+    started = time.perf_counter()
+    rounds = max(0, config.final_steps - steps) // max(1, steps)
+    tuning = FinetuneConfig(steps=steps, batch_size=config.batch_size, lr=config.lr, recovery=rounds,
+                            recovery_steps=steps)
+    tuned = recover(aligned, spaces, grouping, trial, data, guard.only([t for t in guard.tasks if t not in unchanged]),
+                    tuning, seed=seed + 1, changed=changed)
+    seconds["tune"] += time.perf_counter() - started     # its rounds' guard reads included
+    check = guard.check(tuned.network, unchanged)
+    seconds["guard"] += check.seconds
     return tuned, check
 
 

@@ -304,8 +304,9 @@ def test_a_unit_that_breaks_its_task_alone_is_kept_and_the_next_one_up_goes(monk
 @pytest.mark.parametrize("retry_share, goes", [(0.05, True), (1.0, False)])
 def test_a_dear_unit_that_fails_alone_gets_one_longer_recovery(monkeypatch, retry_share, goes):
     """conv1's unit 0 is ranked lowest and saves 14% of a LeNet-5's MACs. The guard (faked) fails while that unit
-    is gone and the network was tuned for fewer than final_steps steps: with retry_share 0.05 the step is tried
-    again with final_steps of fine-tuning and kept; with 1 the unit is kept for good after the first failure."""
+    is gone and the network was tuned only by the step's own fine-tune: with retry_share 0.05 the trial is tuned on
+    (the longer recovery, passes.finetune.recover) and kept; with 1 the unit is kept for good after the first
+    failure. Then the final fine-tune runs (final_steps)."""
     model = make_models("lenet5", ("a",))["a"]
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
