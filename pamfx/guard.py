@@ -11,7 +11,7 @@ through Guard.check: one place says what "meets its floor" means. The three merg
 import itertools
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import GroupingError
 from .history import MergeTrial
@@ -37,6 +37,7 @@ class Guard:
     """The guard data (read alike at every check: TaskData.as_guard) and each guarded task's floor there."""
     data: TaskData
     floors: dict
+    narrowed: dict = field(default_factory=dict, compare=False, repr=False)   # tasks -> data.only(tasks), made once
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -52,7 +53,7 @@ class Guard:
         unchanged = {t: a for t, a in (unchanged or {}).items() if t in self.floors}
         if unchanged:
             read = [t for t in self.floors if t not in unchanged]
-            accuracy = {**unchanged, **(_read(network, as_task_data(self.data).only(read)) if read else {})}
+            accuracy = {**unchanged, **(_read(network, self._data_of(read)) if read else {})}
             accuracy = {t: accuracy[t] for t in self.floors}
         else:
             accuracy = _read(network, self.data)
@@ -61,12 +62,19 @@ class Guard:
 
     def only(self, tasks) -> "Guard":
         """The guard of `tasks` alone: their data and floors."""
-        return Guard(self.data.only(list(tasks)), {t: self.floors[t] for t in tasks})
+        return Guard(self._data_of(tasks), {t: self.floors[t] for t in tasks})
+
+    def _data_of(self, tasks) -> TaskData:
+        """The guard data of `tasks` alone, one object per set of tasks: a network read on it is not read again."""
+        key = tuple(tasks)
+        if key not in self.narrowed:
+            self.narrowed[key] = as_task_data(self.data).only(list(key))
+        return self.narrowed[key]
 
     def at_most(self, accuracy: dict) -> "Guard":
         """The same guard with each floor lowered to `accuracy` where that is below it (a task that starts below its
         floor must not fall further)."""
-        return Guard(self.data, {t: min(floor, accuracy[t]) for t, floor in self.floors.items()})
+        return Guard(self.data, {t: min(floor, accuracy[t]) for t, floor in self.floors.items()}, self.narrowed)
 
     def first_passing(self, merge: str, settings, attempt, before: int = 0, deadline: float | None = None
                       ) -> tuple[tuple | None, bool, tuple]:

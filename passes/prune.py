@@ -33,7 +33,7 @@ A final longer fine-tune follows; if it broke the guard, the network from before
     pruned.tuned.network.macs()     # cheaper, and every task still meets its floor on the guard data
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
@@ -300,11 +300,10 @@ def _recovered(aligned, spaces, grouping: Grouping, trial: Tuned, data, guard: G
                steps: int, seed: int, changed, unchanged: dict, seconds: dict) -> tuple[Tuned, Check]:
     """The longer recovery of a failed single-unit trial: the trial tuned on, `steps` at a time and up to
     config.final_steps in all, while the guard is not met and each round raises its worst task
-    (passes.finetune.recover, reading only the tasks the step touched); the network and its check."""
+    (passes.finetune.recover, reading only the tasks the step touched: its last read is the check returned)."""
     started = time.perf_counter()
     rounds = max(0, config.final_steps - steps) // max(1, steps)
-    tuning = FinetuneConfig(steps=steps, batch_size=config.batch_size, lr=config.lr, recovery=rounds,
-                            recovery_steps=steps)
+    tuning = replace(config.tuning(steps), recovery=rounds, recovery_steps=steps)
     tuned = recover(aligned, spaces, grouping, trial, data, guard.only([t for t in guard.tasks if t not in unchanged]),
                     tuning, seed=seed + 1, changed=changed)
     seconds["tune"] += time.perf_counter() - started     # its rounds' guard reads included

@@ -122,6 +122,9 @@ def test_the_guard_reads_a_network_once_until_it_changes():
     assert len(calls) == 2
     guard.only(["a"]).check(network)           # other data: read
     assert len(calls) == 3
+    # a check that knows b unchanged reads a alone, on the same narrowed data: not read again
+    assert guard.check(network, {"b": first.accuracy["b"]}).accuracy == first.accuracy
+    assert len(calls) == 3
     with torch.no_grad():
         next(network.parameters()).mul_(0.0)
     guard.check(network)
