@@ -203,7 +203,10 @@ def _step(aligned, spaces, data, guard: Guard, criterion: str, config: PruneConf
     their units back and check again; records the Step. Returns False when no task has anything left to offer."""
     tasks = guard.tasks
     started = time.perf_counter()
-    scores = CRITERIA[criterion](aligned, spaces, state.tuned, data, config, seed)
+    # Only the tasks still pruned are scored: a unit serving a done task is never offered, whatever it scores, and
+    # Taylor draws each task's batches from its own generator, so the others' scores do not change.
+    scored = as_task_data(data).only([t for t in aligned.tasks if t not in state.done]) if state.done else data
+    scores = CRITERIA[criterion](aligned, spaces, state.tuned, scored, config, seed)
     seconds = {"score": time.perf_counter() - started, "tune": 0.0, "guard": 0.0}
     saved = unit_macs(aligned, spaces, state.tuned, frozenset(tasks))
     if config.cost_aware:

@@ -539,3 +539,61 @@ def test_a_task_whose_units_went_in_a_passing_step_grows_its_share(growth):
             grown = min(MOST_FRACTION, before.shares[task] * growth) if before.removed[task] else before.shares[task]
             assert after.shares[task] == pytest.approx(grown)
     assert steps[-1].shares["a"] == pytest.approx(0.2 if growth == 1.0 else MOST_FRACTION)
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "resnet_small"])
+def test_taylor_scores_a_unit_of_the_given_tasks_as_with_every_task(arch):
+    """Scored on some tasks' data only, a unit serving only those tasks scores exactly as when every task is
+    scored, and a unit serving none of them scores 0. Random groupings hold units of every subset."""
+    from pamfx.passes.finetune import Tuned
+    from pamfx.sources import as_task_data
+    tasks = ("a", "b", "c")
+    models, data = make_models(arch, tasks), random_data(tasks, n=64)
+    aligned, spaces = compile_parts(models, data["a"][0][:2])
+    weights = stack_weights(aligned, spaces)
+    grouping = random_grouping(aligned, spaces, 3)
+    network, layout = build_network(aligned, spaces, grouping, weights)
+    tuned = Tuned(network.eval(), layout, weights)
+    config = PruneConfig(importance_batches=2, batch_size=16)
+    every = CRITERIA["taylor"](aligned, spaces, tuned, data, config, seed=4)
+    for given in ({"a"}, {"b", "c"}):
+        some = CRITERIA["taylor"](aligned, spaces, tuned, as_task_data(data).only(sorted(given)), config, seed=4)
+        checked = 0
+        for name, groups in grouping.groups.items():
+            for unit, group in enumerate(groups):
+                if group is not None and group <= given:
+                    assert some[name][unit] == every[name][unit]
+                    checked += every[name][unit] > 0
+                elif group is not None and not group & given:
+                    assert some[name][unit] == 0
+        assert checked   # the test compares scores that are there
+
+
+def test_a_step_scores_only_the_tasks_still_pruned_and_decides_as_if_it_scored_all(monkeypatch):
+    """Once 'shaky' is done (its share halved below min_fraction), the steps score on 'solid''s data alone, and the
+    run decides exactly as one that scores every task: the same steps, MACs and outputs."""
+    from pamfx.passes import prune as prune_pass
+    from pamfx.sources import as_task_data
+    models, data, guard = solid_and_shaky(("solid", "shaky"), seed=1)
+    config = PruneConfig(step_steps=5, final_steps=0, max_steps=6, importance_batches=1, batch_size=32,
+                         step_fraction=0.5, min_fraction=0.2)
+    taylor, runs, scored = CRITERIA["taylor"], {}, []
+
+    def recording(aligned, spaces, tuned, data, config, seed):
+        scored.append(frozenset(as_task_data(data).pairs))
+        return taylor(aligned, spaces, tuned, data, config, seed)
+
+    monkeypatch.setitem(prune_pass.CRITERIA, "taylor", recording)
+    runs[True] = run(models, data, guard, prune="taylor", tolerance=0.0, pruning=config)
+    assert frozenset({"solid"}) in scored and frozenset({"solid", "shaky"}) in scored   # exercised
+    every = lambda aligned, spaces, tuned, _, config, seed: taylor(aligned, spaces, tuned, data, config, seed)  # noqa: E731
+    monkeypatch.setitem(prune_pass.CRITERIA, "taylor", every)
+    runs[False] = run(models, data, guard, prune="taylor", tolerance=0.0, pruning=config)
+    steps = {only: [(s.removed, s.macs, s.accuracy, s.restored_for, s.accepted) for s in r.history.prune_steps]
+             for only, r in runs.items()}
+    assert steps[True] == steps[False]
+    x = guard["solid"][0]
+    with torch.no_grad():
+        for task in ("solid", "shaky"):
+            torch.testing.assert_close(runs[True].model(x, [task])[task], runs[False].model(x, [task])[task],
+                                       atol=0, rtol=0)
