@@ -141,9 +141,10 @@ def load(scenario: Scenario) -> tuple[dict, dict, dict, dict]:
     images, labels = load_fashion_mnist("train")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     guard_index, train_index = order[:GUARD_SIZE].sort().values, order[GUARD_SIZE:].sort().values
-    train = task_data(images[train_index], labels[train_index], split)
-    guard = task_data(images[guard_index], labels[guard_index], split)
-    test = task_data(*load_fashion_mnist("test"), split)
+    train = task_data(scenario.inputs(images[train_index]), labels[train_index], split)
+    guard = task_data(scenario.inputs(images[guard_index]), labels[guard_index], split)
+    test_images, test_labels = load_fashion_mnist("test")
+    test = task_data(scenario.inputs(test_images), test_labels, split)
     models = {t: train_or_load(f"{scenario.architecture_name}-{t}-val{GUARD_SIZE}",
                                lambda n=fn.num_classes: make_model(scenario, n), *train[t], cache_dir=MODELS,
                                epochs=scenario.train_epochs, seed=0, progress=False)
@@ -187,7 +188,7 @@ def run_one(output: Output, scenario: Scenario, method: str, seed: int) -> None:
                         importance_batches=PRUNING.importance_batches, max_steps=PRUNING.max_steps)
         pruned = {t: best_of_schedules(models[t], train[t], guard[t], tolerance=TOLERANCE, budget=budget,
                                        seed=seed)[0] for t in tasks}
-        single = {t: count_macs(pruned[t]) for t in tasks}
+        single = {t: count_macs(pruned[t], scenario.example) for t in tasks}
         record.update(test={t: accuracy(pruned[t], *test[t]) for t in tasks},
                       guard={t: accuracy(pruned[t], *guard[t]) for t in tasks})
     elif method.startswith("alone+"):       # pamfx's pruner on each model by itself: separate pruning

@@ -4,7 +4,7 @@
 
 For the scenario's cached generated networks (merge+criterion methods): each combination of tasks through each
 merged network, and "separate": the none+taylor network's tasks of the combination called one after another, which
-is running the separately pruned models in sequence. Batches of 1 and 64 Fashion-MNIST-shaped inputs; the methods
+is running the separately pruned models in sequence. Batches of 1 and 64 inputs of the scenario's shape; the methods
 of one combination and batch are timed interleaved, call by call (see test_latency). With more
 than three tasks, the combinations are every single task, three pairs and all tasks. Where the harness wrote
 <method>.gated.py (the same network with `specialise=None`), "<method> gated" times it in the same run.
@@ -110,7 +110,7 @@ def test_latency(benchmark, networks, combination, batch):
     timed on its own and extra_info["seconds"] keeps each method's median. The machine's speed changes in phases
     of seconds (bench/results/NOTES.md), which one network timed after another would take for a difference
     between the networks; interleaved, every method sees the same phases."""
-    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, *SCENARIOS[SCENARIO].example.shape[1:], generator=torch.Generator().manual_seed(0))
     methods = ([m for m in networks if not m.startswith(("none+taylor", "originals"))]
                + ["separate", "originals", "originals channels-last"]
                + (["separate channels-last"] if "none+taylor channels-last" in networks else []))

@@ -33,8 +33,6 @@ from pamfx.train import accuracy
 # MetaPruner.
 _Pruner = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
 
-EXAMPLE_SHAPE = (1, 1, 28, 28)   # one Fashion-MNIST sample: traces the dependency graph and counts MACs
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -64,8 +62,9 @@ class Budget:
                 raise ValueError(f"{name} must be an int >= {0 if 'steps' in name else 1}, got {value!r}")
 
 
-def count_macs(model: nn.Module) -> int:
-    """Multiply-accumulates of one forward pass on one [1, 1, 28, 28] sample (FLOPs / 2 by torch's counter).
+def count_macs(model: nn.Module, example: Tensor) -> int:
+    """Multiply-accumulates of one forward pass on one sample shaped like `example` [1, ...] (FLOPs / 2 by torch's
+    counter).
 
     Counts convolutions and matrix products only, as torch's FlopCounterMode does; pooling and ReLU are free.
     """
@@ -73,16 +72,16 @@ def count_macs(model: nn.Module) -> int:
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(EXAMPLE_SHAPE))
+            model(torch.zeros_like(example))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
 
 
-def _classifier(model: nn.Module) -> nn.Linear:
+def _classifier(model: nn.Module, example: Tensor) -> nn.Linear:
     """The task head: the last nn.Linear whose out_features is the model's number of logits."""
     with torch.no_grad():
-        num_classes = model.eval()(torch.zeros(EXAMPLE_SHAPE)).shape[1]
+        num_classes = model.eval()(torch.zeros_like(example)).shape[1]
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     if not heads:
         raise ValueError(f"found no nn.Linear with out_features={num_classes} (the logits' width) to keep as the head")
@@ -120,8 +119,9 @@ def _prune_step(model: nn.Module, fraction: float, train: tuple[Tensor, Tensor],
     """
     # A new pruner each step: its dependency graph and 'initial' channel counts are those of the model it was
     # built on, so the ratio applies to the channels that remain now.
-    pruner = _Pruner(model, torch.zeros(EXAMPLE_SHAPE), importance=tp.importance.GroupTaylorImportance(),
-                     pruning_ratio=fraction, global_pruning=False, ignored_layers=[_classifier(model)])
+    example = torch.zeros_like(train[0][:1])   # one sample: traces the dependency graph
+    pruner = _Pruner(model, example, importance=tp.importance.GroupTaylorImportance(),
+                     pruning_ratio=fraction, global_pruning=False, ignored_layers=[_classifier(model, example)])
     # Taylor importance reads .grad: accumulate it over several batches. Eval mode keeps dropout out of the
     # estimate and BatchNorm's running statistics as they are.
     model.eval()
@@ -141,7 +141,7 @@ def torch_pruning_separately(model: nn.Module, train: tuple[Tensor, Tensor], gua
                              seed: int = 0, progress: bool = False) -> tuple[nn.Module, dict]:
     """Prune a copy of one single-task model with Torch-Pruning as far as the accuracy guard allows.
 
-    Takes the model (logits [B, C] for inputs [B, 1, 28, 28]; left untouched), `train` and `guard` as (inputs,
+    Takes the model (logits [B, C] for inputs shaped like train's; left untouched), `train` and `guard` as (inputs,
     labels) pairs, the guard's `tolerance` (the pruned model's top-1 accuracy on `guard` must be at least the
     original's minus this), the data `budget`, the `schedule` and the `seed` of batch sampling and dropout.
     Each step prunes a fraction of every layer's remaining channels (see `_prune_step`), fine-tunes
@@ -164,7 +164,8 @@ def torch_pruning_separately(model: nn.Module, train: tuple[Tensor, Tensor], gua
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
 
     history = []
-    macs = count_macs(model)
+    example = train[0][:1]
+    macs = count_macs(model, example)
     fraction = budget.step_fraction
     # The global RNG drives dropout while fine-tuning: seed it, and give the caller's state back afterwards.
     with torch.random.fork_rng(devices=[]):
@@ -172,7 +173,7 @@ def torch_pruning_separately(model: nn.Module, train: tuple[Tensor, Tensor], gua
         for _ in range(budget.max_steps):
             before = copy.deepcopy(model)
             _prune_step(model, fraction, train, budget, generator)
-            new_macs = count_macs(model)
+            new_macs = count_macs(model, example)
             if new_macs == macs:   # every layer is down to one channel
                 model = before
                 break
@@ -197,7 +198,7 @@ def torch_pruning_separately(model: nn.Module, train: tuple[Tensor, Tensor], gua
             model = before
             guard_accuracy = accuracy(model, *guard)
 
-    info = {"macs": count_macs(model), "guard_accuracy": guard_accuracy, "original_guard_accuracy": original_accuracy,
+    info = {"macs": count_macs(model, example), "guard_accuracy": guard_accuracy, "original_guard_accuracy": original_accuracy,
             "steps": sum(accepted for *_, accepted in history), "history": history,
             "seconds": time.perf_counter() - start}
     return model, info
@@ -245,7 +246,7 @@ def main(argv=None) -> None:
                               *train_data[task], cache_dir=".cache/bench", epochs=3, seed=0, progress=False)
         _, info = best_of_schedules(model, train_data[task], guard_data[task], tolerance=args.tolerance,
                                     progress=args.progress)
-        print(f"| {task} | {info['schedule']} | {count_macs(model):,} -> {info['macs']:,} | "
+        print(f"| {task} | {info['schedule']} | {count_macs(model, train_data[task][0][:1]):,} -> {info['macs']:,} | "
               f"{info['guard_accuracy']:.4f} ({info['original_guard_accuracy']:.4f}) | {info['steps']} | "
               f"{info['seconds']:.0f} |", flush=True)
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))   # bench/ is not a package
 import harness  # noqa: E402
@@ -85,3 +86,29 @@ def test_seed_lines_count_pairs_of_seeds_and_test_them(tmp_path):
     assert lines[0].startswith("- All tasks, pam+taylor against mtz+taylor over seeds (3 and 3): pam is cheaper "
                                "in 8 of 9 pairs of seeds; Mann-Whitney U two-sided p = 0.20")
     assert "cannot tell" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["resnet18_64", "mobilenet_64"])
+def test_the_user_size_architectures_merge_exactly_and_their_generated_code_agrees(name, tmp_path):
+    """The 3x64x64 scenarios' networks (ResNet-18-like, MobileNetV3-small-like with squeeze-excitation), two tasks
+    with other heads and weights: merge="none" reproduces each original and counts its MACs as torch's counter does;
+    a random grouping of their units (shared and private groups) generates a module equal to the network."""
+    import pamfx
+    from conftest import assert_equivalent, build_random, counted_macs, load_generated, randomised
+    from pamfx.ir import all_combinations
+    from scenarios import make_model
+    scenario = SCENARIOS[name]
+    x = scenario.inputs(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (4, 3, 64, 64) and x.stride(1) == 0    # three views of one upsampled channel
+    torch.manual_seed(0)
+    models = {"a": randomised(make_model(scenario, 2), 1), "b": randomised(make_model(scenario, 5), 2)}
+    data = {"a": (x, torch.tensor([0, 1, 0, 1])), "b": (x, torch.tensor([0, 1, 2, 4]))}
+    result = pamfx.optimize(models, data, eval_data=data, merge="none", prune=None, progress=False)
+    with torch.no_grad():
+        merged = result.model(x)
+        for task, model in models.items():
+            torch.testing.assert_close(merged[task], model(x), rtol=1e-5, atol=1e-5)
+            assert result.model.macs([task]) == counted_macs(lambda m=model: m(x[:1]))
+    network = build_random(models, 3, example=x[:2])
+    generated = load_generated(pamfx.codegen(network, tmp_path / "merged.py"), f"gen_{name}").load()
+    assert_equivalent(lambda inputs: network(inputs), generated, x, all_combinations(("a", "b")))
