@@ -19,7 +19,8 @@ scenario runs the peer and none, mtz and pam + taylor; the paper's split adds l1
 "pam+taylor zip" (PAM's shared groups zipped, PamConfig(zip_degree=0.9)). Variants run only when named with
 --method, and their records join the tables: "plain" (ranking not cost-aware), "own" (each task also gets its own
 network), "zip", "auto" (zipped and unzipped both pruned, the cheaper kept, PamConfig(zip_choice="pruned")), "early",
-"epoch" and "grow" (PruneConfig's early_steps, step_epochs and step_growth), "screened" and "each" (PamConfig's
+"epoch" and "steady" (PruneConfig's early_steps, step_epochs, and step_growth=1.0: the share never grows back;
+"grow", step_growth=1.5, was measured as a variant before it became the default), "screened" and "each" (PamConfig's
 search_recovery), "peer-time" (optimize(time_budget=) the
 peer's wall time on the same scenario and seed: its record must exist), and "alone+taylor" (pamfx on each model by
 itself). All prune at tolerance TOLERANCE with the same fine-tuning budget;
@@ -59,7 +60,8 @@ CRITERIA = {"taylor": PRUNING, "l1": PRUNING, "vib": PRUNING, "taylor plain": pa
             "taylor auto": PRUNING, "taylor auto own": pamfx.PruneConfig(alone=True),
             "taylor early": pamfx.PruneConfig(early_steps=25),   # early: a step read after 25 of its 100 steps
             "taylor epoch": pamfx.PruneConfig(step_epochs=1.0),  # epoch: a step fine-tunes at most one epoch
-            "taylor grow": pamfx.PruneConfig(step_growth=1.5),   # grow: a task's share x1.5 after a passing step
+            "taylor steady": pamfx.PruneConfig(step_growth=1.0),   # steady: a task's share never grows back
+            "taylor grow": pamfx.PruneConfig(step_growth=1.5),   # grow: measured as a variant, now the default
             "taylor peer-time": PRUNING,   # peer-time: optimize(time_budget=) the peer's seconds on the same cell
             "taylor screened": PRUNING, "taylor each": PRUNING}
 PAM = {"zip": pamfx.PamConfig(zip_degree=0.9),   # zip: PAM's shared groups zipped in pairs before pruning

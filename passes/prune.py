@@ -76,7 +76,7 @@ class PruneConfig:
     39 steps; 54,000: 422, so step_steps rules); None (the default): step_steps. Opt-in, the bench variant
     "taylor epoch".
     step_growth: after a step that removed a task's units and passed, its share is multiplied by this (at most
-    MOST_FRACTION, 0.5, or step_fraction if larger); 1.0 (the default) keeps it.
+    MOST_FRACTION, 0.5, or step_fraction if larger); 1.0 keeps it (the bench variant "taylor steady").
     """
     step_fraction: float = 0.2
     min_fraction: float = 0.01
@@ -95,7 +95,7 @@ class PruneConfig:
     alone: bool = False
     early_steps: int = 0
     step_epochs: float | None = None
-    step_growth: float = 1.0
+    step_growth: float = 1.5
 
     def __post_init__(self):
         for name in ("step_fraction", "min_fraction", "guard_fraction"):
