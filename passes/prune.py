@@ -193,7 +193,7 @@ def prune(aligned: AlignedGraph, spaces: dict[str, ChannelSpace], grouping: Grou
         final, check = state.tuned, guard.check(state.tuned.network)
     else:
         final, check = _final(aligned, spaces, data, guard, config, seed, state)
-    below = {t: check.accuracy[t] for t in tasks if check.accuracy[t] < required.floors[t]}
+    below = {t: check.accuracy[t] for t in required.failing(check.accuracy)}
     return Pruned(final, Grouping(state.groups, grouping.notes), state.history, below, cut_short)
 
 

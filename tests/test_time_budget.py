@@ -129,3 +129,33 @@ def test_the_guard_reads_a_network_once_until_it_changes():
         next(network.parameters()).mul_(0.0)
     guard.check(network)
     assert len(calls) == 5
+
+
+class Answers(torch.nn.Module):
+    """A one-task network answering class 1 for inputs > 0 and class 0 otherwise: its accuracy is a chosen count."""
+    tasks = ("a",)
+
+    def forward(self, x, tasks=None):
+        return {"a": torch.stack([-x[:, 0], x[:, 0]], 1)}
+
+
+@pytest.mark.parametrize("samples", [5000, 6000])
+def test_a_drop_of_exactly_the_tolerance_meets_the_floor_and_one_sample_more_does_not(samples):
+    """Floors are original - tolerance in floats, which can round above the accuracy of the count they name
+    (0.9932 - 0.01 > 0.9832). For every original count, a network right `tolerance` below it passes the guard and one
+    sample worse fails, on the guard's own reading (Guard.check) and on the prune pass's last word (Guard.failing)."""
+    from pamfx.guard import Guard
+    from pamfx.sources import as_task_data
+    labels = torch.ones(samples, dtype=torch.long)
+    drop = round(0.01 * samples)
+    counts = range(drop + 1, samples + 1)
+    rounded_up = [c for c in counts if (c - drop) / samples < c / samples - 0.01]   # about 3% of them
+    assert rounded_up   # the case this test is about: a plain comparison fails these
+    for original in rounded_up[:10] + [c for c in counts if c not in rounded_up][:10]:
+        guard = Guard(as_task_data({"a": (torch.zeros(samples, 1), labels)}), {"a": original / samples - 0.01})
+        for correct, passes in ((original - drop, True), (original - drop - 1, False)):
+            x = torch.where(torch.arange(samples) < correct, 1.0, -1.0)[:, None]
+            guard = Guard(as_task_data({"a": (x, labels)}), guard.floors)
+            check = guard.check(Answers())
+            assert check.accuracy["a"] == correct / samples
+            assert check.passed is passes and (guard.failing(check.accuracy) == ()) is passes, (original, correct)
