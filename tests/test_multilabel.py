@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pamfx
+from pamfx.guard import ROUNDING
 from pamfx.ir import all_combinations
 from pamfx.labels import correct, task_loss
 from pamfx.passes.mutual_info import irrelevant_units, label_entropy, mutual_information, unit_kernels
@@ -114,7 +115,8 @@ def test_the_guard_holds_on_mean_attribute_accuracy(merge):
         original = result.report.original_accuracy[task]
         warned = [w for w in result.warnings if f"task '{task}'" in w]
         if merge == "none":                      # exact merge: pruning alone decides, and it keeps the floor
-            assert final[task] >= original, f"{task}: {final[task]} < original {original}"
+            # (the guard's rule: mean attribute accuracies are float sums, equal counts may differ in the last bit)
+            assert final[task] >= original - ROUNDING, f"{task}: {final[task]} < original {original}"
         elif final[task] < original:
             assert warned, f"{task} ends at {final[task]} < original {original} and no warning says so"
     if merge == "none":
